@@ -249,6 +249,7 @@ class Container(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     PENDING_REASON_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    STOP_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
@@ -260,6 +261,8 @@ class Container(_message.Message):
     """why the scheduler could not place it"""
     generation: _builtins.int
     """Bumped by every start, so a status of an older run is told apart."""
+    stop_timeout_s: _builtins.float
+    """Seconds between SIGTERM and SIGKILL when it is stopped."""
     node_name: _builtins.str
     @_builtins.property
     def spec(self) -> Global___ContainerSpec: ...
@@ -277,12 +280,13 @@ class Container(_message.Message):
         node_id: _builtins.str = ...,
         pending_reason: _builtins.str = ...,
         generation: _builtins.int = ...,
+        stop_timeout_s: _builtins.float = ...,
         status: Global___ContainerStatus | None = ...,
         node_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "desired_state", b"desired_state", "generation", b"generation", "id", b"id", "node_id", b"node_id", "node_name", b"node_name", "pending_reason", b"pending_reason", "spec", b"spec", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "desired_state", b"desired_state", "generation", b"generation", "id", b"id", "node_id", b"node_id", "node_name", b"node_name", "pending_reason", b"pending_reason", "spec", b"spec", "status", b"status", "stop_timeout_s", b"stop_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -298,9 +302,11 @@ class Assignment(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     DESIRED_STATE_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    STOP_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
     desired_state: Global___DesiredState.ValueType
     generation: _builtins.int
+    stop_timeout_s: _builtins.float
     @_builtins.property
     def spec(self) -> Global___ContainerSpec: ...
     def __init__(
@@ -310,10 +316,11 @@ class Assignment(_message.Message):
         spec: Global___ContainerSpec | None = ...,
         desired_state: Global___DesiredState.ValueType = ...,
         generation: _builtins.int = ...,
+        stop_timeout_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "desired_state", b"desired_state", "generation", b"generation", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "desired_state", b"desired_state", "generation", b"generation", "spec", b"spec", "stop_timeout_s", b"stop_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,341 @@
+"""The control API servicer (berthctl -> controller). Validates requests, turns them into orchestrator
+calls, and translates store errors into gRPC status codes with messages meant for a user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import grpc.aio
+
+from berth.api import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
+from berth.api import types_pb2 as t
+from berth.rpc import aio_channel
+from controller.metrics import ControllerMetrics
+from controller.orchestrator import TERMINAL, Orchestrator
+from controller.store import NameInUse, NotFound, Store, StoreError, Unavailable
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+MIN_MEMORY = 6 << 20  # Docker's minimum
+DEFAULT_STOP_TIMEOUT_S = 10.0
+_ADJECTIVES = ("brave", "calm", "eager", "fond", "keen", "lucid", "merry", "quiet", "swift", "witty")
+_NOUNS = ("anchor", "buoy", "cove", "dock", "harbor", "jetty", "keel", "mast", "pier", "wharf")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class AgentLinks:
+    """Channels to agents, one per address, reused across calls."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def agent(self, address: str) -> agent_pb2_grpc.AgentAsyncStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = aio_channel(address)
+        return agent_pb2_grpc.AgentStub(channel)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+
+
+def validate(spec: t.ContainerSpec) -> str | None:
+    """Why a spec cannot run, or None."""
+    if not spec.image:
+        return "no image given: berthctl run IMAGE [COMMAND...]"
+    if spec.name and not NAME_RE.match(spec.name):
+        return f"invalid name {spec.name!r}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+    if spec.memory_bytes < 0 or 0 < spec.memory_bytes < MIN_MEMORY:
+        return "--memory must be at least 6m"
+    if spec.nano_cpus < 0:
+        return "--cpus must be more than 0"
+    if spec.pids_limit < 0:
+        return "--pids-limit must not be negative"
+    for env in spec.env:
+        if "=" not in env or env.startswith("="):
+            return f"invalid environment variable {env!r}: write -e KEY=VALUE"
+    return None
+
+
+async def _abort(context: Ctx, exc: StoreError) -> NoReturn:
+    if isinstance(exc, NotFound):
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, NameInUse):
+        await context.abort(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"{exc}: remove it (berthctl rm {exc.name}) or choose another name with --name",
+        )
+    if isinstance(exc, Unavailable):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    await context.abort(grpc.StatusCode.ABORTED, str(exc))
+    raise AssertionError  # abort always raises
+
+
+class ControlAPI(control_pb2_grpc.ControlServicer):
+    def __init__(
+        self, store: Store, orchestrator: Orchestrator, metrics: ControllerMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.orchestrator = orchestrator
+        self.metrics = metrics
+        self.links = AgentLinks()
+        self.clock = clock
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    async def _resolve(self, ref: str, context: Ctx) -> str:
+        try:
+            return await self.store.resolve(ref)
+        except StoreError as exc:
+            await _abort(context, exc)
+
+    async def _view(self, cid: str) -> t.Container:
+        """A container as a user sees it: with status, host name, and lost when its host is down."""
+        v = await self.store.get_container(cid)
+        status, _ = await self.store.get_status(cid)
+        nodes = {n.id: n for n in await self.store.list_nodes()}
+        return self._decorate(v.container, status, nodes)
+
+    @staticmethod
+    def _decorate(c: t.Container, status: t.ContainerStatus | None, nodes: dict[str, t.Node]) -> t.Container:
+        out = t.Container()
+        out.CopyFrom(c)
+        if status is not None:
+            out.status.CopyFrom(status)
+        if not out.status.state:
+            out.status.state = t.STATE_PENDING
+        node = nodes.get(c.node_id)
+        if node is not None:
+            out.node_name = node.name
+            if node.state != t.NODE_READY and out.status.state == t.STATE_RUNNING:
+                out.status.state = t.STATE_LOST
+                out.status.message = f"host {node.name} is down"
+        return out
+
+    async def _wait(self, cid: str, generation: int, states: Iterable[int], timeout_s: float) -> t.ContainerStatus:
+        """Wait until the container's status for this generation is in one of the states. Raises NotFound
+        when the container is removed first, TimeoutError after timeout_s."""
+        wanted = set(states)
+        status, revision = await self.store.get_status(cid)
+        if status.generation >= generation and status.state in wanted:
+            return status
+        async with asyncio.timeout(timeout_s):
+            async for event in self.store.watch_status(cid, revision):
+                if event.status is None:
+                    raise NotFound(f"container {cid[:12]} was removed")
+                if event.status.generation >= generation and event.status.state in wanted:
+                    return event.status
+        raise NotFound(f"container {cid[:12]} was removed")
+
+    async def _agent_logs(self, c: t.Container, follow: bool, tail: int) -> AsyncIterator[t.LogEntry]:
+        node = await self.store.get_node(c.node_id) if c.node_id else None
+        if node is None:
+            return
+        stub = self.links.agent(node.agent_address)
+        call = stub.Logs(agent_pb2.AgentLogsRequest(container_id=c.id, follow=follow, tail=tail))
+        async for entry in call:
+            yield entry
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        self.metrics.api_requests.labels(method=method, code=code.name).inc()
+
+    # ---- RPCs -------------------------------------------------------------------------------------
+
+    async def Run(self, request: control_pb2.RunRequest, context: Ctx) -> AsyncIterator[control_pb2.RunEvent]:
+        spec = request.spec
+        problem = validate(spec)
+        if problem:
+            self._count("Run", grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        c = t.Container(
+            id=secrets.token_hex(32), spec=spec, created_at_ns=int(self.clock() * 1e9),
+            desired_state=t.DESIRED_RUNNING, generation=1, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S,
+        )
+        try:
+            if not c.spec.name:
+                c.spec.name = await self._free_name()
+            await self.store.create_container(c)
+            placed = await self.orchestrator.schedule(c.id)
+        except StoreError as exc:
+            self._count("Run", grpc.StatusCode.ABORTED)
+            await _abort(context, exc)
+        if not placed.node_id:
+            # Nothing fits now: it stays pending, and the pending sweep places it when a host frees up.
+            self._count("Run", grpc.StatusCode.OK)
+            yield control_pb2.RunEvent(started=await self._view(c.id))
+            return
+
+        logs: asyncio.Queue[t.LogEntry | None] = asyncio.Queue()
+        pump = asyncio.create_task(self._pump_logs(placed, logs)) if request.attach else None
+        try:
+            try:
+                status = await self._wait(
+                    c.id, 1, (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED), timeout_s=3600
+                )
+            except (StoreError, TimeoutError) as exc:
+                await context.abort(grpc.StatusCode.ABORTED, f"container {c.id[:12]}: {exc}")
+            if status.state == t.STATE_FAILED:
+                # It never ran: leave nothing behind, as `docker run` leaves no half-made container.
+                await self.orchestrator.remove(c.id)
+                self._count("Run", grpc.StatusCode.FAILED_PRECONDITION)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
+            self._count("Run", grpc.StatusCode.OK)
+            view = self._decorate(placed, status, {})
+            view.node_name = placed.node_id
+            yield control_pb2.RunEvent(started=view)
+            if pump is None:
+                return
+            while (entry := await logs.get()) is not None:
+                yield control_pb2.RunEvent(log=entry)
+            try:
+                final = await self._wait(c.id, 1, TERMINAL, timeout_s=30)
+            except (StoreError, TimeoutError) as exc:
+                await context.abort(grpc.StatusCode.ABORTED, f"lost track of container {c.id[:12]}: {exc}")
+            yield control_pb2.RunEvent(exit_code=final.exit_code)
+        finally:
+            if pump is not None:
+                pump.cancel()
+
+    async def _pump_logs(self, c: t.Container, out: asyncio.Queue[t.LogEntry | None]) -> None:
+        try:
+            async for entry in self._agent_logs(c, follow=True, tail=0):
+                await out.put(entry)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("logs of %s from its host: %s", c.id[:12], exc.details())
+        finally:
+            await out.put(None)
+
+    async def _free_name(self) -> str:
+        for _ in range(20):
+            name = f"{secrets.choice(_ADJECTIVES)}_{secrets.choice(_NOUNS)}_{secrets.token_hex(2)}"
+            try:
+                await self.store.resolve(name)
+            except NotFound:
+                return name
+        return f"c_{secrets.token_hex(6)}"
+
+    async def Start(self, request: control_pb2.ContainerRef, context: Ctx) -> t.Container:
+        cid = await self._resolve(request.ref, context)
+        try:
+            c = await self.orchestrator.set_desired(cid, t.DESIRED_RUNNING)
+            if c.node_id:
+                status = await self._wait(
+                    cid, c.generation, (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED), timeout_s=3600
+                )
+                if status.state == t.STATE_FAILED:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
+            return await self._view(cid)
+        except StoreError as exc:
+            await _abort(context, exc)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the container did not start in time")
+        raise AssertionError
+
+    async def Stop(self, request: control_pb2.StopRequest, context: Ctx) -> t.Container:
+        cid = await self._resolve(request.ref, context)
+        timeout = request.timeout_s if request.timeout_s >= 0 else DEFAULT_STOP_TIMEOUT_S
+        try:
+            c = await self.orchestrator.set_desired(cid, t.DESIRED_STOPPED, stop_timeout_s=timeout)
+            status, _ = await self.store.get_status(cid)
+            if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
+                await self._wait(cid, c.generation, TERMINAL, timeout_s=timeout + 30)
+            return await self._view(cid)
+        except StoreError as exc:
+            await _abort(context, exc)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the container did not stop in time")
+        raise AssertionError
+
+    async def Remove(self, request: control_pb2.RemoveRequest, context: Ctx) -> control_pb2.RemoveResponse:
+        cid = await self._resolve(request.ref, context)
+        try:
+            view = await self._view(cid)
+            active = view.desired_state == t.DESIRED_RUNNING and view.status.state not in TERMINAL
+            if active and view.node_id and not request.force:
+                name = view.spec.name
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"container {name} is running: stop it first (berthctl stop {name}) "
+                    f"or remove it anyway (berthctl rm -f {name})",
+                )
+            await self.orchestrator.remove(cid)
+        except StoreError as exc:
+            await _abort(context, exc)
+        return control_pb2.RemoveResponse(id=cid)
+
+    async def Inspect(self, request: control_pb2.ContainerRef, context: Ctx) -> t.Container:
+        cid = await self._resolve(request.ref, context)
+        try:
+            return await self._view(cid)
+        except StoreError as exc:
+            await _abort(context, exc)
+
+    async def List(self, request: control_pb2.ListRequest, context: Ctx) -> control_pb2.ListResponse:
+        try:
+            nodes = {n.id: n for n in await self.store.list_nodes()}
+            out = []
+            for v in await self.store.list_containers():
+                c = self._decorate(v.container, None, nodes)
+                if request.all or c.status.state in (
+                    t.STATE_PENDING, t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING, t.STATE_LOST
+                ):
+                    out.append(c)
+        except StoreError as exc:
+            await _abort(context, exc)
+        out.sort(key=lambda c: -c.created_at_ns)
+        return control_pb2.ListResponse(containers=out)
+
+    async def Logs(self, request: control_pb2.LogsRequest, context: Ctx) -> AsyncIterator[t.LogEntry]:
+        cid = await self._resolve(request.ref, context)
+        try:
+            v = await self.store.get_container(cid)
+        except StoreError as exc:
+            await _abort(context, exc)
+        if not v.container.node_id:
+            return
+        try:
+            async for entry in self._agent_logs(v.container, request.follow, request.tail):
+                yield entry
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot read the logs from host {v.container.node_id}: {exc.details()}",
+            )
+
+    async def Wait(self, request: control_pb2.ContainerRef, context: Ctx) -> control_pb2.WaitResponse:
+        cid = await self._resolve(request.ref, context)
+        try:
+            v = await self.store.get_container(cid)
+            status = await self._wait(cid, v.container.generation, TERMINAL, timeout_s=10**7)
+        except StoreError as exc:
+            await _abort(context, exc)
+        return control_pb2.WaitResponse(exit_code=status.exit_code)
+
+    async def ListNodes(self, request: control_pb2.ListNodesRequest, context: Ctx) -> control_pb2.ListNodesResponse:
+        try:
+            nodes = await self.store.list_nodes()
+            hosts = {h.id: h for h in await self.orchestrator.hosts()}
+        except StoreError as exc:
+            await _abort(context, exc)
+        for n in nodes:
+            h = hosts.get(n.id)
+            if h is not None:
+                n.containers = h.containers
+                n.allocated.memory_bytes = h.allocated_memory
+                n.allocated.nano_cpus = h.allocated_cpus
+        nodes.sort(key=lambda n: n.name)
+        return control_pb2.ListNodesResponse(nodes=nodes)

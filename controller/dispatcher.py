@@ -1,0 +1,129 @@
+"""Agent sessions: join, heartbeats that keep each node's etcd lease alive, the assignment stream, and
+status reports. Agents never reach etcd; this servicer writes on their behalf.
+
+A node is ready while its lease lives. The lease is granted at join and refreshed by heartbeats; when an
+agent dies, heartbeats stop, etcd expires the lease and deletes the node's alive key, and the node shows as
+down within one TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+
+from berth.api import dispatcher_pb2 as d
+from berth.api import dispatcher_pb2_grpc
+from berth.api import types_pb2 as t
+from controller.metrics import ControllerMetrics
+from controller.orchestrator import Orchestrator
+from controller.store import Store, StoreError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
+    def __init__(
+        self, store: Store, orchestrator: Orchestrator, metrics: ControllerMetrics, lease_ttl_s: int
+    ) -> None:
+        self.store = store
+        self.orchestrator = orchestrator
+        self.metrics = metrics
+        self.lease_ttl_s = lease_ttl_s
+        self._leases: dict[str, int] = {}
+
+    async def Join(self, request: d.JoinRequest, context: grpc.aio.ServicerContext[d.JoinRequest, d.JoinResponse]) -> d.JoinResponse:  # noqa: E501
+        if not request.name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "join needs a node name")
+        node_id = request.name
+        try:
+            old = await self.store.get_node(node_id)
+            lease = await self.store.grant_lease(self.lease_ttl_s)
+            node = t.Node(
+                id=node_id, name=request.name, address=request.address,
+                agent_address=request.agent_address, metrics_address=request.metrics_address,
+                capacity=request.capacity, labels=request.labels, platform=request.platform,
+                joined_at_ns=time.time_ns(), lease_id=lease,
+            )
+            await self.store.put_node(node)
+            if old is not None and old.lease_id and old.lease_id != lease:
+                await self.store.revoke_lease(old.lease_id)
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self._leases[node_id] = lease
+        log.info("node %s joined from %s (lease %x)", node_id, request.address, lease)
+        return d.JoinResponse(
+            node_id=node_id, lease_ttl_s=self.lease_ttl_s, heartbeat_period_s=max(0.5, self.lease_ttl_s / 4)
+        )
+
+    async def Heartbeat(self, request: d.HeartbeatRequest, context: grpc.aio.ServicerContext[d.HeartbeatRequest, d.HeartbeatResponse]) -> d.HeartbeatResponse:  # noqa: E501
+        try:
+            lease = self._leases.get(request.node_id)
+            if lease is None:
+                node = await self.store.get_node(request.node_id)
+                if node is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: join first")
+                    raise AssertionError  # abort raises; this line is for the type checker
+                lease = node.lease_id
+            ttl = await self.store.refresh_lease(lease)
+            if ttl <= 0:
+                # The lease expired (the node was partitioned for longer than the TTL): make it ready again.
+                node = await self.store.get_node(request.node_id)
+                if node is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: join first")
+                    raise AssertionError
+                node.lease_id = await self.store.grant_lease(self.lease_ttl_s)
+                await self.store.put_node(node)
+                self._leases[request.node_id] = node.lease_id
+                ttl = self.lease_ttl_s
+            else:
+                self._leases[request.node_id] = lease
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return d.HeartbeatResponse(lease_ttl_s=ttl)
+
+    async def Assignments(self, request: d.AssignmentsRequest, context: grpc.aio.ServicerContext[d.AssignmentsRequest, d.AssignmentsMessage]) -> AsyncIterator[d.AssignmentsMessage]:  # noqa: E501
+        node_id = request.node_id
+        self.metrics.agent_sessions.inc()
+        try:
+            revision = request.after_revision
+            if revision <= 0:
+                revision, assignments = await self.store.assignments(node_id)
+                yield d.AssignmentsMessage(
+                    kind=d.AssignmentsMessage.COMPLETE,
+                    revision=revision,
+                    changes=[
+                        d.AssignmentChange(
+                            action=d.AssignmentChange.UPDATE, container_id=a.container_id, assignment=a
+                        )
+                        for a in assignments
+                    ],
+                )
+            async for event in self.store.watch_assignments(node_id, revision):
+                change = d.AssignmentChange(container_id=event.container_id)
+                if event.assignment is None:
+                    change.action = d.AssignmentChange.REMOVE
+                else:
+                    change.action = d.AssignmentChange.UPDATE
+                    change.assignment.CopyFrom(event.assignment)
+                yield d.AssignmentsMessage(
+                    kind=d.AssignmentsMessage.INCREMENTAL, revision=event.revision, changes=[change]
+                )
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except StoreError as exc:
+            # A compacted revision among others: the agent starts over with a complete set.
+            await context.abort(grpc.StatusCode.ABORTED, f"resume failed, reconnect from scratch: {exc}")
+        finally:
+            self.metrics.agent_sessions.dec()
+
+    async def ReportStatus(self, request: d.StatusReport, context: grpc.aio.ServicerContext[d.StatusReport, d.StatusReportResponse]) -> d.StatusReportResponse:  # noqa: E501
+        try:
+            for update in request.updates:
+                await self.orchestrator.on_status(update.container_id, update.status)
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return d.StatusReportResponse()

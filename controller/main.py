@@ -1,0 +1,85 @@
+"""The berth-controller command: serves the control API and agent sessions, places containers, and
+exports /metrics. All state is in etcd; the controller itself keeps none that matters across restarts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from berth import rpc
+from berth.api import control_pb2_grpc, dispatcher_pb2_grpc
+from controller.api import ControlAPI
+from controller.dispatcher import Dispatcher
+from controller.metrics import ControllerMetrics
+from controller.orchestrator import Orchestrator
+from controller.store import Store, StoreError
+
+log = logging.getLogger("berth.controller")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="berth-controller", description="Run a berth controller.")
+    p.add_argument("--etcd", default="http://127.0.0.1:2379", help="etcd client URL (default %(default)s)")
+    p.add_argument("--listen", default="0.0.0.0:7070", help="gRPC address for berthctl and agents")
+    p.add_argument("--metrics-listen", default="0.0.0.0:7071", help="address of /metrics")
+    p.add_argument("--lease-ttl", type=int, default=5, help="seconds a host lives without heartbeats")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    store = Store(args.etcd)
+    try:
+        await store.connect()
+    except StoreError as exc:
+        raise SystemExit(f"berth-controller: cannot reach etcd at {args.etcd}: {exc}") from None
+    metrics = ControllerMetrics()
+    orchestrator = Orchestrator(store, metrics)
+    api = ControlAPI(store, orchestrator, metrics)
+    server = rpc.aio_server()
+    control_pb2_grpc.add_ControlServicer_to_server(api, server)
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(
+        Dispatcher(store, orchestrator, metrics, args.lease_ttl), server
+    )
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        rpc.bind(server, args.listen)
+        metrics.serve(args.metrics_listen)
+    except OSError as exc:
+        raise SystemExit(f"berth-controller: {exc}") from None
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("controller listening on %s, metrics on %s, etcd %s", args.listen, args.metrics_listen, args.etcd)
+    tasks = [
+        asyncio.create_task(orchestrator.run_pending_loop()),
+        asyncio.create_task(metrics.run_refresh_loop(store)),
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    for task in tasks:
+        task.cancel()
+    await server.stop(grace=2)
+    await api.links.close()
+    with contextlib.suppress(StoreError):
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(args))

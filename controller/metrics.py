@@ -1,0 +1,72 @@
+"""The controller's Prometheus metrics, served on /metrics by prometheus-client's HTTP server.
+
+Gauges of containers by state and hosts by state are refreshed from the store by a background task; the
+scheduling-latency histogram is observed where placements are committed (controller.orchestrator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import Counter as PromCounter
+
+from berth.api import types_pb2 as t
+from controller.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def state_name(state: int) -> str:
+    return t.ContainerState.Name(state).removeprefix("STATE_").lower()  # type: ignore[arg-type]
+
+
+class ControllerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.containers = Gauge(
+            "berth_containers", "Containers by state", ["state"], registry=self.registry
+        )
+        self.nodes = Gauge("berth_nodes", "Hosts by state", ["state"], registry=self.registry)
+        self.scheduling_latency = Histogram(
+            "berth_scheduling_latency_seconds",
+            "Time from a container's creation to its placement on a host",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.api_requests = PromCounter(
+            "berth_api_requests", "Control API calls by method and gRPC code", ["method", "code"],
+            registry=self.registry,
+        )
+        self.agent_sessions = Gauge(
+            "berth_agent_sessions", "Agents with an open assignment stream to this controller",
+            registry=self.registry,
+        )
+
+    def serve(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+
+    async def refresh(self, store: Store) -> None:
+        containers: Counter[str] = Counter({state_name(s): 0 for s in t.ContainerState.values() if s})
+        for v in await store.list_containers():
+            containers[state_name(v.container.status.state or t.STATE_PENDING)] += 1
+        for state, n in containers.items():
+            self.containers.labels(state=state).set(n)
+        nodes = Counter({"ready": 0, "down": 0})
+        for node in await store.list_nodes():
+            nodes["ready" if node.state == t.NODE_READY else "down"] += 1
+        for state, n in nodes.items():
+            self.nodes.labels(state=state).set(n)
+
+    async def run_refresh_loop(self, store: Store, period_s: float = 2.0) -> None:
+        while True:
+            try:
+                await self.refresh(store)
+            except StoreError as exc:
+                log.warning("metrics refresh: %s", exc)
+            await asyncio.sleep(period_s)

@@ -1,0 +1,409 @@
+"""The cluster state in etcd: the key layout, in this one place, and typed reads and writes over it.
+
+Keys (values are serialized protobuf messages from berth.api.types):
+
+    /berth/containers/<id>                 Container: spec, desired state, assignment (API + controller)
+    /berth/status/<id>                     ContainerStatus (written for the agent that runs it)
+    /berth/names/<name>                    the id owning a container name (uniqueness by txn)
+    /berth/assignments/<node-id>/<id>      Assignment: what a node must run; its watch is the agent's stream
+    /berth/nodes/<node-id>                 Node
+    /berth/alive/<node-id>                 attached to the node's lease: present while the node is ready
+
+Every write that changes who owns a container (placement, desired state) compares the container key's
+mod_revision, so two controllers can never both place one container: the loser gets Conflict and retries
+on a fresh read.
+
+Exceptions:
+
+    StoreError
+     +-- NotFound         no such object
+     +-- NameInUse        a container name already taken (carries the owner's id)
+     +-- Conflict         a compare-and-swap lost against a concurrent writer
+     +-- Unavailable      etcd cannot be reached
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+from google.protobuf.message import Message
+
+from berth.api import types_pb2 as t
+
+PREFIX = b"/berth/"
+CONTAINERS = PREFIX + b"containers/"
+STATUS = PREFIX + b"status/"
+NAMES = PREFIX + b"names/"
+ASSIGNMENTS = PREFIX + b"assignments/"
+NODES = PREFIX + b"nodes/"
+ALIVE = PREFIX + b"alive/"
+
+M = TypeVar("M", bound=Message)
+
+
+class StoreError(Exception):
+    """Base of every store failure."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class NameInUse(StoreError):
+    def __init__(self, name: str, owner: str) -> None:
+        super().__init__(f"name {name!r} is in use by container {owner[:12]}")
+        self.name = name
+        self.owner = owner
+
+
+class Conflict(StoreError):
+    """A compare-and-swap lost; re-read and try again."""
+
+
+class Unavailable(StoreError):
+    pass
+
+
+def container_key(cid: str) -> bytes:
+    return CONTAINERS + cid.encode()
+
+
+def status_key(cid: str) -> bytes:
+    return STATUS + cid.encode()
+
+
+def name_key(name: str) -> bytes:
+    return NAMES + name.encode()
+
+
+def assignment_prefix(node_id: str) -> bytes:
+    return ASSIGNMENTS + node_id.encode() + b"/"
+
+
+def assignment_key(node_id: str, cid: str) -> bytes:
+    return assignment_prefix(node_id) + cid.encode()
+
+
+def node_key(node_id: str) -> bytes:
+    return NODES + node_id.encode()
+
+
+def alive_key(node_id: str) -> bytes:
+    return ALIVE + node_id.encode()
+
+
+def _parse(cls: type[M], data: bytes) -> M:
+    msg = cls()
+    msg.ParseFromString(data)
+    return msg
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A container as read, with the mod_revision to compare against when writing it back."""
+
+    container: t.Container
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class AssignmentEvent:
+    revision: int
+    container_id: str
+    assignment: t.Assignment | None  # None: removed
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    revision: int
+    status: t.ContainerStatus | None  # None: deleted
+
+
+def _translate(exc: Exception) -> StoreError:
+    if isinstance(exc, aetcd.exceptions.ConnectionFailedError | aetcd.exceptions.ConnectionTimeoutError):
+        return Unavailable(f"etcd is unreachable: {exc}")
+    return StoreError(str(exc))
+
+
+class Store:
+    """Typed access to the cluster state. One per controller process."""
+
+    def __init__(self, endpoint: str) -> None:
+        url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        self.endpoint = endpoint
+        self._client: Any = aetcd.Client(
+            host=url.hostname or "127.0.0.1", port=url.port or 2379, timeout=10
+        )
+        self._tx: Any = self._client.transactions
+
+    async def connect(self) -> None:
+        await self._client.connect()
+        await self.revision()  # fail now, with a clear error, if etcd is not there
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def revision(self) -> int:
+        try:
+            result = await self._client.get_prefix(PREFIX + b"\x00none", keys_only=True)
+        except aetcd.exceptions.ClientError as exc:
+            raise _translate(exc) from exc
+        return int(result.header.revision)
+
+    # ---- containers -------------------------------------------------------------------------------
+
+    async def create_container(self, c: t.Container) -> int:
+        """Store a new container and claim its name, atomically. Raises NameInUse."""
+        tx = self._tx
+        ok, responses = await self._txn(
+            [tx.version(name_key(c.spec.name)) == 0, tx.version(container_key(c.id)) == 0],
+            [
+                tx.put(name_key(c.spec.name), c.id.encode()),
+                tx.put(container_key(c.id), c.SerializeToString()),
+            ],
+            [tx.get(name_key(c.spec.name))],
+        )
+        if not ok:
+            owner = responses[0][0][0].decode() if responses and responses[0] else "?"
+            raise NameInUse(c.spec.name, owner)
+        return int(responses[0].response_put.header.revision)
+
+    async def get_container(self, cid: str) -> Versioned:
+        kv = await self._get(container_key(cid))
+        if kv is None:
+            raise NotFound(f"no such container: {cid}")
+        return Versioned(_parse(t.Container, kv.value), int(kv.mod_revision))
+
+    async def get_status(self, cid: str) -> tuple[t.ContainerStatus, int]:
+        """The status and the revision it was read at."""
+        kv = await self._get(status_key(cid))
+        if kv is None:
+            return t.ContainerStatus(), await self.revision()
+        return _parse(t.ContainerStatus, kv.value), int(kv.header.revision)
+
+    async def list_containers(self) -> list[Versioned]:
+        """Every container, with its status filled in."""
+        containers = await self._get_prefix(CONTAINERS)
+        statuses = {
+            kv.key[len(STATUS) :].decode(): _parse(t.ContainerStatus, kv.value)
+            for kv in await self._get_prefix(STATUS)
+        }
+        out = []
+        for kv in containers:
+            c = _parse(t.Container, kv.value)
+            if c.id in statuses:
+                c.status.CopyFrom(statuses[c.id])
+            out.append(Versioned(c, int(kv.mod_revision)))
+        return out
+
+    async def resolve(self, ref: str) -> str:
+        """A container id from a name, a full id or a unique id prefix."""
+        if not ref:
+            raise NotFound("no container named: give a name or an id")
+        kv = await self._get(name_key(ref))
+        if kv is not None:
+            return bytes(kv.value).decode()
+        matches: list[str] = [
+            bytes(kv.key[len(CONTAINERS) :]).decode()
+            for kv in await self._get_prefix(CONTAINERS + ref.encode(), keys_only=True)
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFound(f"no such container: {ref}")
+        raise NotFound(f"{ref!r} matches {len(matches)} containers; give more of the id or the name")
+
+    async def update_container(
+        self,
+        old: Versioned,
+        new: t.Container,
+        *,
+        assignment: t.Assignment | None = None,
+        unassign_from: str = "",
+        status: t.ContainerStatus | None = None,
+    ) -> int:
+        """Write a container back if nobody changed it since it was read (else Conflict), together with
+        its assignment: put on new.node_id when given, deleted from unassign_from when named."""
+        tx = self._tx
+        ops = [tx.put(container_key(new.id), new.SerializeToString())]
+        if unassign_from:
+            ops.append(tx.delete(assignment_key(unassign_from, new.id)))
+        if assignment is not None:
+            ops.append(tx.put(assignment_key(new.node_id, new.id), assignment.SerializeToString()))
+        if status is not None:
+            ops.append(tx.put(status_key(new.id), status.SerializeToString()))
+        ok, responses = await self._txn([tx.mod(container_key(new.id)) == old.mod_revision], ops, [])
+        if not ok:
+            raise Conflict(f"container {new.id[:12]} changed concurrently")
+        return int(responses[0].response_put.header.revision)
+
+    async def delete_container(self, old: Versioned) -> None:
+        """Remove a container and everything hanging off it, if unchanged since read."""
+        c = old.container
+        tx = self._tx
+        ops = [tx.delete(container_key(c.id)), tx.delete(status_key(c.id))]
+        if c.node_id:
+            ops.append(tx.delete(assignment_key(c.node_id, c.id)))
+        compares = [tx.mod(container_key(c.id)) == old.mod_revision]
+        ok, _ = await self._txn(compares, ops, [])
+        if not ok:
+            raise Conflict(f"container {c.id[:12]} changed concurrently")
+        # The name goes last and only if it is still ours, so a failure above never frees a name early.
+        await self._txn(
+            [tx.value(name_key(c.spec.name)) == c.id.encode()], [tx.delete(name_key(c.spec.name))], []
+        )
+
+    async def put_status(self, cid: str, status: t.ContainerStatus) -> bool:
+        """Record an agent's status, only while the container exists. False if it does not."""
+        tx = self._tx
+        ok, _ = await self._txn(
+            [tx.version(container_key(cid)) > 0], [tx.put(status_key(cid), status.SerializeToString())], []
+        )
+        return bool(ok)
+
+    async def watch_status(self, cid: str, after_revision: int) -> AsyncIterator[StatusEvent]:
+        """Changes of one container's status after a revision; ends when the container is deleted."""
+        async for kind, kv in self._watch(status_key(cid), after_revision + 1, prefix=False,
+                                          also=container_key(cid)):
+            if kv.key == container_key(cid):
+                if kind == "DELETE":
+                    yield StatusEvent(int(kv.mod_revision), None)
+                    return
+                continue
+            status = _parse(t.ContainerStatus, kv.value) if kind == "PUT" else None
+            yield StatusEvent(int(kv.mod_revision), status)
+
+    # ---- assignments ------------------------------------------------------------------------------
+
+    async def assignments(self, node_id: str) -> tuple[int, list[t.Assignment]]:
+        """The node's whole assignment set and the revision it was read at."""
+        result = await self._call(self._client.get_prefix, assignment_prefix(node_id))
+        return int(result.header.revision), [_parse(t.Assignment, kv.value) for kv in result]
+
+    async def watch_assignments(self, node_id: str, after_revision: int) -> AsyncIterator[AssignmentEvent]:
+        prefix = assignment_prefix(node_id)
+        async for kind, kv in self._watch(prefix, after_revision + 1, prefix=True):
+            cid = kv.key[len(prefix) :].decode()
+            assignment = _parse(t.Assignment, kv.value) if kind == "PUT" else None
+            yield AssignmentEvent(int(kv.mod_revision), cid, assignment)
+
+    # ---- nodes ------------------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl_s: int) -> int:
+        lease = await self._call(self._client.lease, ttl_s)
+        return int(lease.id)
+
+    async def refresh_lease(self, lease_id: int) -> int:
+        """Keep a lease alive; returns the TTL left, 0 if the lease has expired."""
+        reply = await self._call(self._client.refresh_lease, lease_id)
+        return int(reply.TTL) if reply is not None else 0
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        with contextlib.suppress(StoreError):  # an expired lease has nothing left to revoke
+            await self._call(self._client.revoke_lease, lease_id)
+
+    async def put_node(self, node: t.Node) -> None:
+        """Store a node and mark it alive under its lease."""
+        tx = self._tx
+        await self._txn(
+            [],
+            [
+                tx.put(node_key(node.id), node.SerializeToString()),
+                tx.put(alive_key(node.id), str(node.lease_id).encode(), lease=node.lease_id),
+            ],
+            [],
+        )
+
+    async def get_node(self, node_id: str) -> t.Node | None:
+        kv = await self._get(node_key(node_id))
+        return _parse(t.Node, kv.value) if kv is not None else None
+
+    async def list_nodes(self) -> list[t.Node]:
+        """Every node, with state filled in from its lease key."""
+        alive = {kv.key[len(ALIVE) :].decode() for kv in await self._get_prefix(ALIVE, keys_only=True)}
+        nodes = []
+        for kv in await self._get_prefix(NODES):
+            node = _parse(t.Node, kv.value)
+            node.state = t.NODE_READY if node.id in alive else t.NODE_DOWN
+            nodes.append(node)
+        return nodes
+
+    async def watch_alive(self, after_revision: int) -> AsyncIterator[tuple[str, bool]]:
+        """(node id, alive) as nodes come and go."""
+        async for kind, kv in self._watch(ALIVE, after_revision + 1, prefix=True):
+            yield kv.key[len(ALIVE) :].decode(), kind == "PUT"
+
+    async def watch_containers(self, after_revision: int) -> AsyncIterator[tuple[str, Versioned | None]]:
+        """(container id, the container or None when deleted) for every change."""
+        async for kind, kv in self._watch(CONTAINERS, after_revision + 1, prefix=True):
+            cid = kv.key[len(CONTAINERS) :].decode()
+            if kind == "PUT":
+                yield cid, Versioned(_parse(t.Container, kv.value), int(kv.mod_revision))
+            else:
+                yield cid, None
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except aetcd.exceptions.ClientError as exc:
+            raise _translate(exc) from exc
+
+    async def _get(self, key: bytes) -> Any:
+        return await self._call(self._client.get, key)
+
+    async def _get_prefix(self, prefix: bytes, keys_only: bool = False) -> list[Any]:
+        result = await self._call(self._client.get_prefix, prefix, keys_only=keys_only)
+        return list(result)
+
+    async def _txn(self, compare: list[Any], success: list[Any], failure: list[Any]) -> tuple[bool, list[Any]]:
+        ok, responses = await self._call(self._client.transaction, compare, success, failure)
+        return bool(ok), list(responses)
+
+    async def _watch(
+        self, key: bytes, start_revision: int, *, prefix: bool, also: bytes | None = None
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """Events on a key (or prefix) from a revision on, as (kind, kv); also a second single key."""
+        queue: asyncio.Queue[tuple[str, Any] | BaseException] = asyncio.Queue()
+        watches = []
+        try:
+            for k, is_prefix in ((key, prefix), *(((also, False),) if also else ())):
+                if is_prefix:
+                    w = await self._call(self._client.watch_prefix, k, start_revision=start_revision)
+                else:
+                    w = await self._call(self._client.watch, k, start_revision=start_revision)
+                watches.append(w)
+            pumps = [asyncio.create_task(_pump(w, queue)) for w in watches]
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise _translate(item) if isinstance(item, Exception) else item
+                    yield item
+            finally:
+                for p in pumps:
+                    p.cancel()
+        finally:
+            for w in watches:
+                with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
+                    await w.cancel()
+
+
+async def _pump(watch: Any, queue: asyncio.Queue[tuple[str, Any] | BaseException]) -> None:
+    try:
+        async for event in watch:
+            await queue.put((str(event.kind), event.kv))
+        await queue.put(StoreError("etcd watch ended"))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+        await queue.put(exc)
+
