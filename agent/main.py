@@ -1,0 +1,135 @@
+"""The berth-agent command: one per host."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import signal
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="berth-agent", description="Run a berth agent on this host.")
+    p.add_argument("--controller", required=True, help="controller address host:port; several, comma-separated")
+    p.add_argument("--name", default=platform.node(), help="this host's name in the cluster")
+    p.add_argument("--address", default="", help="this host's address, as other hosts reach it")
+    p.add_argument("--listen", default="0.0.0.0:7072", help="address of the agent API (logs)")
+    p.add_argument("--metrics-listen", default="0.0.0.0:7073", help="address of /metrics")
+    p.add_argument("--state-dir", default="/var/lib/berth", help="containers, images and supervisor state")
+    p.add_argument("--cgroup-parent", default="berth", help="cgroup under which containers are made")
+    p.add_argument("--registry-mirror", action="append", default=[], metavar="REGISTRY=URL",
+                   help="pull REGISTRY's images from URL first, e.g. docker.io=http://10.0.0.1:5000")
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
+                   help="a registry reached over plain HTTP")
+    p.add_argument("--netns", default="", help="enter this named network namespace first (test hosts)")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def enter_netns(name: str) -> None:
+    """Join a named network namespace. Must run before any thread exists: setns moves one thread."""
+    from pyroute2 import netns
+
+    if not Path(f"/var/run/netns/{name}").exists():
+        raise SystemExit(f"berth-agent: no network namespace {name!r} (see /var/run/netns)")
+    netns.setns(name, flags=0)
+
+
+def capacity() -> tuple[int, int]:
+    memory = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+                break
+    return memory, (os.cpu_count() or 1) * 1_000_000_000
+
+
+def platform_name() -> str:
+    machine = platform.machine()
+    return "linux/" + {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+    from agent.api import AgentAPI
+    from agent.images.registry import RegistryConfig
+    from agent.images.store import ImageStore
+    from agent.metrics import AgentMetrics
+    from agent.runtime.linux import LinuxExecutor
+    from agent.session import Session
+    from agent.worker import Reporter, Worker
+    from berth import rpc
+    from berth.api import agent_pb2_grpc
+    from berth.api import dispatcher_pb2 as d
+    from berth.api import types_pb2 as t
+
+    state_dir = Path(args.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    mirrors: dict[str, str] = {}
+    for item in args.registry_mirror:
+        registry, sep, url = item.partition("=")
+        if not sep or not url:
+            raise SystemExit(f"berth-agent: invalid --registry-mirror {item!r}: write REGISTRY=URL")
+        mirrors[registry] = url
+    images = ImageStore(state_dir / "images", RegistryConfig(mirrors=mirrors, insecure=set(args.insecure_registry)))
+    executor = LinuxExecutor(state_dir, args.cgroup_parent)
+    metrics = AgentMetrics()
+    reporter = Reporter()
+    worker = Worker(executor, images, reporter, metrics, state_dir)
+    await worker.load()
+
+    host = args.address or "127.0.0.1"
+    memory, cpus = capacity()
+    join = d.JoinRequest(
+        name=args.name, address=host,
+        agent_address=args.listen.replace("0.0.0.0", host),
+        metrics_address=args.metrics_listen.replace("0.0.0.0", host),
+        capacity=t.Resources(memory_bytes=memory, nano_cpus=cpus), platform=platform_name(),
+    )
+    session = Session(args.controller.split(","), join, worker, reporter, metrics)
+
+    server = rpc.aio_server()
+    agent_pb2_grpc.add_AgentServicer_to_server(AgentAPI(executor, worker), server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        rpc.bind(server, args.listen)
+        metrics.serve(args.metrics_listen)
+    except OSError as exc:
+        raise SystemExit(f"berth-agent: {exc}") from None
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    logging.getLogger("berth.agent").info("agent %s listening on %s", args.name, args.listen)
+
+    tasks = [asyncio.create_task(session.run()), asyncio.create_task(worker.watch_exits())]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+    await server.stop(grace=1)
+    await executor.close()  # containers keep running: they belong to the supervisor, not to the agent
+    for task in done:
+        if task is not waiter:
+            task.result()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.netns:
+        enter_netns(args.netns)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(args))

@@ -1,0 +1,106 @@
+"""The agent's session with a controller: join, heartbeats, the assignment stream and status reports.
+
+The session survives controller restarts and failover: on any failure it reconnects (to the next
+controller in its list, with capped back-off), joins again, and resumes the assignment stream after the
+last revision it saw; a controller that cannot resume answers ABORTED and the agent starts from a
+complete set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+import grpc.aio
+
+from agent.metrics import AgentMetrics
+from agent.worker import Reporter, Worker
+from berth import rpc
+from berth.api import dispatcher_pb2 as d
+from berth.api import dispatcher_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    def __init__(
+        self, controllers: list[str], join: d.JoinRequest, worker: Worker, reporter: Reporter,
+        metrics: AgentMetrics,
+    ) -> None:
+        if not controllers:
+            raise ValueError("no controller address given")
+        self.controllers = controllers
+        self.join = join
+        self.worker = worker
+        self.reporter = reporter
+        self.metrics = metrics
+        self.node_id = ""
+        self.revision = 0
+        self._stub: dispatcher_pb2_grpc.DispatcherAsyncStub | None = None
+        self.joined = asyncio.Event()
+
+    async def _send(self, report: d.StatusReport) -> None:
+        if self._stub is None:
+            raise ConnectionError("no controller session")
+        await self._stub.ReportStatus(report, timeout=10)
+
+    async def run(self) -> None:
+        reporter = asyncio.create_task(self.reporter.run(self._send, lambda: self.node_id if self._stub else ""))
+        try:
+            attempt = 0
+            backoff = 0.1
+            while True:
+                address = self.controllers[attempt % len(self.controllers)]
+                attempt += 1
+                try:
+                    await self._session(address)
+                    backoff = 0.1
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.ABORTED:
+                        self.revision = 0
+                    log.warning("session with %s: %s %s", address, exc.code().name, exc.details())
+                except ConnectionError as exc:
+                    log.warning("session with %s: %s", address, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        finally:
+            reporter.cancel()
+
+    async def _session(self, address: str) -> None:
+        channel = rpc.aio_channel(address)
+        stub = dispatcher_pb2_grpc.DispatcherStub(channel)
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            reply = await stub.Join(self.join, timeout=5)
+            self.node_id = reply.node_id
+            self._stub = stub
+            self.metrics.connected.set(1)
+            self.joined.set()
+            log.info("joined controller %s as %s", address, self.node_id)
+            heartbeat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_period_s))
+            stream = stub.Assignments(d.AssignmentsRequest(node_id=self.node_id, after_revision=self.revision))
+            self.reporter.flush()  # deliver whatever queued up while disconnected
+            reader = asyncio.create_task(self._read(stream))
+            done, _ = await asyncio.wait({heartbeat, reader}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises the failure that ended the session
+            raise ConnectionError("assignment stream ended")
+        finally:
+            self._stub = None
+            self.metrics.connected.set(0)
+            if heartbeat is not None:
+                heartbeat.cancel()
+            with contextlib.suppress(Exception):
+                await channel.close(None)
+
+    async def _read(self, stream: object) -> None:
+        async for msg in stream:  # type: ignore[attr-defined]
+            self.worker.apply(msg)
+            self.revision = msg.revision
+
+    async def _heartbeats(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            await stub.Heartbeat(d.HeartbeatRequest(node_id=self.node_id), timeout=max(period_s, 2.0))

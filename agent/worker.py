@@ -1,0 +1,296 @@
+"""The reconcile loop: makes what runs on this host match what the controller assigned to it, and reports
+each container's status back.
+
+Each assigned container has an actor task that serialises its operations (pull, create, start, stop,
+remove); a change of assignment only pokes the actor, which compares desired with actual and acts. The
+generation of the last run each container started is kept on disk, so that after an agent restart a
+container that already ran (and exited) is not started again, and a running one is adopted as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from agent.executor import ContainerConfig, ContainerInfo, Executor, ExecutorError, ProcessState
+from agent.images import Image, ImageError
+from agent.metrics import AgentMetrics
+from berth.api import dispatcher_pb2 as d
+from berth.api import types_pb2 as t
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Images(Protocol):
+    async def ensure(self, ref: str) -> Image: ...
+
+
+class Reporter:
+    """Delivers status updates to the controller: the latest per container, retried until delivered."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, t.ContainerStatus] = {}
+        self._wake = asyncio.Event()
+        self.sent: dict[str, t.ContainerStatus] = {}
+
+    def report(self, cid: str, status: t.ContainerStatus) -> None:
+        self._pending[cid] = status
+        self.sent[cid] = status
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Try to deliver what is pending now (after a reconnect)."""
+        if self._pending:
+            self._wake.set()
+
+    def forget(self, cid: str) -> None:
+        self._pending.pop(cid, None)
+        self.sent.pop(cid, None)
+
+    async def run(self, send: Callable[[d.StatusReport], Awaitable[None]], node_id: Callable[[], str]) -> None:
+        """Send batches through `send` (an awaitable RPC); on failure keep them and try again."""
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending and node_id():
+                batch, self._pending = self._pending, {}
+                report = d.StatusReport(
+                    node_id=node_id(),
+                    updates=[d.ContainerStatusUpdate(container_id=c, status=s) for c, s in batch.items()],
+                )
+                try:
+                    await send(report)
+                    backoff = 0.05
+                except Exception as exc:  # noqa: BLE001 - any transport failure: keep the batch and retry
+                    log.warning("status report failed, will retry: %s", exc)
+                    for cid, status in batch.items():
+                        self._pending.setdefault(cid, status)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+
+
+def build_config(cid: str, spec: t.ContainerSpec, image: Image) -> ContainerConfig:
+    """Merge the spec with the image's config, as `docker run` does."""
+    if spec.entrypoint_set:
+        args = tuple(spec.entrypoint) + tuple(spec.command)
+    else:
+        args = tuple(image.config.entrypoint) + (tuple(spec.command) or tuple(image.config.cmd))
+    if not args:
+        raise ExecutorError("no command to run: the image has no entrypoint or cmd; give one after the image name")
+    env: dict[str, str] = {}
+    for item in (*image.config.env, *spec.env):
+        key, _, value = item.partition("=")
+        env[key] = value
+    env.setdefault("PATH", DEFAULT_PATH.partition("=")[2])
+    env.setdefault("HOSTNAME", spec.hostname or spec.name)
+    return ContainerConfig(
+        id=cid,
+        name=spec.name,
+        hostname=spec.hostname or spec.name,
+        layers=image.layers,
+        args=args,
+        env=tuple(f"{k}={v}" for k, v in env.items()),
+        workdir=spec.workdir or image.config.workdir or "/",
+        memory_bytes=spec.memory_bytes,
+        nano_cpus=spec.nano_cpus,
+        pids_limit=spec.pids_limit,
+        labels=dict(spec.labels),
+    )
+
+
+class Worker:
+    def __init__(
+        self,
+        executor: Executor,
+        images: Images,
+        reporter: Reporter,
+        metrics: AgentMetrics,
+        state_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.executor = executor
+        self.images = images
+        self.reporter = reporter
+        self.metrics = metrics
+        self.clock = clock
+        self.assignments: dict[str, t.Assignment] = {}
+        self.info: dict[str, ContainerInfo] = {}
+        self._gen_dir = state_dir / "worker"
+        self._gen_dir.mkdir(parents=True, exist_ok=True)
+        self._started: dict[str, int] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._actors: dict[str, asyncio.Task[None]] = {}
+        self._synced = False
+        self._changed = asyncio.Event()
+
+    async def load(self) -> None:
+        """Adopt what this host already runs (after an agent restart): nothing is started or stopped here."""
+        for info in await self.executor.list():
+            self.info[info.id] = info
+        for path in self._gen_dir.iterdir():
+            with contextlib.suppress(ValueError):
+                self._started[path.name] = int(path.read_text())
+        self.metrics.running.set_function(
+            lambda: sum(1 for i in self.info.values() if i.state == ProcessState.RUNNING)
+        )
+
+    # ---- assignments ------------------------------------------------------------------------------
+
+    def apply(self, msg: d.AssignmentsMessage) -> None:
+        if msg.kind == d.AssignmentsMessage.COMPLETE:
+            wanted = {c.container_id for c in msg.changes if c.action == d.AssignmentChange.UPDATE}
+            for cid in set(self.assignments) | set(self.info):
+                if cid not in wanted:
+                    self.assignments.pop(cid, None)
+                    self._poke(cid)
+            self._synced = True
+        for change in msg.changes:
+            if change.action == d.AssignmentChange.UPDATE:
+                self.assignments[change.container_id] = change.assignment
+            else:
+                self.assignments.pop(change.container_id, None)
+            self._poke(change.container_id)
+        if msg.kind == d.AssignmentsMessage.COMPLETE:
+            # Tell the controller the truth about every assigned container (one may have exited while this
+            # agent was down); the actors correct anything that is not as desired.
+            for cid, a in self.assignments.items():
+                status = self._observed(cid, a)
+                if status is not None:
+                    self.reporter.report(cid, status)
+
+    def _observed(self, cid: str, a: t.Assignment) -> t.ContainerStatus | None:
+        info = self.info.get(cid)
+        gen = self._started.get(cid, 0)
+        if info is None or (gen < a.generation and a.desired_state == t.DESIRED_RUNNING):
+            return None
+        return self._status_of(info, gen)
+
+    def _status_of(self, info: ContainerInfo, generation: int) -> t.ContainerStatus:
+        if info.state == ProcessState.RUNNING:
+            return t.ContainerStatus(
+                state=t.STATE_RUNNING, pid=info.pid, started_at_ns=info.started_at_ns, generation=generation
+            )
+        return t.ContainerStatus(
+            state=t.STATE_EXITED, exit_code=info.exit_code, started_at_ns=info.started_at_ns,
+            finished_at_ns=info.finished_at_ns, oom_killed=info.oom_killed, generation=generation,
+            message="OOM-killed" if info.oom_killed else "",
+        )
+
+    def _poke(self, cid: str) -> None:
+        event = self._wake.get(cid)
+        if event is None:
+            event = self._wake[cid] = asyncio.Event()
+            self._actors[cid] = asyncio.create_task(self._actor(cid, event))
+        event.set()
+        self._changed.set()
+
+    async def _actor(self, cid: str, wake: asyncio.Event) -> None:
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                try:
+                    done = await self._reconcile(cid)
+                except Exception:
+                    log.exception("reconciling %s", cid[:12])
+                    await asyncio.sleep(1)
+                    wake.set()
+                    continue
+                if done and not wake.is_set():
+                    return
+        finally:
+            if self._actors.get(cid) is asyncio.current_task():
+                del self._actors[cid]
+                del self._wake[cid]
+            self._changed.set()
+
+    async def _reconcile(self, cid: str) -> bool:
+        """One step towards the desired state. True when the container is gone for good."""
+        a = self.assignments.get(cid)
+        if a is None:
+            await self.executor.remove(cid)
+            self.info.pop(cid, None)
+            self._started.pop(cid, None)
+            (self._gen_dir / cid).unlink(missing_ok=True)
+            self.reporter.forget(cid)
+            return True
+        info = self.info.get(cid)
+        running = info is not None and info.state == ProcessState.RUNNING
+        if a.desired_state == t.DESIRED_RUNNING:
+            if running or self._started.get(cid, 0) >= a.generation:
+                return False
+            await self._start(cid, a)
+        elif running:
+            stopped = await self.executor.stop(cid, a.stop_timeout_s if a.stop_timeout_s > 0 else 10.0)
+            self._on_exit(stopped)
+        return False
+
+    async def _start(self, cid: str, a: t.Assignment) -> None:
+        t0 = time.perf_counter()
+        self.reporter.report(cid, t.ContainerStatus(state=t.STATE_PREPARING, generation=a.generation))
+        try:
+            image = await self.images.ensure(a.spec.image)
+            config = build_config(cid, a.spec, image)
+            await self.executor.create(config)
+            info = await self.executor.start(cid)
+        except (ImageError, ExecutorError) as exc:
+            self._mark_started(cid, a.generation)
+            self.reporter.report(
+                cid, t.ContainerStatus(state=t.STATE_FAILED, message=str(exc), generation=a.generation)
+            )
+            return
+        self._mark_started(cid, a.generation)
+        self.metrics.start_latency.observe(time.perf_counter() - t0)
+        exited = self.info.get(cid)
+        if exited is not None and exited.pid == info.pid and exited.state == ProcessState.EXITED:
+            info = exited  # it already finished while start returned
+        self.info[cid] = info
+        status = self._status_of(info, a.generation)
+        status.image_digest = image.digest
+        self.reporter.report(cid, status)
+
+    def _mark_started(self, cid: str, generation: int) -> None:
+        self._started[cid] = generation
+        (self._gen_dir / cid).write_text(str(generation))
+
+    # ---- exits ------------------------------------------------------------------------------------
+
+    def _on_exit(self, info: ContainerInfo) -> None:
+        self.info[info.id] = info
+        a = self.assignments.get(info.id)
+        if a is None:
+            return
+        self.reporter.report(info.id, self._status_of(info, self._started.get(info.id, a.generation)))
+        self._changed.set()
+
+    async def watch_exits(self) -> None:
+        async for info in self.executor.exits():
+            known = self.info.get(info.id)
+            if known is not None and known.pid and info.pid and known.pid != info.pid:
+                continue  # the exit of an earlier run
+            self._on_exit(info)
+
+    # ---- for the logs API -------------------------------------------------------------------------
+
+    def finished(self, cid: str) -> bool:
+        """True when the container will write no more output for its current run."""
+        a = self.assignments.get(cid)
+        if a is None:
+            return self._synced
+        sent = self.reporter.sent.get(cid)
+        if sent is None or sent.generation < a.generation:
+            return False
+        return sent.state in (t.STATE_EXITED, t.STATE_FAILED)
+
+    async def changed(self) -> None:
+        """Wait for any change of state (for followers of logs)."""
+        self._changed.clear()
+        await self._changed.wait()
