@@ -406,8 +406,7 @@ def up(
     leftovers += netns.cluster_namespaces(name) + netns.cluster_links(name)
     if leftovers:
         raise ClusterExistsError(
-            f"dev cluster {name!r} already exists ({', '.join(leftovers)}); "
-            f"run {_down_hint(name, state)} first"
+            f"dev cluster {name!r} already exists ({', '.join(leftovers)}); run {_down_hint(name, state)} first"
         )
     users = netns.subnet_users(net)
     if users:
@@ -676,9 +675,7 @@ def status_table(info: ClusterInfo) -> str:
         else:
             rows.append((f"host {host.name}", host.address, "-", "-", f"netns {host.netns}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    header = (
-        f"dev cluster {info.name!r}: subnet {info.subnet}, bridge {info.bridge}, state {info.state_dir}"
-    )
+    header = f"dev cluster {info.name!r}: subnet {info.subnet}, bridge {info.bridge}, state {info.state_dir}"
     body = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join([header, *body])
 

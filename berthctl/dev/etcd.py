@@ -77,14 +77,12 @@ def healthy(url: str) -> bool:
     return isinstance(body, dict) and body.get("health") == "true"
 
 
-def wait_healthy(
-    url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 30.0
-) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 30.0) -> None:
     """Poll /health until it answers; fail early if etcd exits."""
     deadline = time.monotonic() + timeout
     while not healthy(url):
         if proc.poll() is not None:
-            raise StartError(f"etcd exited with status {proc.returncode} while starting; read {log_path}")
+            raise StartError(f"etcd exited with status {proc.returncode} while starting", log_path)
         if time.monotonic() > deadline:
-            raise StartError(f"etcd did not become healthy at {url} within {timeout:.0f}s; read {log_path}")
+            raise StartError(f"etcd did not become healthy at {url} within {timeout:.0f}s", log_path)
         time.sleep(0.1)

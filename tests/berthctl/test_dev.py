@@ -1,0 +1,255 @@
+"""`berthctl dev`: up, status, down, and that down leaves nothing behind.
+
+These clusters use their own names and subnets so that they never collide with the session cluster
+(`btest`, 10.77.9.0/24) from conftest.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from berthctl.dev import ClusterExistsError, DevError, StartError
+from berthctl.dev import cluster as dev_cluster
+from berthctl.dev import etcd as dev_etcd
+
+# Runs the dev command through its own argparse wiring, whether or not the main CLI is there yet.
+DEV_CLI = "import sys; from berthctl.dev import main; sys.exit(main(sys.argv[1:]))"
+
+
+def dev_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", DEV_CLI, "dev", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "XDG_CONFIG_HOME": "/nonexistent-berth-test-config"},
+    )
+
+
+def connect(address: str, timeout: float = 10.0) -> None:
+    """TCP-connect to host:port, retrying until `timeout` (a listener may be a moment behind)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def connect_from_netns(ns: str, address: str) -> subprocess.CompletedProcess[str]:
+    """TCP-connect to `address` from inside network namespace `ns` (a child process enters it)."""
+    host, port = address.rsplit(":", 1)
+    code = (
+        "import socket, sys; from pyroute2 import netns; netns.setns(sys.argv[1], flags=0); "
+        "socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=5).close()"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, ns, host, port], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def _mountinfo() -> list[tuple[str, str]]:
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), left.split()[4])
+        mounts.append((point, right.split()[0]))
+    return mounts
+
+
+def leftovers(name: str, state_dir: Path) -> list[str]:
+    """Everything of dev cluster `name` still present on this machine, checked without berthctl's code."""
+    cdir = state_dir / name
+    found: list[str] = []
+    found += (
+        [f"netns {ns}" for ns in os.listdir("/var/run/netns") if ns.startswith(f"{name}-")]
+        if os.path.isdir("/var/run/netns")
+        else []
+    )
+    found += [f"link {ln}" for ln in os.listdir("/sys/class/net") if ln == f"bb-{name}" or ln.endswith(f"-{name}")]
+    me = os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == me:
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and re.search(re.escape(str(cdir)).encode() + rb"(?![\w.-])", cmdline):
+            args = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"process {pid}: {args}")
+    for point, fstype in _mountinfo():
+        if fstype in ("cgroup", "cgroup2") and os.path.exists(os.path.join(point, f"berth-{name}")):
+            found.append(f"cgroup {point}/berth-{name}")
+        if point == str(cdir) or point.startswith(f"{cdir}/"):
+            found.append(f"mount {point}")
+    if cdir.exists():
+        found.append(f"dir {cdir}")
+    return found
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def cleanup(state_dir: Path) -> Iterator[list[str]]:
+    """Names to `down` after the test whatever happened; the test appends to it."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        dev_cluster.down(name, state_dir)
+
+
+def check_status_json(info: dev_cluster.ClusterInfo, state_dir: Path, berth: bool) -> dict[str, object]:
+    res = dev_cli("status", "--name", info.name, "--state-dir", str(state_dir), "-o", "json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(res.stdout)
+    gw = str(info.gateway)
+    assert data["name"] == info.name
+    assert data["bridge"] == f"bb-{info.name}"
+    assert data["etcd"] == f"http://{gw}:2379"
+    assert data["registry"] == f"{gw}:5000"
+    assert data["controller"] == f"{gw}:7070"
+    assert data["controller_metrics"] == f"{gw}:7071"
+    roles = {p["role"]: p for p in data["processes"]}
+    expected = {"etcd", "registry"} | ({"controller"} | {f"agent-{h.name}" for h in info.hosts} if berth else set())
+    assert set(roles) == expected
+    assert all(p["alive"] and p["pid"] > 0 for p in roles.values()), roles
+    for i, host in enumerate(data["hosts"], start=1):
+        ip = str(ipaddress.IPv4Network(info.subnet)[10 + i])
+        assert host["name"] == f"host{i}"
+        assert host["netns"] == f"{info.name}-host{i}"
+        assert host["address"] == ip
+        assert host["agent_address"] == f"{ip}:7072"
+        assert host["metrics_address"] == f"{ip}:7073"
+        assert host["state_dir"] == str(state_dir / info.name / "hosts" / f"host{i}")
+    return data
+
+
+def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
+    """--no-berth: network, etcd and registry only."""
+    name = "bdinf"
+    cleanup.append(name)
+    info = dev_cluster.up(name, 2, "10.77.7.0/24", state_dir, infra_only=True, write_config=False)
+
+    check_status_json(info, state_dir, berth=False)
+    assert sorted(os.listdir("/var/run/netns")) >= [f"{name}-host1", f"{name}-host2"]
+    assert dev_etcd.healthy(info.etcd)
+    for host in info.hosts:
+        res = connect_from_netns(host.netns, f"{info.gateway}:2379")
+        assert res.returncode == 0, f"{host.netns} cannot reach etcd: {res.stderr}"
+        res = connect_from_netns(host.netns, info.registry)
+        assert res.returncode == 0, f"{host.netns} cannot reach the registry: {res.stderr}"
+    table = dev_cli("status", "--name", name, "--state-dir", str(state_dir))
+    assert table.returncode == 0 and "running" in table.stdout and f"{name}-host2" in table.stdout
+
+    # A second up on the same name refuses, says what to do, and leaves the first cluster alone.
+    with pytest.raises(ClusterExistsError, match=rf"already exists .*berthctl dev down --name {name}"):
+        dev_cluster.up(name, 2, "10.77.6.0/24", state_dir, infra_only=True, write_config=False)
+    res = dev_cli("up", "--name", name, "--state-dir", str(state_dir), "--subnet", "10.77.6.0/24", "--no-berth")
+    assert res.returncode == 1
+    assert f"run berthctl dev down --name {name} --state-dir {state_dir} first" in res.stdout
+    assert dev_etcd.healthy(info.etcd)
+
+    res = dev_cli("down", "--name", name, "--state-dir", str(state_dir))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert leftovers(name, state_dir) == []
+
+
+def test_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
+    """The whole cluster: controller and agents in their namespaces, every host NODE_READY."""
+    name = "bdev"
+    cleanup.append(name)
+    info = dev_cluster.up(name, 2, "10.77.8.0/24", state_dir, write_config=False)
+
+    check_status_json(info, state_dir, berth=True)
+    assert [h.netns for h in info.hosts] == [f"{name}-host1", f"{name}-host2"]
+    for ns in (h.netns for h in info.hosts):
+        assert os.path.exists(f"/var/run/netns/{ns}")
+    for host in info.hosts:
+        connect(host.agent_address)  # from the root namespace, through the bridge
+    connect(info.controller)
+
+    dev_cluster.down(name, state_dir)
+    assert leftovers(name, state_dir) == []
+
+
+def test_down_of_unknown_cluster_is_quiet(state_dir: Path) -> None:
+    res = dev_cli("down", "--name", "bnever", "--state-dir", str(state_dir))
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    dev_cluster.down("bnever", state_dir)
+
+
+def test_status_of_unknown_cluster(state_dir: Path) -> None:
+    res = dev_cli("status", "--name", "bnever", "--state-dir", str(state_dir))
+    assert res.returncode == 1
+    assert res.stdout.strip() == (
+        f"berthctl dev: no dev cluster 'bnever' under {state_dir}; start one with berthctl dev up"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "hosts", "subnet", "message"),
+    [
+        ("Bad_Name", 1, "10.77.5.0/24", "invalid cluster name 'Bad_Name'"),
+        ("averyveryverylongname", 1, "10.77.5.0/24", "too long for interface names"),
+        ("bbad", 0, "10.77.5.0/24", "--hosts must be between 1 and 99, not 0"),
+        ("bbad", 1, "10.77.5.0/29", "subnet 10.77.5.0/29 is too small for 1 hosts"),
+        ("bbad", 1, "10.77.5.1/24", "invalid --subnet '10.77.5.1/24'"),
+        ("bbad", 1, "nonsense", "invalid --subnet 'nonsense'"),
+    ],
+)
+def test_bad_input(state_dir: Path, name: str, hosts: int, subnet: str, message: str) -> None:
+    with pytest.raises(DevError, match=re.escape(message)):
+        dev_cluster.up(name, hosts, subnet, state_dir, infra_only=True, write_config=False)
+    assert leftovers(name, state_dir) == []
+    assert not state_dir.exists()
+
+
+def test_subnet_in_use(state_dir: Path, cleanup: list[str]) -> None:
+    cleanup.append("bdsub")
+    dev_cluster.up("bdsub", 1, "10.77.4.0/24", state_dir, infra_only=True, write_config=False)
+    with pytest.raises(DevError, match=re.escape("subnet 10.77.4.0/24 is already in use by bb-bdsub")):
+        dev_cluster.up("bdsub2", 1, "10.77.4.0/24", state_dir, infra_only=True, write_config=False)
+    assert leftovers("bdsub2", state_dir) == []
+
+
+def test_failure_half_way_tears_down_and_keeps_logs(
+    state_dir: Path, cleanup: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd dies at start: up removes the network it made and points at the kept etcd log."""
+    name = "bdfail"
+    cleanup.append(name)
+
+    def broken_etcd(host: str, data_dir: Path) -> list[str]:
+        return ["/bin/sh", "-c", "echo 'etcd: simulated start-up failure' >&2; exit 3"]
+
+    monkeypatch.setattr(dev_etcd, "command", broken_etcd)
+    with pytest.raises(StartError) as raised:
+        dev_cluster.up(name, 2, "10.77.3.0/24", state_dir, infra_only=True, write_config=False)
+    kept = state_dir / f"{name}.failed" / "etcd.log"
+    assert str(raised.value) == f"etcd exited with status 3 while starting; read {kept}"
+    assert "simulated start-up failure" in kept.read_text()
+    assert leftovers(name, state_dir) == []
+
+    dev_cluster.down(name, state_dir)
+    assert not kept.exists()
