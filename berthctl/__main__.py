@@ -1,0 +1,3 @@
+from berthctl.main import main
+
+main()
