@@ -111,8 +111,11 @@ def _fail(error: DevError) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    import time
+
     from berthctl.dev import cluster
 
+    started = time.monotonic()
     try:
         info = cluster.up(
             args.name,
@@ -127,7 +130,7 @@ def _up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("berthctl dev: interrupted; what was started has been removed", flush=True)
         return 130
-    print(cluster.usage(info), flush=True)
+    print(cluster.usage(info, time.monotonic() - started), flush=True)
     return 0
 
 
@@ -148,10 +151,18 @@ def _status(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     from berthctl.dev import cluster
 
+    said: list[str] = []
+
+    def say(msg: str) -> None:
+        said.append(msg)
+        print(msg, flush=True)
+
     try:
-        cluster.down(args.name, args.state_dir, progress=lambda msg: print(msg, flush=True))
+        cluster.down(args.name, args.state_dir, progress=say)
     except DevError as e:
         return _fail(e)
+    if said:  # quiet when there was nothing to remove
+        print(f"dev cluster {args.name!r} removed", flush=True)
     return 0
 
 

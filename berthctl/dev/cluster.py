@@ -459,7 +459,7 @@ def _bring_up(
     except DevError:
         raise
     except Exception as e:
-        raise StartError(f"the registry did not start at {info.registry}: {e}", reg_log) from e
+        raise StartError(f"the registry did not start at {info.registry}: {_first_line(e)}", reg_log) from e
     add(reg, _record("registry", reg, reg_log))
     seed_dir = cdir / "seed"
     try:
@@ -467,7 +467,7 @@ def _bring_up(
     except DevError:
         raise
     except Exception as e:
-        raise StartError(f"seeding the registry with busybox failed: {e}", reg_log) from e
+        raise StartError(f"seeding the registry with busybox failed: {_first_line(e)}", reg_log) from e
     shutil.rmtree(seed_dir, ignore_errors=True)
 
     if info.berth:
@@ -503,6 +503,12 @@ def _bring_up(
     if write_config:
         _write_config(info.controller)
     return info
+
+
+def _first_line(error: BaseException) -> str:
+    """An error's first line, without a trailing pointer to its log (we name the log ourselves)."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return lines[0].split("; log ")[0].rstrip(":")
 
 
 def _check_running(info: ClusterInfo, running: dict[str, subprocess.Popen[bytes]]) -> None:

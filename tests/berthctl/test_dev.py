@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,10 +120,10 @@ def cleanup(state_dir: Path) -> Iterator[list[str]]:
         dev_cluster.down(name, state_dir)
 
 
-def check_status_json(info: dev_cluster.ClusterInfo, state_dir: Path, berth: bool) -> dict[str, object]:
+def check_status_json(info: dev_cluster.ClusterInfo, state_dir: Path, berth: bool) -> dict[str, Any]:
     res = dev_cli("status", "--name", info.name, "--state-dir", str(state_dir), "-o", "json")
     assert res.returncode == 0, res.stdout + res.stderr
-    data = json.loads(res.stdout)
+    data: dict[str, Any] = json.loads(res.stdout)
     gw = str(info.gateway)
     assert data["name"] == info.name
     assert data["bridge"] == f"bb-{info.name}"
