@@ -1,0 +1,11 @@
+"""The agent's Linux container runtime: namespaces, cgroups, overlay rootfs, no runc underneath.
+
+    syscalls    every raw system call (ctypes), with the kernel's preconditions
+    cgroups     v1/v2 cgroups: limits, join, kill, OOM, remove
+    rootfs      the container's mounts, built inside its mount namespace, and pivot_root
+    spawn       fork -> cgroups -> unshare -> fork (PID 1) -> rootfs -> exec, errors over a pipe
+    state       the on-disk layout of the state dir, shared with the supervisor
+    linux       LinuxExecutor, the Executor the agent uses, talking to agent.supervisor
+
+agent.supervisor is the per-host process that runs spawn, reaps, writes logs and records exits.
+"""

@@ -1,0 +1,163 @@
+"""The on-disk state of the runtime, shared by the supervisor (writer of pid and exit files) and
+LinuxExecutor (writer of config and writable layer). One place for the layout:
+
+    <state-dir>/supervisor.sock       the supervisor's unix socket
+    <state-dir>/supervisor.pid        its pid
+    <state-dir>/supervisor.log        its stdout/stderr
+    <state-dir>/containers/<id>/
+        config.json                   ContainerConfig (written by create)
+        upper/ work/                  overlayfs writable layer and its work dir (kept until remove)
+        rootfs/                       mount point of the overlay, inside the container's mount ns only
+        container.log                 CRI-format log
+        state.json                    {"pid", "started_at_ns", "pid_start_time"} while running
+        exit.json                     {"exit_code", "started_at_ns", "finished_at_ns", "oom_killed"}
+
+JSON files are written to a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.executor import ContainerConfig, ContainerInfo, ProcessState
+
+
+@dataclass(frozen=True)
+class ContainerPaths:
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.json"
+
+    @property
+    def upper(self) -> Path:
+        return self.dir / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.dir / "work"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "container.log"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def exit(self) -> Path:
+        return self.dir / "exit.json"
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "supervisor.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "supervisor.pid"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.root / "supervisor.log"
+
+    @property
+    def containers(self) -> Path:
+        return self.root / "containers"
+
+    def container(self, container_id: str) -> ContainerPaths:
+        if not container_id or "/" in container_id or container_id in (".", ".."):
+            raise ValueError(f"invalid container id: {container_id!r}")
+        return ContainerPaths(self.containers / container_id)
+
+    def container_ids(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.containers.iterdir() if (p / "config.json").exists())
+        except FileNotFoundError:
+            return []
+
+
+def write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None if it does not exist."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def config_to_json(c: ContainerConfig) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "name": c.name,
+        "hostname": c.hostname,
+        "layers": [str(p) for p in c.layers],
+        "args": list(c.args),
+        "env": list(c.env),
+        "workdir": c.workdir,
+        "memory_bytes": c.memory_bytes,
+        "nano_cpus": c.nano_cpus,
+        "pids_limit": c.pids_limit,
+        "labels": dict(c.labels),
+    }
+
+
+def config_from_json(d: dict[str, Any]) -> ContainerConfig:
+    return ContainerConfig(
+        id=d["id"],
+        name=d["name"],
+        hostname=d["hostname"],
+        layers=tuple(Path(p) for p in d["layers"]),
+        args=tuple(d["args"]),
+        env=tuple(d["env"]),
+        workdir=d["workdir"],
+        memory_bytes=d["memory_bytes"],
+        nano_cpus=d["nano_cpus"],
+        pids_limit=d["pids_limit"],
+        labels=dict(d["labels"]),
+    )
+
+
+def info_to_json(i: ContainerInfo) -> dict[str, Any]:
+    return {
+        "id": i.id,
+        "state": i.state.value,
+        "pid": i.pid,
+        "exit_code": i.exit_code,
+        "started_at_ns": i.started_at_ns,
+        "finished_at_ns": i.finished_at_ns,
+        "oom_killed": i.oom_killed,
+    }
+
+
+def info_from_json(d: dict[str, Any]) -> ContainerInfo:
+    return ContainerInfo(
+        id=d["id"],
+        state=ProcessState(d["state"]),
+        pid=d["pid"],
+        exit_code=d["exit_code"],
+        started_at_ns=d["started_at_ns"],
+        finished_at_ns=d["finished_at_ns"],
+        oom_killed=d["oom_killed"],
+    )
