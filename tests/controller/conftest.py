@@ -1,0 +1,88 @@
+"""A real etcd and a real controller process on loopback, for tests of the controller alone (no hosts)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from berthctl.dev import etcd
+
+HOST = "127.0.0.77"
+
+
+@dataclass(frozen=True)
+class Controller:
+    address: str
+    metrics: str
+    etcd_url: str
+
+
+def etcd_keys(url: str, prefix: str = "/berth/") -> list[str]:
+    out = subprocess.run(
+        ["etcdctl", f"--endpoints={url}", "get", "--prefix", "--keys-only", prefix],
+        capture_output=True, text=True, check=True, env={**os.environ, "ETCDCTL_API": "3"},
+    ).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def wait_for(condition: object, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data = tmp_path_factory.mktemp("etcd")
+    log = data / "etcd.log"
+    proc = etcd.start(HOST, data / "data", log, dict(os.environ))
+    try:
+        etcd.wait_healthy(etcd.client_url(HOST), proc, log)
+        yield etcd.client_url(HOST)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def controller(etcd_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
+    log = tmp_path_factory.mktemp("controller") / "controller.log"
+    address, metrics = f"{HOST}:7070", f"{HOST}:7071"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "controller", "--etcd", etcd_url, "--listen", address,
+             "--metrics-listen", metrics, "--lease-ttl", "2"],
+            stdout=f, stderr=subprocess.STDOUT,
+        )
+    try:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        def serving() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"controller exited: {Path(log).read_text()}")
+            try:
+                with grpc.insecure_channel(address) as ch:
+                    reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.RpcError:
+                return False
+
+        wait_for(serving, 30, "the controller to serve")
+        yield Controller(address, metrics, etcd_url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
