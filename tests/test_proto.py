@@ -19,6 +19,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     committed = sorted(p.name for p in (ROOT / "berth" / "api").iterdir()
                        if p.is_file() and p.name != "__init__.py")
     assert fresh == committed, "generated files differ from berth/api: run scripts/genproto"
-    stale = [n for n in fresh if not filecmp.cmp(tmp_path / "berth" / "api" / n, ROOT / "berth" / "api" / n, shallow=False)]
+    generated, ours = tmp_path / "berth" / "api", ROOT / "berth" / "api"
+    stale = [n for n in fresh if not filecmp.cmp(generated / n, ours / n, shallow=False)]
     assert not stale, f"stale generated code {stale}: run scripts/genproto and commit the result"
     shutil.rmtree(tmp_path / "berth")

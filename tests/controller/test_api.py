@@ -28,7 +28,9 @@ def run_detached(control: control_pb2_grpc.ControlStub, **spec: object) -> t.Con
     return events[0].started
 
 
-def test_no_hosts_leaves_it_pending_with_the_reason(control: control_pb2_grpc.ControlStub, controller: Controller) -> None:
+def test_no_hosts_leaves_it_pending_with_the_reason(
+    control: control_pb2_grpc.ControlStub, controller: Controller
+) -> None:
     c = run_detached(control, name="lonely", image="busybox")
     assert c.status.state == t.STATE_PENDING
     assert c.pending_reason.startswith("no hosts")
