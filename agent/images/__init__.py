@@ -70,13 +70,21 @@ class StoreError(ImageError):
     """The local image store failed: disk full, permission denied, a damaged record."""
 
 
+# The store's public types, re-exported (imported last: those modules import the exceptions above).
+from agent.images.registry import RegistryConfig  # noqa: E402
+from agent.images.store import Image, ImageConfig, ImageStore  # noqa: E402
+
 __all__ = [
     "AuthenticationRequired",
     "DigestMismatch",
+    "Image",
+    "ImageConfig",
     "ImageError",
     "ImageNotFound",
+    "ImageStore",
     "InvalidLayer",
     "InvalidReference",
+    "RegistryConfig",
     "RegistryError",
     "RegistryUnreachable",
     "StoreError",
