@@ -23,6 +23,7 @@ This module stays import-light (the CLI imports it at start-up); the work is imp
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,15 +99,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _missing_subcommand(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        parser.print_usage()
-        print("berthctl dev: choose one of up, status, down")
+        parser.print_usage(sys.stderr)
+        print("berthctl dev: choose one of up, status, down", file=sys.stderr)
         return 2
 
     return run
 
 
 def _fail(error: DevError) -> int:
-    print(f"berthctl dev: {error}", flush=True)
+    print(f"berthctl: {error}", file=sys.stderr, flush=True)
     return 1
 
 
@@ -128,7 +129,7 @@ def _up(args: argparse.Namespace) -> int:
     except DevError as e:
         return _fail(e)
     except KeyboardInterrupt:
-        print("berthctl dev: interrupted; what was started has been removed", flush=True)
+        print("berthctl: interrupted; what was started has been removed", file=sys.stderr, flush=True)
         return 130
     print(cluster.usage(info, time.monotonic() - started), flush=True)
     return 0

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,10 @@ from berthctl.dev import ClusterExistsError, DevError, StartError
 from berthctl.dev import cluster as dev_cluster
 from berthctl.dev import etcd as dev_etcd
 
-# Runs the dev command through its own argparse wiring, whether or not the main CLI is there yet.
-DEV_CLI = "import sys; from berthctl.dev import main; sys.exit(main(sys.argv[1:]))"
-
 
 def dev_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", DEV_CLI, "dev", *args],
+        [sys.executable, "-m", "berthctl", "dev", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -160,6 +158,13 @@ def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
         assert res.returncode == 0, f"{host.netns} cannot reach etcd: {res.stderr}"
         res = connect_from_netns(host.netns, info.registry)
         assert res.returncode == 0, f"{host.netns} cannot reach the registry: {res.stderr}"
+    manifest = urllib.request.Request(
+        f"http://{info.registry}/v2/library/busybox/manifests/latest",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"},
+        method="HEAD",
+    )
+    with urllib.request.urlopen(manifest, timeout=5) as resp:
+        assert resp.status == 200, "the registry was not seeded with busybox"
     table = dev_cli("status", "--name", name, "--state-dir", str(state_dir))
     assert table.returncode == 0 and "running" in table.stdout and f"{name}-host2" in table.stdout
 
@@ -168,7 +173,7 @@ def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
         dev_cluster.up(name, 2, "10.77.6.0/24", state_dir, infra_only=True, write_config=False)
     res = dev_cli("up", "--name", name, "--state-dir", str(state_dir), "--subnet", "10.77.6.0/24", "--no-berth")
     assert res.returncode == 1
-    assert f"run berthctl dev down --name {name} --state-dir {state_dir} first" in res.stdout
+    assert f"run berthctl dev down --name {name} --state-dir {state_dir} first" in res.stderr
     assert dev_etcd.healthy(info.etcd)
 
     res = dev_cli("down", "--name", name, "--state-dir", str(state_dir))
@@ -203,8 +208,8 @@ def test_down_of_unknown_cluster_is_quiet(state_dir: Path) -> None:
 def test_status_of_unknown_cluster(state_dir: Path) -> None:
     res = dev_cli("status", "--name", "bnever", "--state-dir", str(state_dir))
     assert res.returncode == 1
-    assert res.stdout.strip() == (
-        f"berthctl dev: no dev cluster 'bnever' under {state_dir}; start one with berthctl dev up"
+    assert res.stderr.strip() == (
+        f"berthctl: no dev cluster 'bnever' under {state_dir}; start one with berthctl dev up"
     )
 
 
