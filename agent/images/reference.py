@@ -96,9 +96,9 @@ def parse(text: str) -> Reference:
     if not rest:
         raise _bad(text, "no repository name")
 
-    registry, _, path = rest.partition("/")
+    registry, sep, path = rest.partition("/")
     looks_like_host = "." in registry or ":" in registry or registry == "localhost"
-    if path and (looks_like_host or registry.lower() != registry):
+    if sep and (looks_like_host or registry.lower() != registry):
         if not _DOMAIN.fullmatch(registry):
             raise _bad(text, f"invalid registry host {registry!r}")
     else:

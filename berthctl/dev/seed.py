@@ -34,6 +34,7 @@ FIXED_CREATED = "2000-01-01T00:00:00Z"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 
 
@@ -141,16 +142,31 @@ def write_image(
         "layers": descriptors,
     }
     manifest_desc = {"mediaType": OCI_MANIFEST, **_put_blob(layout, _canonical(manifest))}
+    _set_tag(layout, tag, manifest_desc)
+    return str(manifest_desc["digest"])
+
+
+def _set_tag(layout: Path, tag: str, descriptor: Mapping[str, Any]) -> None:
     index_path = layout / "index.json"
-    index: dict[str, Any] = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                             "manifests": []}
+    index: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
     if index_path.exists():
         index = json.loads(index_path.read_text())
-    index["manifests"] = [
-        m for m in index["manifests"] if (m.get("annotations") or {}).get(REF_NAME) != tag
-    ] + [{**manifest_desc, "annotations": {REF_NAME: tag}}]
+    kept = [m for m in index["manifests"] if (m.get("annotations") or {}).get(REF_NAME) != tag]
+    index["manifests"] = [*kept, {**descriptor, "annotations": {REF_NAME: tag}}]
     index_path.write_bytes(_canonical(index))
-    return str(manifest_desc["digest"])
+
+
+def write_index(layout: Path, tag: str, manifests: Sequence[tuple[str, Mapping[str, str]]]) -> str:
+    """Tag, in `layout`, a multi-platform index of manifests already in it: (digest, platform) pairs, the
+    platform as {"os": ..., "architecture": ..., "variant": ...}. Returns the index digest."""
+    entries = []
+    for digest, plat in manifests:
+        size = (layout / "blobs" / "sha256" / digest.split(":", 1)[1]).stat().st_size
+        entries.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": size, "platform": dict(plat)})
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+    descriptor = {"mediaType": OCI_INDEX, **_put_blob(layout, _canonical(index))}
+    _set_tag(layout, tag, descriptor)
+    return str(descriptor["digest"])
 
 
 def busybox_entries() -> list[Entry]:
@@ -187,10 +203,14 @@ def build_busybox_layout(dest: Path, tag: str = "latest") -> None:
     write_image(dest, tag, [tar_layer(busybox_entries())], BUSYBOX_CONFIG)
 
 
-def push_layout(layout: Path, tag: str, registry: str, image: str = "library/busybox") -> None:
-    """Copy `layout`'s image `tag` to docker://<registry>/<image>:<tag>, over plain HTTP, digests kept."""
+def push_layout(
+    layout: Path, tag: str, registry: str, image: str = "library/busybox", *, all_platforms: bool = False
+) -> None:
+    """Copy `layout`'s image `tag` to docker://<registry>/<image>:<tag>, over plain HTTP, digests kept.
+    all_platforms: the tag is an index; copy it and every manifest it lists."""
     command = [
         SKOPEO, "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+        *(["--all"] if all_platforms else []),
         f"oci:{layout}:{tag}", f"docker://{registry}/{image}:{tag}",
     ]  # fmt: skip
     try:
