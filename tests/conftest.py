@@ -10,11 +10,14 @@ Tests run as root on a machine prepared by scripts/install-deps; nothing is skip
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from berthctl.dev import cluster as dev_cluster
 CLUSTER_NAME = "btest"
 CLUSTER_SUBNET = "10.77.9.0/24"
 CLUSTER_HOSTS = 3
+LOCK_DIR = Path(tempfile.gettempdir()) / "berth-test-locks"
 
 RunBerthctl = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -34,16 +38,50 @@ def cluster_state_dir() -> Path:
     return Path(tempfile.gettempdir()) / "berth-test-state"
 
 
+@contextmanager
+def exclusive(name: str, timeout: float = 240.0) -> Iterator[None]:
+    """Hold a machine-wide lock named `name` while dev clusters of that name are in use.
+
+    Test sessions started at the same time on one machine (several people, or CI and a person) would
+    otherwise tear down each other's clusters, which are global: namespaces, links and addresses. The
+    lock is an flock, so a session that dies releases it, and whoever takes it next may remove what
+    that session left behind.
+    """
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    path = LOCK_DIR / f"{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    holder = path.read_text().strip() or "unknown"
+                    raise RuntimeError(
+                        f"another test session (pid {holder}) has held {path} for {timeout:.0f}s; wait for it to finish"
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(scope="session")
 def cluster(cluster_state_dir: Path) -> Iterator[dev_cluster.ClusterInfo]:
     """A running 3-host dev cluster, shared by the session."""
-    # A previous run that was killed may have left this cluster behind.
-    dev_cluster.down(CLUSTER_NAME, cluster_state_dir)
-    try:
-        info = dev_cluster.up(CLUSTER_NAME, CLUSTER_HOSTS, CLUSTER_SUBNET, cluster_state_dir, write_config=False)
-        yield info
-    finally:
+    with exclusive(CLUSTER_NAME):
+        # Holding the lock, any cluster of this name was left by a session that died: remove it.
         dev_cluster.down(CLUSTER_NAME, cluster_state_dir)
+        # A failed up removes what it made itself and keeps its logs in <state-dir>/btest.failed.
+        info = dev_cluster.up(CLUSTER_NAME, CLUSTER_HOSTS, CLUSTER_SUBNET, cluster_state_dir, write_config=False)
+        try:
+            yield info
+        finally:
+            dev_cluster.down(CLUSTER_NAME, cluster_state_dir)
 
 
 def run_berthctl(

@@ -24,6 +24,7 @@ import pytest
 from berthctl.dev import ClusterExistsError, DevError, StartError
 from berthctl.dev import cluster as dev_cluster
 from berthctl.dev import etcd as dev_etcd
+from tests.conftest import exclusive
 
 
 def dev_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
@@ -102,6 +103,13 @@ def leftovers(name: str, state_dir: Path) -> list[str]:
     if cdir.exists():
         found.append(f"dir {cdir}")
     return found
+
+
+@pytest.fixture(autouse=True)
+def one_session_at_a_time() -> Iterator[None]:
+    """The clusters made here have fixed names; another test session on this machine must not share them."""
+    with exclusive("test_dev"):
+        yield
 
 
 @pytest.fixture
