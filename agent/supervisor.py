@@ -11,7 +11,7 @@ is `{"id": <same>, "ok": true, ...}` or `{"id": <same>, "ok": false, "error": {"
 one of not_found, start, bad_request, internal. Replies may come out of order (start and wait are answered
 when the event happens).
 
-    ping                                   -> {"pid": supervisor pid}
+    ping                                   -> {"pid": supervisor pid, "subscribers": n}
     start     {"container"}                -> {"info"}    after exec; kind "start" with the reason if it failed
     signal    {"container", "signal", "all"} -> {"info", "sent": bool}; all: every process of its cgroup
     wait      {"container", "timeout_s"}   -> {"info", "exited": bool}  when not running, or at the timeout
@@ -371,7 +371,7 @@ class Supervisor:
     # ----- operations -----
 
     def _op_ping(self, w: Waiter, req: dict[str, Any]) -> dict[str, Any]:
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "subscribers": sum(1 for c in self.conns if c.subscribed)}
 
     def _op_info(self, w: Waiter, req: dict[str, Any]) -> dict[str, Any]:
         return {"info": info_to_json(self._info(self._container_id(req)))}
