@@ -32,6 +32,7 @@ import contextlib
 import errno
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import shutil
@@ -63,7 +64,11 @@ class _Readable(Protocol):
 
 
 class _HashingReader:
-    """A read-only stream that hashes every byte that passes through it."""
+    """A forward-only, read-only stream that hashes every byte that passes through it.
+
+    tarfile is used in its seekable mode over this reader (its stream mode copies its whole buffer on every
+    header read): tarfile only ever seeks forward, and a forward seek is a read whose bytes are hashed and
+    dropped, so the hash still covers the whole stream."""
 
     def __init__(self, inner: _Readable) -> None:
         self._inner = inner
@@ -75,6 +80,24 @@ class _HashingReader:
         self.hash.update(data)
         self.size += len(data)
         return data
+
+    def tell(self) -> int:
+        return self.size
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        target = offset if whence == os.SEEK_SET else self.size + offset if whence == os.SEEK_CUR else -1
+        if target < self.size:
+            raise io.UnsupportedOperation(f"backward seek to {target} in a layer stream at {self.size}")
+        while self.size < target:
+            if not self.read(min(_CHUNK, target - self.size)):
+                break
+        return self.size
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
 
     def drain(self) -> None:
         while self.read(_CHUNK):
@@ -215,7 +238,10 @@ class _Unpacker:
             if base == OPAQUE_MARKER:
                 os.setxattr(parent_path, OPAQUE_XATTR, b"y")
             elif not base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):  # other .wh..wh.* is AUFS metadata
-                self.whiteout(os.path.join(parent_path, base[len(WHITEOUT_PREFIX) :]), member)
+                hidden = base[len(WHITEOUT_PREFIX) :]
+                if hidden in ("", ".", ".."):
+                    raise UnsafeLayer(f"layer entry {member.name!r} whites out {hidden!r}; refusing the layer")
+                self.whiteout(os.path.join(parent_path, hidden), member)
             return
 
         path = os.path.join(parent_path, base)
@@ -332,10 +358,10 @@ def unpack_layer(blob: Path, dest: Path, diff_id: str | None = None) -> None:
         with _decompressed(blob) as stream:
             reader = _HashingReader(stream)
             try:
-                with tarfile.open(fileobj=reader, mode="r|", bufsize=_CHUNK) as tar:  # type: ignore[call-overload]
+                with tarfile.open(fileobj=reader, mode="r:") as tar:  # type: ignore[call-overload]
                     while (member := tar.next()) is not None:
                         unpacker.add(tar, member)
-                        tar.members.clear()  # stream mode keeps every header otherwise
+                        tar.members.clear()  # tarfile keeps every header otherwise
                     reader.drain()
             except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as err:
                 if isinstance(err, OSError) and err.errno is not None:
