@@ -537,9 +537,10 @@ class Supervisor:
             self._reply_error(w, "start", message)
         for w in c.exit_waiters:
             self._reply(w, {"info": info_to_json(self._info(c.id)), "exited": True})
-        for w in c.remove_waiters:
+        if c.remove_waiters:
             self._forget(c.id)
-            self._reply(w, {})
+            for w in c.remove_waiters:
+                self._reply(w, {})
 
     def _on_started(self, c: Container) -> None:
         paths = self.sd.container(c.id)

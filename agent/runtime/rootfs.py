@@ -7,6 +7,7 @@ Named steps, in the order runc and rubber-docker use:
     mount_proc          a proc for the new pid namespace
     mount_dev           tmpfs /dev with null zero full random urandom tty, pts, shm, mqueue, std links
     mount_sys           read-only sysfs (of the new net namespace) and a read-only cgroup view
+    protect_kernel_paths  read-only /proc/sys & co., masked /proc/kcore & co. (Docker's defaults)
     pivot               pivot_root into rootfs and detach the old root
 
 Every mount lives in the container's mount namespace only, so the kernel undoes all of them when the last
@@ -95,6 +96,44 @@ def mount_dev(root: str) -> None:
     sc.mount("mqueue", f"{dev}/mqueue", "mqueue", _NOSUID_NODEV_NOEXEC)
 
 
+# As Docker's defaults: kernel interfaces a container has no business writing, or reading.
+READONLY_PATHS = ("proc/bus", "proc/fs", "proc/irq", "proc/sys", "proc/sysrq-trigger")
+MASKED_PATHS = (
+    "proc/acpi",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+    "sys/firmware",
+    "sys/devices/virtual/powercap",
+)
+
+
+def protect_kernel_paths(root: str) -> None:
+    """Bind READONLY_PATHS read-only onto themselves; hide MASKED_PATHS (a read-only empty tmpfs on a
+    directory, the container's /dev/null on a file). Paths this kernel lacks are skipped."""
+    ro = sc.MS_RDONLY | _NOSUID_NODEV_NOEXEC
+    for rel in READONLY_PATHS:
+        path = f"{root}/{rel}"
+        if not os.path.lexists(path):
+            continue
+        sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+        sc.mount(None, path, None, sc.MS_REMOUNT | sc.MS_BIND | ro)
+    for rel in MASKED_PATHS:
+        path = f"{root}/{rel}"
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            sc.mount("tmpfs", path, "tmpfs", ro, "size=0")
+        else:
+            sc.mount(f"{root}/dev/null", path, None, sc.MS_BIND)
+
+
 def mount_sys(plan: RootfsPlan) -> None:
     """Read-only sysfs. A sysfs mount shows the network devices of the mounter's network namespace and is
     refused (EPERM) when the caller lacks CAP_SYS_ADMIN over that namespace; then bind the host's /sys
@@ -150,6 +189,7 @@ def setup(plan: RootfsPlan) -> None:
         ("mount /proc", lambda: mount_proc(plan.rootfs)),
         ("mount /dev", lambda: mount_dev(plan.rootfs)),
         ("mount /sys", lambda: mount_sys(plan)),
+        ("protect /proc and /sys", lambda: protect_kernel_paths(plan.rootfs)),
         ("pivot_root", lambda: pivot(plan.rootfs)),
     )
     for name, step in steps:

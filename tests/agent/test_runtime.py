@@ -155,6 +155,74 @@ def test_hostname_net_and_mounts(supervised: Host) -> None:
     run(body())
 
 
+def test_capabilities_and_kernel_paths(supervised: Host) -> None:
+    async def body() -> None:
+        ex = supervised.executor()
+        try:
+            masked = next(p for p in ("/proc/timer_list", "/proc/keys", "/proc/kcore") if os.path.exists(p))
+            script = (
+                "grep CapBnd /proc/self/status;"
+                " (echo 1 > /proc/sys/kernel/ns_last_pid) 2>/dev/null && echo wrote-proc-sys;"
+                f" wc -c < {masked};"
+                " ls /sys/firmware;"
+                " touch /sys/x 2>/dev/null && echo wrote-sys;"
+                " echo end"
+            )
+            info = await run_to_exit(ex, supervised, "caps", "sh", "-c", script)
+            assert info.exit_code == 0
+            lines = stdout_lines(supervised, "caps")
+            assert lines[0].split() == ["CapBnd:", "00000000a80425fb"]  # Docker's default set
+            assert lines[1:] == ["0", "end"], supervised.log_text("caps")
+        finally:
+            await ex.remove("caps")
+            await ex.close()
+
+    run(body())
+
+
+def test_oom_kill_is_reported(supervised: Host) -> None:
+    async def body() -> None:
+        ex = supervised.executor()
+        try:
+            # dd holds one 64 MiB block in memory: over a 16 MiB limit the OOM killer takes it.
+            info = await run_to_exit(
+                ex, supervised, "oom", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1", memory_bytes=16 << 20
+            )
+            assert info.exit_code == 128 + signal.SIGKILL
+            assert info.oom_killed
+            assert (await ex.info("oom")).oom_killed
+        finally:
+            await ex.remove("oom")
+            await ex.close()
+
+    run(body())
+
+
+def test_concurrent_starts(supervised: Host) -> None:
+    async def body() -> None:
+        ex = supervised.executor()
+        ids = [f"par{i}" for i in range(8)]
+        try:
+            async with subscribed(ex) as exits:
+                for i, cid in enumerate(ids):
+                    await ex.create(supervised.config(cid, "sh", "-c", f"echo {cid}; exit {i}"))
+                infos = await asyncio.gather(*(ex.start(cid) for cid in ids))
+                assert len({i.pid for i in infos}) == len(ids)
+                got = {}
+                while len(got) < len(ids):
+                    ev = await asyncio.wait_for(exits.get(), 10)
+                    got[ev.id] = ev.exit_code
+            assert got == {cid: i for i, cid in enumerate(ids)}
+            for cid in ids:
+                assert stdout_lines(supervised, cid) == [cid]
+        finally:
+            for cid in ids:
+                await ex.remove(cid)
+            await ex.close()
+
+    run(body())
+
+
 def test_only_lo_in_net_namespace(supervised: Host) -> None:
     async def body() -> None:
         ex = supervised.executor()
