@@ -208,7 +208,7 @@ def test_concurrent_starts(supervised: Host) -> None:
                     await ex.create(supervised.config(cid, "sh", "-c", f"echo {cid}; exit {i}"))
                 infos = await asyncio.gather(*(ex.start(cid) for cid in ids))
                 assert len({i.pid for i in infos}) == len(ids)
-                got = {}
+                got: dict[str, int] = {}
                 while len(got) < len(ids):
                     ev = await asyncio.wait_for(exits.get(), 10)
                     got[ev.id] = ev.exit_code
