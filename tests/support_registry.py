@@ -6,8 +6,16 @@ Also small helpers to push extra images and to count the HTTP requests an ImageS
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.server
+import json
+import secrets
 import socket
+import subprocess
+import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from agent.images.registry import EventHook
-from berthctl.dev.registry import start_registry, stop_registry, storage_dir
+from berthctl.dev.registry import TokenAuth, start_registry, stop_registry, storage_dir
 from berthctl.dev.seed import Entry, busybox_entries, push_layout, seed_registry, tar_layer, write_image
 
 
@@ -89,3 +97,95 @@ class RequestLog:
 
     def clear(self) -> None:
         self.paths.clear()
+
+
+# -- a registry behind Distribution's token authentication ---------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A token service for Distribution's token auth: hands an RS256 JWT, signed with openssl by a
+    self-signed certificate (sent in the x5c header), to anyone for whatever scope they ask. Records the
+    scopes asked for."""
+
+    def __init__(self, tmp: Path, service: str, issuer: str) -> None:
+        self.service, self.issuer = service, issuer
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.key, self.cert = tmp / "token.key", tmp / "token.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
+             "-out", str(self.cert), "-days", "1", "-subj", "/CN=berth-test-token"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], check=True, capture_output=True
+        ).stdout
+        self._x5c = base64.b64encode(der).decode()
+        self.scopes: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                scopes = query.get("scope", [])
+                server.scopes.extend(scopes)
+                body = json.dumps({"token": server.token(scopes), "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return  # keep test output quiet; scopes are recorded above
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self._httpd.server_address[1]}/token"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def token(self, scopes: list[str]) -> str:
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        header = {"alg": "RS256", "typ": "JWT", "x5c": [self._x5c]}
+        claims = {
+            "iss": self.issuer, "sub": "", "aud": self.service, "exp": now + 300, "nbf": now - 60,
+            "iat": now, "jti": secrets.token_hex(8), "access": access,
+        }  # fmt: skip
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(), check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        return f"{signing_input}.{_b64url(signature)}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def running_token_registry(tmp: Path) -> Iterator[tuple[RegistryHandle, TokenServer]]:
+    """A registry that demands bearer tokens from a TokenServer, seeded with library/busybox:latest."""
+    tokens = TokenServer(tmp, service="berth-test-registry", issuer="berth-test-issuer")
+    try:
+        auth = TokenAuth(tokens.realm, tokens.service, tokens.issuer, tokens.cert)
+        address = f"127.0.0.1:{free_port()}"
+        log_path = tmp / "registry.log"
+        proc = start_registry(tmp / "registry", address, log_path, auth)
+        try:
+            registry = RegistryHandle(address, tmp / "registry", log_path, tmp / "work")
+            seed_registry(address, registry.work)
+            yield registry, tokens
+        finally:
+            stop_registry(proc)
+    finally:
+        tokens.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,17 @@ class RegistryStartError(RuntimeError):
     """The registry process did not come up; the message carries the tail of its log."""
 
 
+@dataclass(frozen=True)
+class TokenAuth:
+    """Distribution's token authentication: clients are sent to `realm` for a JWT signed by a certificate in
+    `rootcertbundle` (used by tests of the bearer-token flow)."""
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+
 def _log_tail(log_path: Path, lines: int = 20) -> str:
     try:
         text = log_path.read_text(errors="replace")
@@ -31,7 +43,7 @@ def _log_tail(log_path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
 
 
-def write_config(root: Path, listen: str) -> Path:
+def write_config(root: Path, listen: str, token_auth: TokenAuth | None = None) -> Path:
     """Write the Distribution config for `root` and `listen`; returns its path."""
     root.mkdir(parents=True, exist_ok=True)
     storage = root / "storage"
@@ -58,6 +70,16 @@ def write_config(root: Path, listen: str) -> Path:
         "  headers:\n"
         "    X-Content-Type-Options: [nosniff]\n"
     )
+    if token_auth is not None:
+        with config.open("a") as out:
+            out.write(
+                "auth:\n"
+                "  token:\n"
+                f"    realm: {q(token_auth.realm)}\n"
+                f"    service: {q(token_auth.service)}\n"
+                f"    issuer: {q(token_auth.issuer)}\n"
+                f"    rootcertbundle: {q(str(token_auth.rootcertbundle))}\n"
+            )
     return config
 
 
@@ -66,10 +88,14 @@ def storage_dir(root: Path) -> Path:
     return root / "storage"
 
 
-def start_registry(root: Path, listen: str, log_path: Path) -> subprocess.Popen[bytes]:
-    """Start docker-registry serving `root` on `listen` (host:port); returns once GET /v2/ answers 200.
-    Raises RegistryStartError with the log tail if it exits or does not answer within the deadline."""
-    config = write_config(root, listen)
+def start_registry(
+    root: Path, listen: str, log_path: Path, token_auth: TokenAuth | None = None
+) -> subprocess.Popen[bytes]:
+    """Start docker-registry serving `root` on `listen` (host:port); returns once GET /v2/ answers (200, or
+    401 with token auth). Raises RegistryStartError with the log tail if it exits or does not answer within
+    the deadline."""
+    config = write_config(root, listen, token_auth)
+    ready = {200, 401} if token_auth is not None else {200}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -92,7 +118,7 @@ def start_registry(root: Path, listen: str, log_path: Path) -> subprocess.Popen[
                 )
             try:
                 response = client.get(url)
-                if response.status_code == 200:
+                if response.status_code in ready:
                     return proc
                 last = f"HTTP {response.status_code}"
             except httpx.TransportError as err:

@@ -26,7 +26,14 @@ from agent.images.registry import RegistryConfig, host_platform
 from agent.images.store import ImageStore
 from agent.images.unpack import unpack_layer
 from berthctl.dev.seed import Entry, gzip_layer, push_layout, tar_layer, write_image, write_index
-from tests.support_registry import RegistryHandle, RequestLog, busybox_base, free_port, running_registry
+from tests.support_registry import (
+    RegistryHandle,
+    RequestLog,
+    busybox_base,
+    free_port,
+    running_registry,
+    running_token_registry,
+)
 
 NOT_FOUND = "image not found: {} (the registry has no such repository or tag; check the name, or push the image first)"
 
@@ -457,3 +464,19 @@ def test_unpack_checks_diff_id_and_compression(tmp_path: Path) -> None:
         unpack_layer(garbage, tmp_path / "layers" / "garbage")
     assert "not a readable tar archive" in str(caught.value)
     assert os.listdir(tmp_path / "layers") == []
+
+
+def test_bearer_token_is_fetched_once_and_reused(tmp_path: Path) -> None:
+    with running_token_registry(tmp_path / "auth") as (registry, tokens):
+        tokens.scopes.clear()  # forget the seeding push
+        requests = RequestLog()
+        store = ImageStore(tmp_path / "store", RegistryConfig(), event_hooks=requests.hooks())
+        image = asyncio.run(store.pull(f"{registry.address}/library/busybox"))
+        assert (image.layers[0] / "bin" / "busybox").is_file()
+        assert tokens.scopes == ["repository:library/busybox:pull"]  # one token, reused for every blob
+        token_requests = [p for p in requests.paths if p == "/token"]
+        assert len(token_requests) == 1
+        # manifest (401, then with the token), config blob, layer blob
+        assert [p.split("/")[-2] for p in requests.paths if p.startswith("/v2/")] == [
+            "manifests", "manifests", "blobs", "blobs",
+        ]  # fmt: skip
