@@ -3,8 +3,8 @@ writes their logs and records their exits. It is separate from the agent so cont
 (kill -9 of the agent leaves them running), and it is one process for all containers, not one per container.
 
 Single-threaded selectors loop over: the unix socket `<state-dir>/supervisor.sock`, every container's stdout
-and stderr pipe, each starting container's error pipe, pidfds of containers adopted after a restart, and a
-signal wakeup fd (SIGCHLD -> waitpid(-1, WNOHANG)).
+and stderr FIFO (a restarted supervisor reopens them by path), each starting container's error pipe, pidfds
+of containers adopted after a restart, and a signal wakeup fd (SIGCHLD -> waitpid(-1, WNOHANG)).
 
 Protocol: newline-delimited JSON on the unix socket. A request is `{"id": <int>, "op": <str>, ...}`; its reply
 is `{"id": <same>, "ok": true, ...}` or `{"id": <same>, "ok": false, "error": {"kind": K, "message": M}}` with K
@@ -26,7 +26,8 @@ when the event happens).
 info is agent.runtime.state.info_to_json(ContainerInfo). Logs go to `<state-dir>/containers/<id>/container.log`
 in CRI format; exits to exit.json, the running pid to state.json (see agent.runtime.state). On start the
 supervisor reloads state.json files: a container whose process still runs is adopted (watched through a
-pidfd; its exit code is then unknown and recorded as 255), one whose process is gone gets an exit recorded.
+pidfd; its exit code is then unknown and recorded as 255; its output FIFOs are reopened, so its log goes on),
+one whose process is gone gets an exit recorded.
 
 Run: `python -m agent.supervisor --state-dir DIR --cgroup-parent PATH [--detach]`.
 """
@@ -195,6 +196,13 @@ class Supervisor:
                 continue
             log.info("container %s: adopted running pid %d", cid, c.pid)
             self.sel.register(c.pidfd, selectors.EVENT_READ, lambda _ev, c=c: self._on_pidfd(c))
+            for fifo, stream in ((paths.stdout_fifo, "stdout"), (paths.stderr_fifo, "stderr")):
+                try:
+                    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                except OSError as e:
+                    log.warning("container %s: reopen %s: %s; its %s is lost", cid, fifo, e, stream)
+                    continue
+                self._watch_output(c, fd, stream)
 
     # ----- loop -----
 
@@ -471,6 +479,8 @@ class Supervisor:
                 cgroup_v1_mounts=v1_mounts,
             ),
             cgroup_procs=tuple(cg.procs_files()),
+            stdout_fifo=str(paths.stdout_fifo),
+            stderr_fifo=str(paths.stderr_fifo),
         )
         started = time.time_ns()
         try:
@@ -489,11 +499,14 @@ class Supervisor:
         self.by_pid[c.pid] = c
         os.set_blocking(c.error_fd, False)
         self.sel.register(c.error_fd, selectors.EVENT_READ, lambda _ev: self._on_error_pipe(c))
-        for fd, stream in ((spawned.stdout_fd, "stdout"), (spawned.stderr_fd, "stderr")):
-            os.set_blocking(fd, False)
-            c.pipes[fd] = stream
-            self.sel.register(fd, selectors.EVENT_READ, lambda _ev, fd=fd: self._on_pipe(c, fd))
+        self._watch_output(c, spawned.stdout_fd, "stdout")
+        self._watch_output(c, spawned.stderr_fd, "stderr")
         return None
+
+    def _watch_output(self, c: Container, fd: int, stream: str) -> None:
+        os.set_blocking(fd, False)
+        c.pipes[fd] = stream
+        self.sel.register(fd, selectors.EVENT_READ, lambda _ev: self._on_pipe(c, fd))
 
     def _forget_fds(self, c: Container) -> None:
         for fd in list(c.pipes):

@@ -48,6 +48,9 @@ class SpawnSpec:
     rootfs: rfs.RootfsPlan
     # cgroup.procs files the process joins before unsharing its cgroup namespace.
     cgroup_procs: tuple[str, ...]
+    # FIFOs for stdout and stderr (see open_output).
+    stdout_fifo: str
+    stderr_fifo: str
 
 
 @dataclass(frozen=True)
@@ -93,13 +96,36 @@ def find_executable(name: str, path: str) -> str:
     raise SpawnError(f"executable file not found in $PATH: {name}")
 
 
+def open_output(fifo: str) -> tuple[int, int]:
+    """(read end, write end) of a container's output FIFO, created if missing.
+
+    The container gets the FIFO opened read-write, not a pipe: it then never sees EPIPE (nor dies of
+    SIGPIPE) while no supervisor reads, e.g. across a supervisor restart; at worst it blocks once the FIFO
+    is full, until a new supervisor reopens the FIFO by its path and drains it. The read end is
+    non-blocking and reaches EOF once every process of the container has exited."""
+    with contextlib.suppress(FileExistsError):
+        os.mkfifo(fifo, 0o600)
+    w = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        r = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        os.close(w)
+        raise
+    return r, w
+
+
 def spawn(spec: SpawnSpec) -> Spawned:
     """Fork the container; see the module docstring. Raises SpawnError if the intermediate process failed
     (cgroup join, unshare, fork); later failures arrive on error_fd."""
     if not spec.args:
         raise SpawnError("no command given")
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+    out_r, out_w = open_output(spec.stdout_fifo)
+    try:
+        err_r, err_w = open_output(spec.stderr_fifo)
+    except OSError:
+        os.close(out_r)
+        os.close(out_w)
+        raise
     fail_r, fail_w = os.pipe()
     pid_r, pid_w = os.pipe()
     devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)

@@ -9,6 +9,7 @@ LinuxExecutor (writer of config and writable layer). One place for the layout:
         upper/ work/                  overlayfs writable layer and its work dir (kept until remove)
         rootfs/                       mount point of the overlay, inside the container's mount ns only
         container.log                 CRI-format log
+        stdout.fifo stderr.fifo       the container's output, read by the supervisor (survive its restart)
         state.json                    {"pid", "started_at_ns", "pid_start_time"} while running
         exit.json                     {"exit_code", "started_at_ns", "finished_at_ns", "oom_killed"}
 
@@ -49,6 +50,14 @@ class ContainerPaths:
     @property
     def log(self) -> Path:
         return self.dir / "container.log"
+
+    @property
+    def stdout_fifo(self) -> Path:
+        return self.dir / "stdout.fifo"
+
+    @property
+    def stderr_fifo(self) -> Path:
+        return self.dir / "stderr.fifo"
 
     @property
     def state(self) -> Path:

@@ -442,19 +442,27 @@ def test_executor_starts_a_detached_supervisor_and_reuses_it(host: Host) -> None
 
 
 def test_supervisor_restart_adopts_running_container(supervised: Host) -> None:
+    """A killed supervisor leaves containers running; its successor adopts them and keeps their logs: the
+    container writes all along (into its FIFO, no SIGPIPE) and no line is lost."""
+    script = "trap 'echo bye; exit 0' TERM; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.01; done"
+
+    def ticks() -> list[int]:
+        return [int(line.split()[1]) for line in stdout_lines(supervised, "adopt") if line.startswith("tick ")]
+
     async def start() -> int:
         ex = supervised.executor()
         try:
-            await ex.create(supervised.config("adopt", "sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.05; done"))
+            await ex.create(supervised.config("adopt", "sh", "-c", script))
             return (await ex.start("adopt")).pid
         finally:
             await ex.close()
 
     pid = run(start())
+    wait_for(lambda: len(ticks()) >= 3, what="first ticks")
     assert supervised.supervisor is not None
     supervised.supervisor.kill()
     supervised.supervisor.wait()
-    assert pid in supervised.container_pids()
+    before = ticks()[-1]
     start_supervisor(supervised)
 
     async def check() -> None:
@@ -462,9 +470,13 @@ def test_supervisor_restart_adopts_running_container(supervised: Host) -> None:
         try:
             info = await ex.info("adopt")
             assert info.state is ProcessState.RUNNING and info.pid == pid
+            wait_for(lambda: ticks()[-1] > before + 3, what="ticks after the restart")
             stopped = await ex.stop("adopt", timeout_s=10)
             assert stopped.state is ProcessState.EXITED
             assert not supervised.container_pids()
+            got = ticks()
+            assert got == list(range(1, len(got) + 1)), "log lines lost across the restart"
+            assert stdout_lines(supervised, "adopt")[-1] == "bye"
         finally:
             await ex.remove("adopt")
             await ex.close()
