@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -122,6 +123,21 @@ class ImageStore:
             raise StoreError(f"cannot create the image store in {root}: {err}") from err
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._inflight: dict[str, asyncio.Task[Image]] = {}
+        self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
+        """Drop what a crashed pull left: temporaries are never used again. (One store object per root: the
+        agent's; a second one opened while a pull runs would delete that pull's temporaries.)"""
+        try:
+            for directory in (self._blobs, self._layers, self._refs):
+                for leftover in directory.glob(".*"):
+                    if leftover.name.startswith((".download-", ".unpack-", ".tmp-")):
+                        if leftover.is_dir() and not leftover.is_symlink():
+                            shutil.rmtree(leftover)
+                        else:
+                            leftover.unlink()
+        except OSError as err:
+            raise StoreError(f"cannot clean the image store {self.root}: {err}") from err
 
     # -- paths and records ---------------------------------------------------------------------------------
 
@@ -187,8 +203,13 @@ class ImageStore:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._pull(parsed))
             self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            task.add_done_callback(lambda done: self._pulled(key, done))
         return await asyncio.shield(task)
+
+    def _pulled(self, key: str, task: asyncio.Task[Image]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have been cancelled; the error reached any other
 
     def list(self) -> list[Image]:
         """Every image recorded in the store (tagged and by-digest references alike)."""

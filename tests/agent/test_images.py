@@ -159,11 +159,16 @@ def test_second_pull_does_no_network_work(registry: RegistryHandle, tmp_path: Pa
     assert requests.blobs() == []  # pull re-resolves the tag, downloads nothing
     assert requests.paths == ["/v2/library/busybox/manifests/latest"]
 
-    # A fresh store object over the same directory finds the image on disk.
+    # A fresh store object over the same directory finds the image on disk, and drops what a crashed pull
+    # left behind.
+    (tmp_path / "store" / "layers" / "sha256" / ".unpack-crashed").mkdir()
+    (tmp_path / "store" / "blobs" / "sha256" / ".download-crashed").write_bytes(b"partial")
     requests.clear()
     reopened = ImageStore(tmp_path / "store", mirrored(registry), event_hooks=requests.hooks())
     assert asyncio.run(reopened.ensure("docker.io/library/busybox:latest")) == first
     assert requests.paths == []
+    assert not list((tmp_path / "store" / "layers" / "sha256").glob(".*"))
+    assert not list((tmp_path / "store" / "blobs" / "sha256").glob(".*"))
 
 
 def test_shared_base_layer_is_downloaded_once(registry: RegistryHandle, tmp_path: Path) -> None:
@@ -405,7 +410,8 @@ def test_escaping_entries_refuse_the_layer(tmp_path: Path) -> None:
         "dotdot-inside": [Entry("a/", "dir", mode=0o755), Entry("a/../../victim/y", data=b"y\n")],
         "hardlink-out": [Entry("h", "hardlink", target="../../victim/secret")],
         "whiteout-dotdot": [Entry("a/", "dir", mode=0o755), Entry("a/.wh...", data=b"")],
-        "whiteout-dot": [Entry("a/", "dir", mode=0o755), Entry("a/.wh.", data=b"")],
+        "whiteout-empty": [Entry("a/", "dir", mode=0o755), Entry("a/.wh.", data=b"")],
+        "whiteout-dot": [Entry("a/", "dir", mode=0o755), Entry("a/.wh..", data=b"")],
     }
     for name, entries in cases.items():
         before = tree(tmp_path)
