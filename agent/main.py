@@ -108,12 +108,14 @@ async def serve(args: argparse.Namespace) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     logging.getLogger("berth.agent").info("agent %s listening on %s", args.name, args.listen)
 
-    tasks = [asyncio.create_task(session.run()), asyncio.create_task(worker.watch_exits())]
+    tasks: list[asyncio.Task[object]] = [
+        asyncio.create_task(session.run()), asyncio.create_task(worker.watch_exits())
+    ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.create_task(stop.wait())
+    waiter: asyncio.Task[object] = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         task.cancel()

@@ -140,10 +140,10 @@ def test_namespaces_hostname_and_memory_limit(
     assert "iso" in lines
     interfaces = [line.split(":")[0].strip() for line in lines if ":" in line and "|" not in line]
     assert interfaces == ["lo"]
-    # Namespaces differ from the host's for pid, mnt, uts, ipc and net.
+    # Namespaces differ from the test process's (the host's) for pid, mnt, uts, ipc and net.
     pid = c["pid"]
     for ns in ("pid", "mnt", "uts", "ipc", "net"):
-        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/1/ns/{ns}"), ns
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
     # Its memory cgroup carries the limit asked for.
     limit = Path(f"/sys/fs/cgroup/memory/berth-{cluster.name}/{c['node']}/{c['id']}/memory.limit_in_bytes")
     assert int(limit.read_text()) == 64 << 20

@@ -1,0 +1,103 @@
+"""How fast `run` is, end to end, on a 3-host dev cluster, against podman on the same host and image.
+
+(a) API: from the Run call on a warm gRPC client to the container seen running (p50, p99 over N runs).
+(b) CLI: wall time of the whole `berthctl run --rm busybox true` against `podman run --rm IMAGE true` of
+    the same image (pulled by podman from the dev cluster's registry), alternating, N runs each.
+
+Prints one last line: RESULT {"api_p50_ms", "api_p99_ms", "cli_ms", "podman_ms", "ratio"} (medians;
+ratio = cli / podman).
+
+    sudo .venv/bin/python bench/run_latency.py [--runs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from berth.api import control_pb2, control_pb2_grpc  # noqa: E402
+from berth.api import types_pb2 as t  # noqa: E402
+from berth.rpc import sync_channel  # noqa: E402
+from berthctl.dev import cluster as dev  # noqa: E402
+
+NAME, SUBNET = "bbench", "10.77.7.0/24"
+PODMAN_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def api_latency(controller: str, runs: int) -> list[float]:
+    stub = control_pb2_grpc.ControlStub(sync_channel(controller))
+    stub.ListNodes(control_pb2.ListNodesRequest())  # warm the channel
+    samples = []
+    for i in range(runs + 3):
+        spec = t.ContainerSpec(name=f"lat{i}", image="busybox", command=["sleep", "1000"])
+        t0 = time.perf_counter()
+        events = list(stub.Run(control_pb2.RunRequest(spec=spec)))
+        elapsed = time.perf_counter() - t0
+        assert events and events[0].started.status.state == t.STATE_RUNNING, events
+        if i >= 3:  # the first runs pull the image onto each host
+            samples.append(elapsed * 1000)
+        stub.Remove(control_pb2.RemoveRequest(ref=f"lat{i}", force=True))
+    return samples
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return (time.perf_counter() - t0) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args()
+    if shutil.which("podman") is None:
+        sys.exit("podman is not installed: apt-get install podman (scripts/install-deps does)")
+    state = Path(tempfile.mkdtemp(prefix="berth-bench-"))
+    dev.down(NAME, state)
+    info = dev.up(NAME, 3, SUBNET, state, write_config=False)
+    try:
+        api = api_latency(info.controller, args.runs)
+        image = f"{info.registry}/library/busybox:latest"
+        subprocess.run(["podman", "pull", "--tls-verify=false", "-q", image], check=True,
+                       stdout=subprocess.DEVNULL)
+        env = {**os.environ, "BERTH_CONTROLLER": info.controller}
+        berthctl = [str(Path(sys.executable).parent / "berthctl"), "run", "--rm", "busybox", "true"]
+        podman = ["podman", "run", "--rm", *PODMAN_FLAGS, image, "true"]
+        timed(berthctl, env), timed(podman, env)  # warm both
+        cli, pod = [], []
+        for _ in range(args.runs):
+            cli.append(timed(berthctl, env))
+            pod.append(timed(podman, env))
+    finally:
+        dev.down(NAME, state)
+        shutil.rmtree(state, ignore_errors=True)
+    result = {
+        "runs": args.runs,
+        "api_p50_ms": round(statistics.median(api), 1),
+        "api_p99_ms": round(percentile(api, 99), 1),
+        "cli_ms": round(statistics.median(cli), 1),
+        "podman_ms": round(statistics.median(pod), 1),
+    }
+    result["ratio"] = round(result["cli_ms"] / result["podman_ms"], 3)
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
