@@ -4,6 +4,7 @@ unpacker against real overlayfs. Runs as root."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import subprocess
@@ -255,8 +256,6 @@ def test_unreachable_registry(tmp_path: Path) -> None:
 def test_corrupt_blob_is_refused_and_leaves_nothing(registry: RegistryHandle, tmp_path: Path) -> None:
     layout = registry.push("team/corrupt", "1", [[Entry("data.bin", data=os.urandom(200_000))]])
     manifest_digest = _tag_digest(layout, "1")
-    import json
-
     manifest = json.loads((layout / "blobs" / "sha256" / manifest_digest.split(":")[1]).read_bytes())
     layer_digest = manifest["layers"][0]["digest"]
     stored = registry.blob_data_path(layer_digest)
@@ -277,8 +276,6 @@ def test_corrupt_blob_is_refused_and_leaves_nothing(registry: RegistryHandle, tm
 
 
 def _tag_digest(layout: Path, tag: str) -> str:
-    import json
-
     index = json.loads((layout / "index.json").read_text())
     for entry in index["manifests"]:
         if entry["annotations"]["org.opencontainers.image.ref.name"] == tag:
@@ -309,6 +306,22 @@ def test_multi_platform_index_picks_this_host(registry: RegistryHandle, tmp_path
     assert image.digest == index  # the reference's digest is the index's, as in Docker's RepoDigests
     assert (image.layers[0] / "arch").read_text() == "native\n"
     assert store.get(f"{registry.address}/team/multi@{index}") is not None
+
+    # The same as a Docker manifest list of Docker schema 2 manifests (skopeo converts).
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--all", "--format", "v2s2", "--dest-tls-verify=false",
+         f"oci:{layout}:multi", f"docker://{registry.address}/team/multi-docker:multi"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    docker = asyncio.run(store.pull(f"{registry.address}/team/multi-docker:multi"))
+    assert docker.digest != index
+    assert (docker.layers[0] / "arch").read_text() == "native\n"
+    media_types = {
+        json.loads(blob.read_bytes()).get("mediaType")
+        for blob in (tmp_path / "store" / "blobs" / "sha256").iterdir()
+        if blob.stat().st_size < 4096 and blob.read_bytes().startswith(b"{")
+    }
+    assert "application/vnd.docker.distribution.manifest.v2+json" in media_types
 
     with pytest.raises(UnsupportedImage) as caught:
         asyncio.run(store.pull(f"{registry.address}/team/multi:other"))
