@@ -1,4 +1,4 @@
-"""Unpack one image layer (a tar, plain or gzip/bzip2/xz compressed) into a directory that overlayfs can use
+"""Unpack one image layer (a tar, plain or gzip/zstd/bzip2/xz compressed) into a directory that overlayfs can use
 as a lower layer.
 
 The layer is unpacked into a private temporary directory beside the destination and renamed into place only
@@ -32,17 +32,19 @@ import contextlib
 import errno
 import gzip
 import hashlib
+import importlib
 import io
 import lzma
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from agent.images import DigestMismatch, InvalidLayer, StoreError, UnsafeLayer
 
@@ -105,6 +107,39 @@ class _HashingReader:
 
 
 @contextlib.contextmanager
+def _zstd(blob: Path) -> Iterator[_Readable]:
+    """zstd: the standard library's (Python >= 3.14), else the zstd program through a pipe, else an error."""
+    try:
+        module: Any = importlib.import_module("compression.zstd")
+    except ImportError:
+        module = None
+    if module is not None:
+        with module.open(blob, "rb") as stream:
+            yield stream
+        return
+    program = shutil.which("zstd")
+    if program is None:
+        raise InvalidLayer(
+            "zstd-compressed layers need Python 3.14's compression.zstd or the zstd program "
+            "(apt-get install zstd) on this host; or push the image with gzip layers"
+        )
+    proc = subprocess.Popen(
+        [program, "-d", "-c", "-q", "--", str(blob)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        yield proc.stdout
+        proc.stdout.read()  # to the end, so the exit status says whether the whole blob decompressed
+    finally:
+        proc.stdout.close()  # if we stopped early, zstd gets EPIPE and exits
+        errors = proc.stderr.read().decode(errors="replace").strip()
+        proc.stderr.close()
+        code = proc.wait()
+    if code != 0:
+        raise InvalidLayer(f"zstd could not decompress layer {blob.name}: {errors or f'exit status {code}'}")
+
+
+@contextlib.contextmanager
 def _decompressed(blob: Path) -> Iterator[_Readable]:
     """The blob's uncompressed bytes, whatever the compression (sniffed from the magic number)."""
     with contextlib.ExitStack() as stack:
@@ -115,10 +150,7 @@ def _decompressed(blob: Path) -> Iterator[_Readable]:
         if magic.startswith(_GZIP_MAGIC):
             stream = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
         elif magic.startswith(_ZSTD_MAGIC):
-            raise InvalidLayer(
-                "zstd-compressed layers are not supported by this agent yet (Python 3.14's compression.zstd "
-                "is needed); push the image with gzip layers"
-            )
+            stream = stack.enter_context(_zstd(blob))
         elif magic.startswith(_BZIP2_MAGIC):
             stream = stack.enter_context(bz2.BZ2File(raw, mode="rb"))
         elif magic.startswith(_XZ_MAGIC):

@@ -4,6 +4,7 @@ unpacker against real overlayfs. Runs as root."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import stat
@@ -471,18 +472,25 @@ def test_unpack_checks_diff_id_and_compression(tmp_path: Path) -> None:
     assert "does not match its diff_id" in str(mismatch.value)
     assert os.listdir(tmp_path / "layers") == []
 
+    # zstd (through the zstd program on Python < 3.14), checked against the same diff_id.
     zstd = tmp_path / "zstd"
-    zstd.write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 64)
+    zstd.write_bytes(subprocess.run(["zstd", "-c", "-q"], input=tar, capture_output=True, check=True).stdout)
+    unpack_layer(zstd, tmp_path / "layers" / "zstd", "sha256:" + hashlib.sha256(tar).hexdigest())
+    assert (tmp_path / "layers" / "zstd" / "x").read_text() == "x\n"
+
+    bad_zstd = tmp_path / "bad-zstd"
+    bad_zstd.write_bytes(b"\x28\xb5\x2f\xfd" + b"\xff" * 64)
     with pytest.raises(InvalidLayer) as caught:
-        unpack_layer(zstd, tmp_path / "layers" / "zstd")
-    assert "zstd" in str(caught.value)
+        unpack_layer(bad_zstd, tmp_path / "layers" / "bad-zstd")
+    assert "not a readable tar archive" in str(caught.value)
+    assert os.listdir(tmp_path / "layers") == ["zstd"]
 
     garbage = tmp_path / "garbage"
     garbage.write_bytes(b"\x1f\x8b" + b"not really gzip" * 10)
     with pytest.raises(InvalidLayer) as caught:
         unpack_layer(garbage, tmp_path / "layers" / "garbage")
     assert "not a readable tar archive" in str(caught.value)
-    assert os.listdir(tmp_path / "layers") == []
+    assert os.listdir(tmp_path / "layers") == ["zstd"]
 
 
 def test_bearer_token_is_fetched_once_and_reused(tmp_path: Path) -> None:
