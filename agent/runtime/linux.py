@@ -31,7 +31,7 @@ from agent.executor import (
     ProcessState,
     StartError,
 )
-from agent.runtime.state import StateDir, config_to_json, info_from_json, write_json
+from agent.runtime.state import ContainerPaths, StateDir, config_to_json, info_from_json, write_json
 
 log = logging.getLogger("berth.runtime")
 
@@ -191,7 +191,7 @@ class LinuxExecutor:
     # ----- Executor -----
 
     async def create(self, config: ContainerConfig) -> None:
-        paths = self.sd.container(config.id)
+        paths = self._paths(config.id)
         if not config.layers:
             raise ExecutorError(f"container {config.id}: no image layers")
         for d in (paths.upper, paths.work, paths.rootfs):
@@ -211,7 +211,7 @@ class LinuxExecutor:
         return info_from_json(reply["info"])
 
     async def remove(self, container_id: str) -> None:
-        paths = self.sd.container(container_id)
+        paths = self._paths(container_id)
         if not paths.dir.exists():
             return
         await self._request("remove", container=container_id)
@@ -257,7 +257,13 @@ class LinuxExecutor:
                 writer.close()
 
     def log_path(self, container_id: str) -> Path:
-        return self.sd.container(container_id).log
+        return self._paths(container_id).log
+
+    def _paths(self, container_id: str) -> ContainerPaths:
+        try:
+            return self.sd.container(container_id)
+        except ValueError as e:
+            raise ExecutorError(str(e)) from None
 
 
 def _rmtree(path: Path) -> None:

@@ -19,6 +19,7 @@ These functions run in a forked child between fork and exec; they raise OSError 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -69,8 +70,13 @@ def mount_overlay(plan: RootfsPlan) -> None:
 
 
 def _mkdir(path: str, mode: int = 0o755) -> None:
+    """Make a mount point in the rootfs. An image's symlink there is refused: following it would mount onto
+    whatever it points at, outside the rootfs."""
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, mode)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, "mount point in the image is not a directory", path)
 
 
 def mount_proc(root: str) -> None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from agent.executor import ContainerInfo, ContainerNotFound, ProcessState, StartError
+from agent.executor import ContainerInfo, ContainerNotFound, ExecutorError, ProcessState, StartError
 from agent.runtime.linux import LinuxExecutor
 from agent.supervisor import cri_lines, rfc3339nano
 from tests.agent.conftest import Host, async_wait_for, mounts_mentioning, run, start_supervisor, wait_for
@@ -339,6 +343,41 @@ def test_missing_executable_is_a_start_error_leaving_nothing(
     run(body())
 
 
+def test_symlinked_mount_point_in_image_is_refused(supervised: Host, tmp_path: Path) -> None:
+    evil = tmp_path / "evil-layer"
+    evil.mkdir()
+    (evil / "proc").symlink_to("/etc")
+
+    async def body() -> None:
+        ex = supervised.executor()
+        try:
+            cfg = supervised.config("evil", "true")
+            await ex.create(dataclasses.replace(cfg, layers=(supervised.rootfs, evil)))
+            with pytest.raises(StartError) as e:
+                await ex.start("evil")
+            rootfs = supervised.state_dir / "containers" / "evil" / "rootfs"
+            assert str(e.value) == f"mount /proc: mount point in the image is not a directory: {rootfs}/proc"
+            assert not supervised.cgroup_leaves()
+        finally:
+            await ex.remove("evil")
+            await ex.close()
+
+    run(body())
+
+
+def test_invalid_container_id(supervised: Host) -> None:
+    async def body() -> None:
+        ex = supervised.executor()
+        try:
+            for bad in ("", "..", "a/b"):
+                with pytest.raises(ExecutorError, match="invalid container id"):
+                    await ex.create(supervised.config(bad, "true"))
+        finally:
+            await ex.close()
+
+    run(body())
+
+
 def test_unknown_container(supervised: Host) -> None:
     async def body() -> None:
         ex = supervised.executor()
@@ -418,6 +457,55 @@ def test_containers_outlive_the_executor(supervised: Host) -> None:
             await ex.close()
 
     run(second())
+
+
+AGENT_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from agent.executor import ContainerConfig
+from agent.runtime.linux import LinuxExecutor
+
+async def main():
+    ex = LinuxExecutor(Path(sys.argv[1]), sys.argv[2])
+    script = "trap 'exit 0' TERM; while :; do sleep 0.05; done"
+    await ex.create(ContainerConfig(id="k", name="k", hostname="k", layers=(Path(sys.argv[3]),),
+                                    args=("sh", "-c", script)))
+    print((await ex.start("k")).pid, flush=True)
+    await asyncio.Event().wait()  # an agent idling until it is killed
+
+asyncio.run(main())
+"""
+
+
+def test_container_survives_kill_9_of_the_agent(host: Host) -> None:
+    """The agent process starts the supervisor detached; SIGKILL of the agent stops neither."""
+    agent = subprocess.Popen(
+        [sys.executable, "-c", AGENT_SCRIPT, str(host.state_dir), host.cgroup_parent, str(host.rootfs)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert agent.stdout is not None
+        pid = int(agent.stdout.readline())
+    finally:
+        agent.kill()
+        agent.wait()
+    assert pid in host.container_pids()
+    sup_pid = int((host.state_dir / "supervisor.pid").read_text())
+    assert os.getsid(sup_pid) != os.getsid(0)  # a session of its own, not the agent's
+
+    async def body() -> None:
+        ex = host.executor()
+        try:
+            assert (await ex._request("ping"))["pid"] == sup_pid
+            listed = {i.id: i for i in await ex.list()}
+            assert listed["k"].state is ProcessState.RUNNING and listed["k"].pid == pid
+            assert (await ex.stop("k", timeout_s=10)).exit_code == 0
+        finally:
+            await ex.remove("k")
+            await ex.close()
+
+    run(body())
 
 
 def test_executor_starts_a_detached_supervisor_and_reuses_it(host: Host) -> None:
