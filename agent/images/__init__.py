@@ -16,9 +16,9 @@ container status message, so each message is written for the user:
      +-- RegistryError            the registry answered, but not as the protocol says (5xx, bad JSON,
      |    |                       an unexpected status), or the image is one this store cannot use
      |    +-- AuthenticationRequired   the registry wants credentials we do not have
-     |    +-- UnsupportedImage         schema 1, foreign layers, no manifest for this platform, zstd
+     |    +-- UnsupportedImage         schema 1, foreign layers, no manifest for this platform
      +-- DigestMismatch           downloaded or unpacked content does not match its digest or size
-     +-- InvalidLayer             a layer archive is not a tar we can unpack (corrupt, unknown compression)
+     +-- InvalidLayer             a layer archive is not a tar we can unpack (corrupt; zstd and no decoder)
      |    +-- UnsafeLayer         a layer tries to write outside its own root (../ entries, hard links out)
      +-- StoreError               the local store itself failed (disk full, permissions)
 """
