@@ -296,6 +296,10 @@ class Supervisor:
             self._close_conn(conn)
             return
         conn.rbuf += data
+        if len(conn.rbuf) > _MAX_WBUF:
+            log.warning("dropping a client sending an over-long request")
+            self._close_conn(conn)
+            return
         while b"\n" in conn.rbuf and not conn.closed:
             line, conn.rbuf = conn.rbuf.split(b"\n", 1)
             if line.strip():

@@ -572,6 +572,40 @@ def test_supervisor_restart_adopts_running_container(supervised: Host) -> None:
     run(check())
 
 
+def test_exit_subscription_survives_supervisor_death(supervised: Host) -> None:
+    """exits() reconnects; the executor starts a new (detached) supervisor, which adopts the container and
+    reports its exit (code unknown to a supervisor that is not the parent: 255)."""
+
+    async def body() -> None:
+        ex = supervised.executor()
+        assert supervised.supervisor is not None
+        old_pid = supervised.supervisor.pid
+        try:
+            await ex.create(supervised.config("re", "sh", "-c", "trap 'exit 5' USR1; while :; do sleep 0.05; done"))
+            pid = (await ex.start("re")).pid
+            async with subscribed(ex) as exits:
+                supervised.supervisor.kill()
+                supervised.supervisor.wait()
+
+                async def resubscribed() -> bool:
+                    try:
+                        r = await ex._request("ping")
+                    except ExecutorError:
+                        return False
+                    return bool(r["pid"] != old_pid and r["subscribers"] >= 1)
+
+                await async_wait_for(resubscribed, what="a new supervisor with the subscription")
+                os.kill(pid, signal.SIGUSR1)
+                ev = await asyncio.wait_for(exits.get(), 10)
+            assert (ev.id, ev.state, ev.exit_code) == ("re", ProcessState.EXITED, 255)
+            assert not supervised.container_pids()
+        finally:
+            await ex.remove("re")
+            await ex.close()
+
+    run(body())
+
+
 def test_host_mounts_untouched_by_runs(supervised: Host) -> None:
     """The overlay, /proc, /dev, /sys mounts exist only in the containers' mount namespaces."""
 
