@@ -421,6 +421,8 @@ def up(
     except BaseException as e:
         say(f"start failed; removing what was made for dev cluster {name!r}")
         _teardown_after_failure(e, name, state, cdir)
+        if isinstance(e, OSError):
+            raise DevError(f"dev cluster {name!r} could not start: {e}") from e
         raise
     return info
 

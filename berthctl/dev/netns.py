@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -202,12 +203,8 @@ def cluster_namespaces(name: str) -> list[str]:
 
 def cluster_links(name: str) -> list[str]:
     """Every root-namespace link named after this cluster."""
-    bridge = bridge_name(name)
-    return [
-        ifname
-        for ifname in link_names()
-        if ifname == bridge or (ifname.endswith(f"-{name}") and ifname[:2] in ("bv", "bp"))
-    ]
+    pattern = re.compile(rf"^(bb|b[vp][0-9]+)-{re.escape(name)}$")
+    return [ifname for ifname in link_names() if pattern.match(ifname)]
 
 
 def remove_all(name: str, timeout: float = 10.0) -> None:

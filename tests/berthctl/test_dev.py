@@ -78,11 +78,12 @@ def leftovers(name: str, state_dir: Path) -> list[str]:
     cdir = state_dir / name
     found: list[str] = []
     found += (
-        [f"netns {ns}" for ns in os.listdir("/var/run/netns") if ns.startswith(f"{name}-")]
+        [f"netns {ns}" for ns in os.listdir("/var/run/netns") if re.match(rf"^{name}-host[0-9]+$", ns)]
         if os.path.isdir("/var/run/netns")
         else []
     )
-    found += [f"link {ln}" for ln in os.listdir("/sys/class/net") if ln == f"bb-{name}" or ln.endswith(f"-{name}")]
+    link_re = re.compile(rf"^(bb|b[vp][0-9]+)-{re.escape(name)}$")
+    found += [f"link {ln}" for ln in os.listdir("/sys/class/net") if link_re.match(ln)]
     me = os.getpid()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) == me:
@@ -267,3 +268,51 @@ def test_failure_half_way_tears_down_and_keeps_logs(
 
     dev_cluster.down(name, state_dir)
     assert not kept.exists()
+
+
+def cgroup_mounts() -> list[str]:
+    return [point for point, fstype in _mountinfo() if fstype in ("cgroup", "cgroup2")]
+
+
+def test_down_without_cluster_json_removes_strays(state_dir: Path, cleanup: list[str]) -> None:
+    """down finds what a crashed agent or a lost cluster.json would leave: processes in a host namespace,
+    processes in the cluster's cgroups, mounts under the state dir."""
+    name = "bdstray"
+    cleanup.append(name)
+    info = dev_cluster.up(name, 1, "10.77.1.0/24", state_dir, infra_only=True, write_config=False)
+    host = info.hosts[0]
+    cdir = state_dir / name
+
+    # A process inside the host's namespace, its command line naming nothing of the cluster.
+    code = "import sys, time; from pyroute2 import netns; netns.setns(sys.argv[1], flags=0); time.sleep(600)"
+    in_netns = subprocess.Popen([sys.executable, "-c", code, host.netns])
+    want = os.stat(f"/var/run/netns/{host.netns}")
+    deadline = time.monotonic() + 10
+    while (os.stat(f"/proc/{in_netns.pid}/ns/net").st_ino, in_netns.poll()) != (want.st_ino, None):
+        assert time.monotonic() < deadline, "the stray never entered the namespace"
+        time.sleep(0.05)
+
+    # A "container": a process in a nested cgroup of the cluster, in every hierarchy.
+    in_cgroup = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    placed = 0
+    for mount in cgroup_mounts():
+        group = Path(mount) / f"berth-{name}" / "host1" / "c1"
+        try:
+            group.mkdir(parents=True)
+            (group / "cgroup.procs").write_text(str(in_cgroup.pid))
+            placed += 1
+        except OSError:  # a v2 hierarchy with controllers on in v1 refuses some moves; one is enough
+            continue
+
+    assert placed, "could not put the stray into any cgroup"
+
+    # A mount left under the state dir (an overlay rootfs would be one).
+    target = cdir / "hosts" / "host1" / "rootfs"
+    target.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+
+    (cdir / "cluster.json").unlink()
+    dev_cluster.down(name, state_dir)
+    in_netns.wait(timeout=10)  # both are gone (TimeoutExpired otherwise)
+    in_cgroup.wait(timeout=10)
+    assert leftovers(name, state_dir) == []
