@@ -88,25 +88,47 @@ class Cgroup:
 
     def create(self, limits: Limits) -> None:
         """Create the directories (and missing parents) and write the limits. Idempotent: an existing cgroup
-        gets the given limits, "unlimited" included."""
+        gets the given limits, "unlimited" included. A limit whose controller the host lacks (v1: not
+        mounted; v2: not enabled in the parent's cgroup.subtree_control) raises OSError(ENOTSUP); without a
+        limit, a missing controller is fine."""
+        wanted = {"memory": limits.memory_bytes > 0, "cpu": limits.nano_cpus > 0, "pids": limits.pids_limit > 0}
+        have = self._controllers()
+        for ctrl, want in wanted.items():
+            if want and ctrl not in have:
+                raise OSError(
+                    errno.ENOTSUP, f"{ctrl} limit requested but the {ctrl} cgroup controller is not available"
+                )
+        quota = limits.cpu_quota_us()
         if self.version == 2:
             d = self.dirs[""]
             d.mkdir(parents=True, exist_ok=True)
-            _write(d / "memory.max", str(limits.memory_bytes) if limits.memory_bytes > 0 else "max")
-            quota = limits.cpu_quota_us()
-            _write(d / "cpu.max", f"{quota if quota > 0 else 'max'} {CFS_PERIOD_US}")
-            _write(d / "pids.max", str(limits.pids_limit) if limits.pids_limit > 0 else "max")
+            if "memory" in have:
+                _write(d / "memory.max", str(limits.memory_bytes) if limits.memory_bytes > 0 else "max")
+            if "cpu" in have:
+                _write(d / "cpu.max", f"{quota if quota > 0 else 'max'} {CFS_PERIOD_US}")
+            if "pids" in have:
+                _write(d / "pids.max", str(limits.pids_limit) if limits.pids_limit > 0 else "max")
             return
         for d in self.unique_dirs():
             d.mkdir(parents=True, exist_ok=True)
-        if "memory" in self.dirs:
+        if "memory" in have:
             value = str(limits.memory_bytes) if limits.memory_bytes > 0 else "-1"
             _write(self.dirs["memory"] / "memory.limit_in_bytes", value)
-        if "cpu" in self.dirs:
+        if "cpu" in have:
             _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(CFS_PERIOD_US))
-            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(limits.cpu_quota_us()))
-        if "pids" in self.dirs:
+            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+        if "pids" in have:
             _write(self.dirs["pids"] / "pids.max", str(limits.pids_limit) if limits.pids_limit > 0 else "max")
+
+    def _controllers(self) -> set[str]:
+        """Controllers this cgroup can use: v1 the mounted ones; v2 those enabled in the parent."""
+        if self.version == 1:
+            return set(self.dirs)
+        try:
+            text = (self.dirs[""].parent / "cgroup.subtree_control").read_text()
+        except FileNotFoundError:
+            return set()
+        return {c.lstrip("+") for c in text.split()}
 
     def procs(self) -> list[int]:
         """Every pid in the cgroup (all hierarchies), without duplicates."""

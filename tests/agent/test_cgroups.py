@@ -171,3 +171,55 @@ def test_real_cgroup_limits_kill_and_remove(real_parent: tuple[Hierarchy, str]) 
     cg.remove()
     assert not cg.exists()
     cg.remove()  # idempotent
+
+
+def test_limit_without_its_controller_is_an_error(tmp_path: Path, v1_root: Path) -> None:
+    root = tmp_path / "v2-no-pids"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("memory\n")
+    hier = Hierarchy(root)
+    hier.prepare_parent("p")
+    cg = hier.cgroup("p", "c")
+    with pytest.raises(OSError, match="pids limit requested but the pids cgroup controller is not available"):
+        cg.create(Limits(pids_limit=5))
+    cg.create(Limits(memory_bytes=1 << 20))  # no pids limit: fine without the controller
+    assert (cg.dirs[""] / "memory.max").read_text() == str(1 << 20)
+    assert not (cg.dirs[""] / "pids.max").exists()
+    (v1_root / "pids" / "cgroup.procs").unlink()
+    with pytest.raises(OSError, match="pids limit requested"):
+        Hierarchy(v1_root).cgroup("p", "c").create(Limits(pids_limit=5))
+
+
+def test_real_cgroup2_without_controllers() -> None:
+    """The v2 code path on a real cgroup2 mount (on a v1 hybrid host: the controller-less unified one)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    root = Path("/sys/fs/cgroup")
+    if detect_version(root) != 2:
+        root = root / "unified"
+        if detect_version(root) != 2:
+            pytest.skip("no cgroup2 mount")
+    hier = Hierarchy(root)
+    parent = f"berth-test-{uuid.uuid4().hex[:10]}"
+    try:
+        hier.prepare_parent(parent)
+        cg = hier.cgroup(parent, "c1")
+        cg.create(Limits())
+        child = subprocess.Popen(["sleep", "1000"])
+        try:
+            (cg.dirs[""] / "cgroup.procs").write_text(str(child.pid))
+            assert cg.procs() == [child.pid]
+            assert cg.kill_all(timeout_s=5)
+            assert child.wait(timeout=5) == -9
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        cg.remove()
+        assert not cg.exists()
+    finally:
+        leaf = root / parent / "c1"
+        if leaf.is_dir():
+            leaf.rmdir()
+        if (root / parent).is_dir():
+            (root / parent).rmdir()
