@@ -635,8 +635,9 @@ def usage(info: ClusterInfo, seconds: float | None = None) -> str:
 # status
 
 
-def _supervisor_pid(host: HostInfo) -> int | None:
-    raw = _read(Path(host.state_dir) / "supervisor.pid")
+def _supervisor_pid(host_state_dir: str | Path) -> int | None:
+    """The pid in <host state dir>/supervisor.pid, written by the host's supervisor."""
+    raw = _read(Path(host_state_dir) / "supervisor.pid")
     try:
         return int(raw.strip()) if raw else None
     except ValueError:
@@ -649,7 +650,7 @@ def status(info: ClusterInfo) -> dict[str, Any]:
     for proc in data["processes"]:
         proc["alive"] = alive(proc["pid"], proc["start_time"])
     for host_data, host in zip(data["hosts"], info.hosts, strict=True):
-        pid = _supervisor_pid(host)
+        pid = _supervisor_pid(host.state_dir)
         host_data["supervisor"] = {"pid": pid, "alive": pid is not None and alive(pid)}
     return data
 
@@ -818,7 +819,7 @@ def down(
     namespaces = netns.cluster_namespaces(name)
     others = {p.pid for p in recorded if not p.role.startswith("agent-")}
     for hdir in sorted(cdir.glob("hosts/*")):
-        pid = _supervisor_pid(HostInfo("", "", "", "", "", str(hdir), ""))
+        pid = _supervisor_pid(hdir)
         if pid is not None and alive(pid):
             others.add(pid)
     others.update(find_processes(cdir, namespaces))

@@ -27,14 +27,17 @@ from berthctl.dev import etcd as dev_etcd
 from tests.conftest import exclusive
 
 
-def dev_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+def dev_cli(
+    *args: str, timeout: float = 180.0, config_home: str = "/nonexistent-berth-test-config"
+) -> subprocess.CompletedProcess[str]:
+    """`berthctl dev ARGS...`; the CLI config goes under `config_home`, never the tester's own."""
     return subprocess.run(
         [sys.executable, "-m", "berthctl", "dev", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        env={**os.environ, "XDG_CONFIG_HOME": "/nonexistent-berth-test-config"},
+        env={**os.environ, "XDG_CONFIG_HOME": config_home},
     )
 
 
@@ -190,11 +193,32 @@ def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
     assert leftovers(name, state_dir) == []
 
 
-def test_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
-    """The whole cluster: controller and agents in their namespaces, every host NODE_READY."""
+def test_up_status_down(state_dir: Path, cleanup: list[str], tmp_path: Path) -> None:
+    """The whole cluster from the CLI: controller and agents in their namespaces, every host NODE_READY,
+    berthctl configured to use it."""
     name = "bdev"
     cleanup.append(name)
-    info = dev_cluster.up(name, 2, "10.77.8.0/24", state_dir, write_config=False)
+    config_home = tmp_path / "config"
+    args = ("--name", name, "--state-dir", str(state_dir))
+    res = dev_cli("up", *args, "--hosts", "2", "--subnet", "10.77.8.0/24", config_home=str(config_home))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"dev cluster '{name}' is up in " in res.stdout
+    assert "berthctl run busybox echo hello" in res.stdout
+    assert f"berthctl dev down --name {name} --state-dir {state_dir}" in res.stdout
+    config = config_home / "berth" / "config.json"
+    assert json.loads(config.read_text()) == {"controller": "10.77.8.1:7070"}
+    info = dev_cluster.load(name, state_dir)
+
+    nodes = subprocess.run(
+        [sys.executable, "-m", "berthctl", "node", "ls", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "XDG_CONFIG_HOME": str(config_home)},
+    )
+    assert nodes.returncode == 0, nodes.stderr
+    assert "host1" in nodes.stdout and "host2" in nodes.stdout
 
     check_status_json(info, state_dir, berth=True)
     assert [h.netns for h in info.hosts] == [f"{name}-host1", f"{name}-host2"]
@@ -204,8 +228,11 @@ def test_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
         connect(host.agent_address)  # from the root namespace, through the bridge
     connect(info.controller)
 
-    dev_cluster.down(name, state_dir)
+    res = dev_cli("down", *args, config_home=str(config_home))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.endswith(f"dev cluster '{name}' removed\n")
     assert leftovers(name, state_dir) == []
+    assert not config.exists(), "down leaves berthctl pointing at a cluster that is gone"
 
 
 def test_down_of_unknown_cluster_is_quiet(state_dir: Path) -> None:
