@@ -27,7 +27,15 @@ from agent.images.reference import Reference, normalise, parse
 from agent.images.registry import RegistryConfig, host_platform
 from agent.images.store import ImageStore
 from agent.images.unpack import unpack_layer
-from berthctl.dev.seed import Entry, gzip_layer, push_layout, tar_layer, write_image, write_index
+from berthctl.dev.seed import (
+    Entry,
+    build_busybox_layout,
+    gzip_layer,
+    push_layout,
+    tar_layer,
+    write_image,
+    write_index,
+)
 from tests.support_registry import (
     RegistryHandle,
     RequestLog,
@@ -507,3 +515,20 @@ def test_bearer_token_is_fetched_once_and_reused(tmp_path: Path) -> None:
         assert [p.split("/")[-2] for p in requests.paths if p.startswith("/v2/")] == [
             "manifests", "manifests", "blobs", "blobs",
         ]  # fmt: skip
+
+
+def test_seed_layout_is_deterministic(tmp_path: Path) -> None:
+    build_busybox_layout(tmp_path / "a")
+    build_busybox_layout(tmp_path / "b")
+    assert (tmp_path / "a" / "index.json").read_bytes() == (tmp_path / "b" / "index.json").read_bytes()
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((tmp_path / "a" / "blobs" / "sha256" / manifest_digest).read_bytes())
+    config_digest = manifest["config"]["digest"].split(":")[1]
+    config = json.loads((tmp_path / "a" / "blobs" / "sha256" / config_digest).read_bytes())
+    assert config["os"] == "linux" and config["architecture"] == host_platform().architecture
+    assert config["config"] == {
+        "Cmd": ["sh"],
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+    }
