@@ -143,9 +143,12 @@ def test_pull_busybox_through_mirror(registry: RegistryHandle, tmp_path: Path) -
     assert (base / "etc" / "passwd").read_text().startswith("root:x:0:0:")
     assert int((base / "bin" / "busybox").stat().st_mtime) == 946684800
 
-    # The layer runs: the static busybox from the unpacked layer answers.
-    out = subprocess.run([str(busybox), "echo", "hello"], capture_output=True, text=True, check=True)
-    assert out.stdout == "hello\n"
+    # The layer is a working root: its sh, found through the applet symlinks, runs in a chroot of it.
+    out = subprocess.run(
+        ["/usr/sbin/chroot", str(base), "/bin/sh", "-c", "echo hello from $(whoami) in $(pwd); ls /bin/ls"],
+        capture_output=True, text=True, check=True, env={"PATH": "/bin"},
+    )  # fmt: skip
+    assert out.stdout == "hello from root in /\n/bin/ls\n"
 
     assert store.get("busybox") == image
     assert store.get(f"docker.io/library/busybox@{image.digest}") is not None
