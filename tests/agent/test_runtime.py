@@ -467,7 +467,7 @@ from agent.runtime.linux import LinuxExecutor
 
 async def main():
     ex = LinuxExecutor(Path(sys.argv[1]), sys.argv[2])
-    script = "trap 'exit 0' TERM; while :; do sleep 0.05; done"
+    script = "trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done"
     await ex.create(ContainerConfig(id="k", name="k", hostname="k", layers=(Path(sys.argv[3]),),
                                     args=("sh", "-c", script)))
     print((await ex.start("k")).pid, flush=True)
@@ -491,6 +491,7 @@ def test_container_survives_kill_9_of_the_agent(host: Host) -> None:
         agent.kill()
         agent.wait()
     assert pid in host.container_pids()
+    wait_for(lambda: "ready" in host.log_text("k"), what="trap installed")
     sup_pid = int((host.state_dir / "supervisor.pid").read_text())
     assert os.getsid(sup_pid) != os.getsid(0)  # a session of its own, not the agent's
 
@@ -513,8 +514,11 @@ def test_executor_starts_a_detached_supervisor_and_reuses_it(host: Host) -> None
         ex1 = host.executor()
         ex2 = host.executor()
         try:
-            await ex1.create(host.config("d1", "sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.05; done"))
+            await ex1.create(
+                host.config("d1", "sh", "-c", "trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done")
+            )
             await ex1.start("d1")
+            wait_for(lambda: "ready" in host.log_text("d1"), what="trap installed")
             pid1 = (await ex1._request("ping"))["pid"]
             pid2 = (await ex2._request("ping"))["pid"]
             assert pid1 == pid2 == int((host.state_dir / "supervisor.pid").read_text())
@@ -581,8 +585,11 @@ def test_exit_subscription_survives_supervisor_death(supervised: Host) -> None:
         assert supervised.supervisor is not None
         old_pid = supervised.supervisor.pid
         try:
-            await ex.create(supervised.config("re", "sh", "-c", "trap 'exit 5' USR1; while :; do sleep 0.05; done"))
+            await ex.create(
+                supervised.config("re", "sh", "-c", "trap 'exit 5' USR1; echo ready; while :; do sleep 0.05; done")
+            )
             pid = (await ex.start("re")).pid
+            wait_for(lambda: "ready" in supervised.log_text("re"), what="trap installed")
             async with subscribed(ex) as exits:
                 supervised.supervisor.kill()
                 supervised.supervisor.wait()
