@@ -172,13 +172,18 @@ def _is_loopback(host: str) -> bool:
 
 def endpoints(config: RegistryConfig, registry: str) -> list[Endpoint]:
     """The endpoints tried for `registry`, in order."""
+    def scheme(host: str) -> str:
+        return "http" if host in config.insecure or _is_loopback(host) else "https"
+
     found: list[Endpoint] = []
     mirror = config.mirrors.get(registry)
     if mirror:
-        found.append(Endpoint(mirror.rstrip("/"), mirror=True))
+        mirror = mirror.rstrip("/")
+        if "://" not in mirror:  # a bare host:port, as in Docker's insecure-registries
+            mirror = f"{scheme(mirror)}://{mirror}"
+        found.append(Endpoint(mirror, mirror=True))
     host = DOCKER_HUB_HOST if registry == DEFAULT_REGISTRY else registry
-    scheme = "http" if registry in config.insecure or host in config.insecure or _is_loopback(host) else "https"
-    found.append(Endpoint(f"{scheme}://{host}"))
+    found.append(Endpoint(f"{'http' if registry in config.insecure else scheme(host)}://{host}"))
     return found
 
 
@@ -258,7 +263,7 @@ class RegistryClient:
             request = self._http.build_request("GET", endpoint.base_url + path, headers=sent)
             try:
                 response = await self._http.send(request, stream=stream)
-            except httpx.TransportError as err:
+            except httpx.RequestError as err:
                 raise RegistryUnreachable(f"cannot reach registry {endpoint.host}: {_reason(err)}") from err
             if response.status_code != 401 or attempt == 1:
                 return response
@@ -281,7 +286,7 @@ class RegistryClient:
         realm = params["realm"]
         try:
             response = await self._http.get(realm, params=query)
-        except httpx.TransportError as err:
+        except httpx.RequestError as err:
             raise RegistryUnreachable(
                 f"cannot reach the token service {urlsplit(realm).netloc} of registry {endpoint.host}: "
                 f"{_reason(err)}"
@@ -506,7 +511,7 @@ class RegistryClient:
                     f"match its digest (got {actual}, {size} bytes, expected {desc.size})"
                 )
             os.rename(tmp, dest)
-        except httpx.TransportError as err:
+        except httpx.RequestError as err:
             tmp.unlink(missing_ok=True)
             raise RegistryUnreachable(
                 f"cannot reach registry {resolved.endpoint.host}: {_reason(err)} (while downloading "

@@ -24,7 +24,7 @@ from agent.images import (
     UnsupportedImage,
 )
 from agent.images.reference import Reference, normalise, parse
-from agent.images.registry import RegistryConfig, host_platform
+from agent.images.registry import RegistryConfig, endpoints, host_platform
 from agent.images.store import ImageStore
 from agent.images.unpack import unpack_layer
 from berthctl.dev.seed import (
@@ -118,6 +118,23 @@ def test_reference_errors(text: str, reason: str) -> None:
         parse(text)
     assert str(caught.value).startswith(f"invalid reference {text!r}: ")
     assert reason in str(caught.value)
+
+
+def test_endpoints() -> None:
+    config = RegistryConfig(
+        mirrors={"docker.io": "http://10.77.0.1:5000/", "quay.io": "10.77.0.2:5000"},
+        insecure={"10.77.0.1:5000", "10.77.0.2:5000", "myreg:5000"},
+    )
+    assert [e.base_url for e in endpoints(config, "docker.io")] == [
+        "http://10.77.0.1:5000",
+        "https://registry-1.docker.io",
+    ]
+    assert [e.base_url for e in endpoints(config, "quay.io")] == ["http://10.77.0.2:5000", "https://quay.io"]
+    assert [e.base_url for e in endpoints(config, "myreg:5000")] == ["http://myreg:5000"]
+    assert [e.base_url for e in endpoints(config, "ghcr.io")] == ["https://ghcr.io"]
+    assert [e.base_url for e in endpoints(config, "localhost:5000")] == ["http://localhost:5000"]
+    assert [e.base_url for e in endpoints(config, "127.0.0.1:5000")] == ["http://127.0.0.1:5000"]
+    assert endpoints(config, "docker.io")[0].host == "10.77.0.1:5000"
 
 
 # -- pulling -----------------------------------------------------------------------------------------------
