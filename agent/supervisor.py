@@ -41,6 +41,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -147,6 +148,9 @@ class Supervisor:
     def open(self) -> None:
         self.sd.containers.mkdir(parents=True, exist_ok=True)
         sc.set_child_subreaper()
+        # Three fds per running container (two FIFOs, the log): lift the soft limit to the hard one.
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self._wake_r, wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(wake_w, False)
