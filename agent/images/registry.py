@@ -188,10 +188,16 @@ def endpoints(config: RegistryConfig, registry: str) -> list[Endpoint]:
 
 
 def _reason(err: Exception) -> str:
-    text = str(err)
-    if not text and err.__cause__ is not None:
-        text = str(err.__cause__)
-    return text or type(err).__name__
+    """What went wrong, for a user: "connection refused" rather than httpx's "All connection attempts
+    failed" when the cause is a refused, reset or aborted connection."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        if isinstance(seen, ConnectionError) and isinstance(seen.errno, int) and seen.errno > 0:
+            return os.strerror(seen.errno).lower()
+        if seen is None:
+            break
+        seen = seen.__cause__ or seen.__context__
+    return str(err) or type(err).__name__
 
 
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:

@@ -272,7 +272,7 @@ def test_unreachable_registry(tmp_path: Path) -> None:
     with pytest.raises(RegistryUnreachable) as caught:
         asyncio.run(store.pull(f"127.0.0.1:{port}/x/y:1"))
     assert str(caught.value).startswith(f"cannot reach registry 127.0.0.1:{port}: ")
-    assert "refused" in str(caught.value).lower() or "failed" in str(caught.value).lower()
+    assert str(caught.value) == f"cannot reach registry 127.0.0.1:{port}: connection refused"
 
     # A dead mirror, and docker.io unreachable too: both are named.
     store = ImageStore(tmp_path / "store", RegistryConfig(mirrors={"docker.io": f"http://127.0.0.1:{port}"}))
