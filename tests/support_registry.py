@@ -6,6 +6,7 @@ Also small helpers to push extra images and to count the HTTP requests an ImageS
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import http.server
@@ -189,3 +190,65 @@ def running_token_registry(tmp: Path) -> Iterator[tuple[RegistryHandle, TokenSer
             stop_registry(proc)
     finally:
         tokens.close()
+
+
+class FlakyProxy:
+    """A TCP proxy in front of a registry that cuts off the response to a request containing `marker`
+    after `cut_after` bytes, the first `times` times: a real connection dropped mid-download."""
+
+    def __init__(self, target: str, marker: bytes, cut_after: int, times: int) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._marker, self._cut_after, self.cuts_left = marker, cut_after, times
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        upstream_r, upstream_w = await asyncio.open_connection(*self._target)
+        armed = asyncio.Event()
+
+        async def requests() -> None:
+            while data := await client_r.read(65536):
+                if self._marker in data and self.cuts_left > 0:
+                    self.cuts_left -= 1
+                    armed.set()
+                upstream_w.write(data)
+                await upstream_w.drain()
+
+        async def responses() -> None:
+            sent = 0
+            while data := await upstream_r.read(65536):
+                if armed.is_set():
+                    if sent + len(data) >= self._cut_after:
+                        client_w.write(data[: self._cut_after - sent])
+                        await client_w.drain()
+                        return  # cut: both connections are closed below
+                    sent += len(data)
+                client_w.write(data)
+                await client_w.drain()
+
+        try:
+            pumps = [asyncio.create_task(requests()), asyncio.create_task(responses())]
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            client_w.close()
+            upstream_w.close()
+            self._tasks.discard(task)

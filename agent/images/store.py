@@ -26,12 +26,12 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.images import ImageError, RegistryError, StoreError
+from agent.images import ImageError, RegistryError, RegistryUnreachable, StoreError
 from agent.images.reference import Reference, parse
 from agent.images.registry import Descriptor, EventHook, RegistryClient, RegistryConfig, Resolved
 from agent.images.unpack import unpack_layer
@@ -108,11 +108,18 @@ class ImageStore:
         *,
         event_hooks: Mapping[str, list[EventHook]] | None = None,
         max_concurrent_downloads: int = 3,
+        download_attempts: int = 3,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """event_hooks: httpx hooks for every registry request (tests count requests with them).
+        A blob download cut off by the network is retried `download_attempts` times in all, after 0.5 s,
+        1 s, ... (through `sleep`, injectable)."""
         self.root = root
         self.config = config
         self._event_hooks = event_hooks
         self._max_downloads = max_concurrent_downloads
+        self._attempts = max(1, download_attempts)
+        self._sleep = sleep
         self._blobs = root / "blobs" / "sha256"
         self._layers = root / "layers" / "sha256"
         self._refs = root / "refs"
@@ -319,7 +326,21 @@ class ImageStore:
             blob = self.blob_path(desc.digest)
             async with self._locked(desc.digest):
                 if not blob.exists():
-                    async with downloads:
-                        await client.download_blob(resolved, desc, blob)
+                    await self._download(client, resolved, desc, blob, downloads)
             await asyncio.to_thread(unpack_layer, blob, dest, diff_id)
         return dest
+
+    async def _download(
+        self, client: RegistryClient, resolved: Resolved, desc: Descriptor, blob: Path, slots: asyncio.Semaphore
+    ) -> None:
+        delay = 0.5
+        for attempt in range(1, self._attempts + 1):
+            try:
+                async with slots:
+                    await client.download_blob(resolved, desc, blob)
+                return
+            except RegistryUnreachable:
+                if attempt == self._attempts:
+                    raise
+            await self._sleep(delay)
+            delay *= 2

@@ -25,7 +25,7 @@ from agent.images import (
 )
 from agent.images.reference import Reference, normalise, parse
 from agent.images.registry import RegistryConfig, endpoints, host_platform
-from agent.images.store import ImageStore
+from agent.images.store import Image, ImageStore
 from agent.images.unpack import unpack_layer
 from berthctl.dev.seed import (
     Entry,
@@ -37,6 +37,7 @@ from berthctl.dev.seed import (
     write_index,
 )
 from tests.support_registry import (
+    FlakyProxy,
     RegistryHandle,
     RequestLog,
     busybox_base,
@@ -302,6 +303,38 @@ def test_corrupt_blob_is_refused_and_leaves_nothing(registry: RegistryHandle, tm
     blobs = tree(tmp_path / "store" / "blobs" / "sha256")
     assert layer_digest.split(":")[1] not in blobs
     assert not any(name.startswith(".") for name in blobs)
+
+
+def test_cut_download_is_retried(registry: RegistryHandle, tmp_path: Path) -> None:
+    payload = os.urandom(400_000)  # incompressible: the cut falls inside the layer's body
+    layout = registry.push("team/flaky", "1", [[Entry("payload.bin", data=payload)]])
+    manifest = json.loads((layout / "blobs" / "sha256" / _tag_digest(layout, "1").split(":")[1]).read_bytes())
+    marker = f"/blobs/{manifest['layers'][0]['digest']}".encode()
+    delays: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        delays.append(seconds)
+
+    async def pull_through_proxy(cuts: int, store_dir: Path) -> Image:
+        proxy = FlakyProxy(registry.address, marker, cut_after=100_000, times=cuts)
+        address = await proxy.start()
+        try:
+            store = ImageStore(store_dir, RegistryConfig(), download_attempts=3, sleep=no_wait)
+            return await store.pull(f"{address}/team/flaky:1")
+        finally:
+            await proxy.close()
+
+    image = asyncio.run(pull_through_proxy(2, tmp_path / "a"))
+    assert (image.layers[0] / "payload.bin").read_bytes() == payload
+    assert delays == [0.5, 1.0]
+
+    delays.clear()
+    with pytest.raises(RegistryUnreachable) as caught:
+        asyncio.run(pull_through_proxy(3, tmp_path / "b"))
+    assert "while downloading" in str(caught.value)
+    assert delays == [0.5, 1.0]
+    assert tree(tmp_path / "b" / "layers") == {"sha256"}
+    assert not any(name.startswith(".") for name in tree(tmp_path / "b" / "blobs" / "sha256"))
 
 
 def _tag_digest(layout: Path, tag: str) -> str:
