@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ from berthctl.dev import ClusterExistsError, DevError, StartError
 from berthctl.dev import cluster as dev_cluster
 from berthctl.dev import etcd as dev_etcd
 from tests.conftest import exclusive
+
+STATE_DIR = Path(tempfile.gettempdir()) / "berth-test-dev"
+CLUSTER_NAMES = ("bdinf", "bdev", "bdsub", "bdsub2", "bdfail", "bdstray", "bnever", "bbad")
 
 
 def dev_cli(
@@ -111,14 +115,17 @@ def leftovers(name: str, state_dir: Path) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def one_session_at_a_time() -> Iterator[None]:
-    """The clusters made here have fixed names; another test session on this machine must not share them."""
+    """The clusters made here have fixed names and a fixed state dir: another test session on this
+    machine must not share them, and whatever a killed session left behind is removed first."""
     with exclusive("test_dev"):
+        for name in CLUSTER_NAMES:
+            dev_cluster.down(name, STATE_DIR)
         yield
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    return tmp_path / "state"
+def state_dir() -> Path:
+    return STATE_DIR
 
 
 @pytest.fixture
@@ -264,7 +271,6 @@ def test_bad_input(state_dir: Path, name: str, hosts: int, subnet: str, message:
     with pytest.raises(DevError, match=re.escape(message)):
         dev_cluster.up(name, hosts, subnet, state_dir, infra_only=True, write_config=False)
     assert leftovers(name, state_dir) == []
-    assert not state_dir.exists()
 
 
 def test_subnet_in_use(state_dir: Path, cleanup: list[str]) -> None:
