@@ -129,12 +129,13 @@ def spawn(spec: SpawnSpec) -> Spawned:
     fail_r, fail_w = os.pipe()
     pid_r, pid_w = os.pipe()
     devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    ours = [out_r, err_r, fail_r, pid_r]  # read ends the parent keeps or must close on failure
     try:
         child = os.fork()
         if child == 0:
             status = _EXIT_SETUP_FAILED
             try:
-                for fd in (out_r, err_r, fail_r, pid_r):
+                for fd in ours:
                     os.close(fd)
                 _intermediate(spec, devnull, out_w, err_w, fail_w, pid_w)
                 status = 0
@@ -143,7 +144,7 @@ def spawn(spec: SpawnSpec) -> Spawned:
             finally:
                 os._exit(status)
     except BaseException:
-        for fd in (out_r, err_r, fail_r):
+        for fd in ours:
             os.close(fd)
         raise
     finally:
@@ -156,14 +157,15 @@ def spawn(spec: SpawnSpec) -> Spawned:
             if not chunk:
                 break
             data += chunk
-        os.close(pid_r)
         os.waitpid(child, 0)
         if not data.endswith(b"\n"):
+            ours.remove(fail_r)
             raise SpawnError(read_all(fail_r).decode(errors="replace") or "container setup failed")
     except BaseException:
-        for fd in (out_r, err_r, fail_r):
+        for fd in ours:
             os.close(fd)
         raise
+    os.close(pid_r)
     return Spawned(pid=int(data), error_fd=fail_r, stdout_fd=out_r, stderr_fd=err_r)
 
 
@@ -207,7 +209,10 @@ def _intermediate(spec: SpawnSpec, devnull: int, out_w: int, err_w: int, fail_w:
         sc.unshare(NAMESPACES)
     except OSError as e:
         raise SpawnError(f"create namespaces: {rfs.describe(e)}") from e
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        raise SpawnError(f"fork the container's first process: {rfs.describe(e)}") from e
     if pid == 0:
         status = _EXIT_SETUP_FAILED
         try:

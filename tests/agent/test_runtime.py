@@ -365,6 +365,41 @@ def test_symlinked_mount_point_in_image_is_refused(supervised: Host, tmp_path: P
     run(body())
 
 
+def test_missing_layer_is_a_start_error(supervised: Host, tmp_path: Path) -> None:
+    async def body() -> None:
+        ex = supervised.executor()
+        try:
+            cfg = supervised.config("nolayer", "true")
+            await ex.create(dataclasses.replace(cfg, layers=(tmp_path / "gone",)))
+            with pytest.raises(StartError, match=r"^mount rootfs: mount overlay on .*/nolayer/rootfs: "):
+                await ex.start("nolayer")
+            assert not supervised.cgroup_leaves()
+        finally:
+            await ex.remove("nolayer")
+            await ex.close()
+
+    run(body())
+
+
+def test_failure_before_the_namespaces_exist_is_a_start_error(supervised: Host) -> None:
+    """pids.max 1 lets the intermediate process join the cgroup but not fork the container's PID 1."""
+
+    async def body() -> None:
+        ex = supervised.executor()
+        try:
+            await ex.create(supervised.config("tiny", "true", pids_limit=1))
+            with pytest.raises(StartError) as e:
+                await ex.start("tiny")
+            assert str(e.value) == "fork the container's first process: Resource temporarily unavailable"
+            assert not supervised.cgroup_leaves()
+            assert not supervised.container_pids()
+        finally:
+            await ex.remove("tiny")
+            await ex.close()
+
+    run(body())
+
+
 def test_invalid_container_id(supervised: Host) -> None:
     async def body() -> None:
         ex = supervised.executor()
