@@ -646,7 +646,13 @@ class Supervisor:
         if paths.dir.exists():
             write_json(
                 paths.exit,
-                {"exit_code": code, "started_at_ns": c.started_at_ns, "finished_at_ns": finished, "oom_killed": oom},
+                {
+                    "pid": c.pid,
+                    "exit_code": code,
+                    "started_at_ns": c.started_at_ns,
+                    "finished_at_ns": finished,
+                    "oom_killed": oom,
+                },
             )
             paths.state.unlink(missing_ok=True)
         if not c.pipes and c.log_fd >= 0:
@@ -684,6 +690,7 @@ class Supervisor:
             return ContainerInfo(
                 id=cid,
                 state=ProcessState.EXITED,
+                pid=ex.get("pid", 0),
                 exit_code=ex["exit_code"],
                 started_at_ns=ex["started_at_ns"],
                 finished_at_ns=ex["finished_at_ns"],

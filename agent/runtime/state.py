@@ -11,7 +11,7 @@ LinuxExecutor (writer of config and writable layer). One place for the layout:
         container.log                 CRI-format log
         stdout.fifo stderr.fifo       the container's output, read by the supervisor (survive its restart)
         state.json                    {"pid", "started_at_ns", "pid_start_time"} while running
-        exit.json                     {"exit_code", "started_at_ns", "finished_at_ns", "oom_killed"}
+        exit.json                     {"pid", "exit_code", "started_at_ns", "finished_at_ns", "oom_killed"}
 
 JSON files are written to a temporary name and renamed, so a reader never sees half a file.
 """
