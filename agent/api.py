@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +16,8 @@ from agent.worker import Worker
 from berth.api import agent_pb2, agent_pb2_grpc
 from berth.api import types_pb2 as t
 
+ASSIGNMENT_WAIT_S = 30.0
+
 
 class AgentAPI(agent_pb2_grpc.AgentServicer):
     def __init__(self, executor: Executor, worker: Worker) -> None:
@@ -24,10 +28,20 @@ class AgentAPI(agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.AgentLogsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[t.LogEntry]:
         cid = request.container_id
-        if cid not in self.worker.assignments and cid not in self.worker.info and not request.follow:
+        path = self.executor.log_path(cid)
+        if request.follow:
+            # An attach opened right after placement can arrive before the assignment does: wait for it.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + ASSIGNMENT_WAIT_S
+            while cid not in self.worker.assignments and not path.exists():
+                if loop.time() > deadline:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"no container {cid[:12]} on this host")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.worker.changed(), 0.5)
+        elif cid not in self.worker.assignments and cid not in self.worker.info:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no container {cid[:12]} on this host")
         async for entry in read_log(
-            self.executor.log_path(cid),
+            path,
             follow=request.follow,
             tail=request.tail,
             finished=lambda: self.worker.finished(cid),

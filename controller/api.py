@@ -35,6 +35,54 @@ Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
+class StatusTracker:
+    """Follows one container's status from a revision on, in a background task, so that a caller can wait for
+    several states in turn without missing one in between."""
+
+    def __init__(self, store: Store, cid: str, after_revision: int, current: t.ContainerStatus | None) -> None:
+        self.cid = cid
+        self.history: list[t.ContainerStatus] = [current] if current is not None else []
+        self.gone = False
+        self.error: Exception | None = None
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._follow(store, after_revision))
+
+    async def _follow(self, store: Store, after_revision: int) -> None:
+        try:
+            async for event in store.watch_status(self.cid, after_revision):
+                async with self._changed:
+                    if event.status is None:
+                        self.gone = True
+                    else:
+                        self.history.append(event.status)
+                    self._changed.notify_all()
+                if self.gone:
+                    return
+        except StoreError as exc:
+            async with self._changed:
+                self.error = exc
+                self._changed.notify_all()
+
+    async def wait(self, generation: int, states: Iterable[int], timeout_s: float) -> t.ContainerStatus:
+        """The first status of this generation (or later) in one of the states."""
+        wanted = set(states)
+        seen = 0
+        async with asyncio.timeout(timeout_s), self._changed:
+            while True:
+                for status in self.history[seen:]:
+                    if status.generation >= generation and status.state in wanted:
+                        return status
+                seen = len(self.history)
+                if self.gone:
+                    raise NotFound(f"container {self.cid[:12]} was removed")
+                if self.error is not None:
+                    raise self.error
+                await self._changed.wait()
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
 class AgentLinks:
     """Channels to agents, one per address, reused across calls."""
 
@@ -129,17 +177,12 @@ class ControlAPI(control_pb2_grpc.ControlServicer):
     async def _wait(self, cid: str, generation: int, states: Iterable[int], timeout_s: float) -> t.ContainerStatus:
         """Wait until the container's status for this generation is in one of the states. Raises NotFound
         when the container is removed first, TimeoutError after timeout_s."""
-        wanted = set(states)
         status, revision = await self.store.get_status(cid)
-        if status.generation >= generation and status.state in wanted:
-            return status
-        async with asyncio.timeout(timeout_s):
-            async for event in self.store.watch_status(cid, revision):
-                if event.status is None:
-                    raise NotFound(f"container {cid[:12]} was removed")
-                if event.status.generation >= generation and event.status.state in wanted:
-                    return event.status
-        raise NotFound(f"container {cid[:12]} was removed")
+        tracker = StatusTracker(self.store, cid, revision, status)
+        try:
+            return await tracker.wait(generation, states, timeout_s)
+        finally:
+            tracker.close()
 
     async def _agent_logs(self, c: t.Container, follow: bool, tail: int) -> AsyncIterator[t.LogEntry]:
         node = await self.store.get_node(c.node_id) if c.node_id else None
@@ -168,7 +211,7 @@ class ControlAPI(control_pb2_grpc.ControlServicer):
         try:
             if not c.spec.name:
                 c.spec.name = await self._free_name()
-            await self.store.create_container(c)
+            created = await self.store.create_container(c)
             placed = await self.orchestrator.schedule(c.id)
         except StoreError as exc:
             self._count("Run", grpc.StatusCode.ABORTED)
@@ -179,13 +222,14 @@ class ControlAPI(control_pb2_grpc.ControlServicer):
             yield control_pb2.RunEvent(started=await self._view(c.id))
             return
 
+        # One watch from the creation on: every status this run goes through is seen, even when an --rm
+        # container is deleted right after its exit.
+        tracker = StatusTracker(self.store, c.id, created, None)
         logs: asyncio.Queue[t.LogEntry | None] = asyncio.Queue()
         pump = asyncio.create_task(self._pump_logs(placed, logs)) if request.attach else None
         try:
             try:
-                status = await self._wait(
-                    c.id, 1, (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED), timeout_s=3600
-                )
+                status = await tracker.wait(1, (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED), timeout_s=3600)
             except (StoreError, TimeoutError) as exc:
                 await context.abort(grpc.StatusCode.ABORTED, f"container {c.id[:12]}: {exc}")
             if status.state == t.STATE_FAILED:
@@ -202,11 +246,12 @@ class ControlAPI(control_pb2_grpc.ControlServicer):
             while (entry := await logs.get()) is not None:
                 yield control_pb2.RunEvent(log=entry)
             try:
-                final = await self._wait(c.id, 1, TERMINAL, timeout_s=30)
+                final = await tracker.wait(1, TERMINAL, timeout_s=30)
             except (StoreError, TimeoutError) as exc:
                 await context.abort(grpc.StatusCode.ABORTED, f"lost track of container {c.id[:12]}: {exc}")
             yield control_pb2.RunEvent(exit_code=final.exit_code)
         finally:
+            tracker.close()
             if pump is not None:
                 pump.cancel()
 
