@@ -136,21 +136,28 @@ def test_hostname_net_and_mounts(supervised: Host) -> None:
     async def body() -> None:
         ex = supervised.executor()
         try:
-            script = "hostname; cat /proc/net/dev; cat /sys/class/net/lo/flags; ls /dev; cat /proc/mounts"
+            script = (
+                "hostname; echo --; tail -n +3 /proc/net/dev; echo --; cat /sys/class/net/lo/flags; echo --;"
+                " ls /dev; echo --; cat /proc/mounts"
+            )
             info = await run_to_exit(ex, supervised, "ns", "sh", "-c", script, hostname="web-1")
             assert info.exit_code == 0, supervised.log_text("ns")
-            lines = stdout_lines(supervised, "ns")
-            assert lines[0] == "web-1"
-            ifaces = [line.split(":")[0].strip() for line in lines[3:] if ":" in line and "|" not in line]
-            assert ifaces[0] == "lo"
-            assert "eth0" not in ifaces and not any(i.startswith(("ens", "enp", "veth")) for i in ifaces[:1])
-            assert "0x9" in lines  # lo is up (IFF_UP | IFF_LOOPBACK)
-            for dev in ("null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "mqueue", "ptmx"):
-                assert dev in lines, dev
-            mounts = [line.split() for line in lines if line.count(" ") >= 5]
-            by_target = {m[1]: m for m in mounts}
+            sections: list[list[str]] = [[]]
+            for line in stdout_lines(supervised, "ns"):
+                if line == "--":
+                    sections.append([])
+                else:
+                    sections[-1].append(line)
+            hostname, net_dev, lo_flags, dev, mounts = sections
+            assert hostname == ["web-1"]
+            assert [line.split(":")[0].strip() for line in net_dev] == ["lo"]  # a network namespace of its own
+            assert lo_flags == ["0x9"]  # lo is up (IFF_UP | IFF_LOOPBACK)
+            for name in ("null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "mqueue", "ptmx"):
+                assert name in dev, name
+            by_target = {m.split()[1]: m.split() for m in mounts}
             assert by_target["/"][2] == "overlay"
             assert by_target["/proc"][2] == "proc"
+            assert by_target["/dev/pts"][2] == "devpts"
             assert by_target["/sys"][3].startswith("ro")
         finally:
             await ex.remove("ns")
