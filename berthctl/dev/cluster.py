@@ -219,6 +219,11 @@ def terminate(pids: Iterable[int], timeout: float = 10.0) -> list[int]:
     return sorted(pending)
 
 
+def _has_tty(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and int(fields[4]) != 0
+
+
 def _ancestors() -> set[int]:
     pids = set()
     pid = os.getpid()
@@ -240,9 +245,9 @@ def _all_pids() -> Iterator[int]:
 def find_processes(cdir: Path, namespaces: Iterable[str]) -> list[int]:
     """Live processes that belong to the cluster in `cdir`.
 
-    A process belongs if its environment carries the cluster's mark, its command line names the
-    cluster dir, or it runs in one of the cluster's network namespaces. This process and its parents
-    never count.
+    A process belongs if its environment carries the cluster's mark, it runs in one of the cluster's
+    network namespaces, or its command line names the cluster dir and it has no controlling terminal
+    (a daemon, not someone's `tail -f .../agent.log`). This process and its parents never count.
     """
     mark = f"{ENV_MARK}={cdir}".encode()
     path_re = re.compile(re.escape(str(cdir)).encode() + rb"(?![\w.-])")
@@ -260,7 +265,10 @@ def find_processes(cdir: Path, namespaces: Iterable[str]) -> list[int]:
         if not cmdline:  # kernel threads, or gone
             continue
         environ = _read(f"/proc/{pid}/environ") or b""
-        if mark in environ.split(b"\0") or path_re.search(cmdline):
+        if mark in environ.split(b"\0"):
+            found.append(pid)
+            continue
+        if path_re.search(cmdline) and not _has_tty(pid):
             found.append(pid)
             continue
         if ns_ids:
