@@ -490,6 +490,8 @@ def _bring_up(
             "--metrics-listen", info.controller_metrics,
         ]  # fmt: skip
         add(*_spawn("controller", controller_cmd, log, env, cdir))
+        # Agents started before the controller answers would only sit in their reconnect back-off.
+        _wait_controller(info, running, time.monotonic() + timeout)
         for host in info.hosts:
             say(f"agent {host.name}: {host.agent_address} in {host.netns}")
             Path(host.state_dir).mkdir(parents=True, exist_ok=True)
@@ -508,7 +510,7 @@ def _bring_up(
             ]  # fmt: skip
             add(*_spawn(f"agent-{host.name}", agent_cmd, Path(host.log), env, cdir))
         say(f"waiting for {len(info.hosts)} hosts to be ready")
-        _wait_ready(info, running, timeout)
+        _wait_nodes(info, running, time.monotonic() + timeout)
 
     if write_config:
         _write_config(info.controller)
@@ -531,16 +533,13 @@ def _check_running(info: ClusterInfo, running: dict[str, subprocess.Popen[bytes]
             )
 
 
-def _wait_ready(info: ClusterInfo, running: dict[str, subprocess.Popen[bytes]], timeout: float) -> None:
-    """Wait until the controller answers gRPC health and lists every host as NODE_READY."""
+def _wait_controller(info: ClusterInfo, running: dict[str, subprocess.Popen[bytes]], deadline: float) -> None:
+    """Wait until the controller answers gRPC health (grpc.health.v1, service "") with SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from berth import rpc
-    from berth.api import control_pb2, control_pb2_grpc, types_pb2
 
-    deadline = time.monotonic() + timeout
-    controller_log = Path(info.state_dir) / "controller.log"
     with rpc.sync_channel(info.controller) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -548,19 +547,28 @@ def _wait_ready(info: ClusterInfo, running: dict[str, subprocess.Popen[bytes]], 
             try:
                 resp = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
+                    return
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
                 raise StartError(
-                    f"the controller did not answer health checks at {info.controller} within {timeout:.0f}s",
-                    controller_log,
+                    f"the controller did not answer health checks at {info.controller}",
+                    Path(info.state_dir) / "controller.log",
                 )
             time.sleep(0.1)
 
+
+def _wait_nodes(info: ClusterInfo, running: dict[str, subprocess.Popen[bytes]], deadline: float) -> None:
+    """Wait until the controller lists every host as NODE_READY."""
+    import grpc
+
+    from berth import rpc
+    from berth.api import control_pb2, control_pb2_grpc, types_pb2
+
+    want = {h.name for h in info.hosts}
+    ready: set[str] = set()
+    with rpc.sync_channel(info.controller) as channel:
         control = control_pb2_grpc.ControlStub(channel)
-        want = {h.name for h in info.hosts}
-        ready: set[str] = set()
         while True:
             _check_running(info, running)
             try:
@@ -574,8 +582,7 @@ def _wait_ready(info: ClusterInfo, running: dict[str, subprocess.Popen[bytes]], 
                 missing = sorted(want - ready, key=lambda n: int(n[4:]))
                 first = next(h for h in info.hosts if h.name == missing[0])
                 raise StartError(
-                    f"{len(want & ready)}/{len(want)} hosts ready after {timeout:.0f}s "
-                    f"(not ready: {', '.join(missing)})",
+                    f"{len(want & ready)}/{len(want)} hosts ready (not ready: {', '.join(missing)})",
                     Path(first.log),
                 )
             time.sleep(0.2)
