@@ -160,13 +160,17 @@ class Store:
     # ---- containers -------------------------------------------------------------------------------
 
     async def create_container(self, c: t.Container) -> int:
-        """Store a new container and claim its name, atomically. Raises NameInUse."""
+        """Store a new container, its first (pending) status, and claim its name, atomically. Raises
+        NameInUse. Every container has a status key from birth to removal, so a watch on that key alone
+        sees every change and, with its deletion, the removal."""
         tx = self._tx
+        pending = t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation)
         ok, responses = await self._txn(
             [tx.version(name_key(c.spec.name)) == 0, tx.version(container_key(c.id)) == 0],
             [
                 tx.put(name_key(c.spec.name), c.id.encode()),
                 tx.put(container_key(c.id), c.SerializeToString()),
+                tx.put(status_key(c.id), pending.SerializeToString()),
             ],
             [tx.get(name_key(c.spec.name))],
         )
@@ -269,16 +273,13 @@ class Store:
         return bool(ok)
 
     async def watch_status(self, cid: str, after_revision: int) -> AsyncIterator[StatusEvent]:
-        """Changes of one container's status after a revision; ends when the container is deleted."""
-        async for kind, kv in self._watch(status_key(cid), after_revision + 1, prefix=False,
-                                          also=container_key(cid)):
-            if kv.key == container_key(cid):
-                if kind == "DELETE":
-                    yield StatusEvent(int(kv.mod_revision), None)
-                    return
-                continue
-            status = _parse(t.ContainerStatus, kv.value) if kind == "PUT" else None
-            yield StatusEvent(int(kv.mod_revision), status)
+        """Changes of one container's status after a revision, in order; the status key is deleted with the
+        container, so a None status (and the end) means it was removed."""
+        async for kind, kv in self._watch(status_key(cid), after_revision + 1, prefix=False):
+            if kind != "PUT":
+                yield StatusEvent(int(kv.mod_revision), None)
+                return
+            yield StatusEvent(int(kv.mod_revision), _parse(t.ContainerStatus, kv.value))
 
     # ---- assignments ------------------------------------------------------------------------------
 
@@ -368,33 +369,22 @@ class Store:
         ok, responses = await self._call(self._client.transaction, compare, success, failure)
         return bool(ok), list(responses)
 
-    async def _watch(
-        self, key: bytes, start_revision: int, *, prefix: bool, also: bytes | None = None
-    ) -> AsyncIterator[tuple[str, Any]]:
-        """Events on a key (or prefix) from a revision on, as (kind, kv); also a second single key."""
+    async def _watch(self, key: bytes, start_revision: int, *, prefix: bool) -> AsyncIterator[tuple[str, Any]]:
+        """Events on a key (or prefix) from a revision on, as (kind, kv), in revision order."""
         queue: asyncio.Queue[tuple[str, Any] | BaseException] = asyncio.Queue()
-        watches = []
+        fn = self._client.watch_prefix if prefix else self._client.watch
+        watch = await self._call(fn, key, start_revision=start_revision)
+        pump = asyncio.create_task(_pump(watch, queue))
         try:
-            for k, is_prefix in ((key, prefix), *(((also, False),) if also else ())):
-                if is_prefix:
-                    w = await self._call(self._client.watch_prefix, k, start_revision=start_revision)
-                else:
-                    w = await self._call(self._client.watch, k, start_revision=start_revision)
-                watches.append(w)
-            pumps = [asyncio.create_task(_pump(w, queue)) for w in watches]
-            try:
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, BaseException):
-                        raise _translate(item) if isinstance(item, Exception) else item
-                    yield item
-            finally:
-                for p in pumps:
-                    p.cancel()
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise _translate(item) if isinstance(item, Exception) else item
+                yield item
         finally:
-            for w in watches:
-                with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
-                    await w.cancel()
+            pump.cancel()
+            with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
+                await watch.cancel()
 
 
 async def _pump(watch: Any, queue: asyncio.Queue[tuple[str, Any] | BaseException]) -> None:
