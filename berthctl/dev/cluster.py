@@ -139,6 +139,21 @@ def _check_name(name: str) -> None:
         )
 
 
+# What `up` runs, by Debian package; checked before anything is made.
+_TOOLS = {
+    "/usr/bin/etcd": "etcd-server",
+    "/usr/bin/docker-registry": "docker-registry",
+    "/usr/bin/skopeo": "skopeo",
+    "/bin/busybox": "busybox-static",
+}
+
+
+def _check_tools() -> None:
+    missing = [pkg for path, pkg in _TOOLS.items() if not os.access(path, os.X_OK)]
+    if missing:
+        raise DevError(f"missing Debian packages: {', '.join(missing)}; run scripts/install-deps")
+
+
 def _parse_subnet(subnet: str, hosts: int) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(subnet, strict=True)
@@ -416,6 +431,7 @@ def up(
         raise ClusterExistsError(
             f"dev cluster {name!r} already exists ({', '.join(leftovers)}); run {_down_hint(name, state)} first"
         )
+    _check_tools()
     users = netns.subnet_users(net)
     if users:
         raise DevError(f"subnet {net} is already in use by {', '.join(users)}; choose another with --subnet")
