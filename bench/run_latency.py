@@ -31,7 +31,7 @@ from berth.api import types_pb2 as t  # noqa: E402
 from berth.rpc import sync_channel  # noqa: E402
 from berthctl.dev import cluster as dev  # noqa: E402
 
-NAME, SUBNET = "bbench", "10.77.7.0/24"
+NAME, SUBNET = "bbench", "10.77.4.0/24"
 PODMAN_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
 
 
