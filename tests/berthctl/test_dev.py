@@ -1,7 +1,8 @@
 """`berthctl dev`: up, status, down, and that down leaves nothing behind.
 
-These clusters use their own names and subnets so that they never collide with the session cluster
-(`btest`, 10.77.9.0/24) from conftest.
+These clusters use their own names and subnets (10.77.201-206.0/24) so that they never collide with the
+session cluster (`btest`, 10.77.9.0/24) from conftest, the default dev cluster (10.77.0.0/24) or the
+benchmarks.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
     """--no-berth: network, etcd and registry only."""
     name = "bdinf"
     cleanup.append(name)
-    info = dev_cluster.up(name, 2, "10.77.7.0/24", state_dir, infra_only=True, write_config=False)
+    info = dev_cluster.up(name, 2, "10.77.201.0/24", state_dir, infra_only=True, write_config=False)
 
     check_status_json(info, state_dir, berth=False)
     assert sorted(os.listdir("/var/run/netns")) >= [f"{name}-host1", f"{name}-host2"]
@@ -189,8 +190,8 @@ def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
 
     # A second up on the same name refuses, says what to do, and leaves the first cluster alone.
     with pytest.raises(ClusterExistsError, match=rf"already exists .*berthctl dev down --name {name}"):
-        dev_cluster.up(name, 2, "10.77.6.0/24", state_dir, infra_only=True, write_config=False)
-    res = dev_cli("up", "--name", name, "--state-dir", str(state_dir), "--subnet", "10.77.6.0/24", "--no-berth")
+        dev_cluster.up(name, 2, "10.77.202.0/24", state_dir, infra_only=True, write_config=False)
+    res = dev_cli("up", "--name", name, "--state-dir", str(state_dir), "--subnet", "10.77.202.0/24", "--no-berth")
     assert res.returncode == 1
     assert f"run berthctl dev down --name {name} --state-dir {state_dir} first" in res.stderr
     assert dev_etcd.healthy(info.etcd)
@@ -207,13 +208,13 @@ def test_up_status_down(state_dir: Path, cleanup: list[str], tmp_path: Path) -> 
     cleanup.append(name)
     config_home = tmp_path / "config"
     args = ("--name", name, "--state-dir", str(state_dir))
-    res = dev_cli("up", *args, "--hosts", "2", "--subnet", "10.77.8.0/24", config_home=str(config_home))
+    res = dev_cli("up", *args, "--hosts", "2", "--subnet", "10.77.203.0/24", config_home=str(config_home))
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"dev cluster '{name}' is up in " in res.stdout
     assert "berthctl run busybox echo hello" in res.stdout
     assert f"berthctl dev down --name {name} --state-dir {state_dir}" in res.stdout
     config = config_home / "berth" / "config.json"
-    assert json.loads(config.read_text()) == {"controller": "10.77.8.1:7070"}
+    assert json.loads(config.read_text()) == {"controller": "10.77.203.1:7070"}
     info = dev_cluster.load(name, state_dir)
 
     nodes = subprocess.run(
@@ -275,9 +276,9 @@ def test_bad_input(state_dir: Path, name: str, hosts: int, subnet: str, message:
 
 def test_subnet_in_use(state_dir: Path, cleanup: list[str]) -> None:
     cleanup.append("bdsub")
-    dev_cluster.up("bdsub", 1, "10.77.4.0/24", state_dir, infra_only=True, write_config=False)
-    with pytest.raises(DevError, match=re.escape("subnet 10.77.4.0/24 is already in use by bb-bdsub")):
-        dev_cluster.up("bdsub2", 1, "10.77.4.0/24", state_dir, infra_only=True, write_config=False)
+    dev_cluster.up("bdsub", 1, "10.77.204.0/24", state_dir, infra_only=True, write_config=False)
+    with pytest.raises(DevError, match=re.escape("subnet 10.77.204.0/24 is already in use by bb-bdsub")):
+        dev_cluster.up("bdsub2", 1, "10.77.204.0/24", state_dir, infra_only=True, write_config=False)
     assert leftovers("bdsub2", state_dir) == []
 
 
@@ -293,7 +294,7 @@ def test_failure_half_way_tears_down_and_keeps_logs(
 
     monkeypatch.setattr(dev_etcd, "command", broken_etcd)
     with pytest.raises(StartError) as raised:
-        dev_cluster.up(name, 2, "10.77.3.0/24", state_dir, infra_only=True, write_config=False)
+        dev_cluster.up(name, 2, "10.77.205.0/24", state_dir, infra_only=True, write_config=False)
     kept = state_dir / f"{name}.failed" / "etcd.log"
     assert str(raised.value) == f"etcd exited with status 3 while starting; read {kept}"
     assert "simulated start-up failure" in kept.read_text()
@@ -312,7 +313,7 @@ def test_down_without_cluster_json_removes_strays(state_dir: Path, cleanup: list
     processes in the cluster's cgroups, mounts under the state dir."""
     name = "bdstray"
     cleanup.append(name)
-    info = dev_cluster.up(name, 1, "10.77.1.0/24", state_dir, infra_only=True, write_config=False)
+    info = dev_cluster.up(name, 1, "10.77.206.0/24", state_dir, infra_only=True, write_config=False)
     host = info.hosts[0]
     cdir = state_dir / name
 
