@@ -1,9 +1,11 @@
 """Fixtures shared by all tests.
 
 - `cluster`: one real dev cluster for the whole session (name `btest`, 3 hosts, 10.77.9.0/24) made with
-  `berthctl.dev.cluster.up` under a temporary state dir, and removed with `down` at the end even when
+  `berthctl.dev.cluster.up` under $TMPDIR/berth-test-state, and removed with `down` at the end even when
   tests fail. Tests that need a cluster of their own use another name and subnet.
 - `berthctl`: runs `python -m berthctl ARGS...` against that cluster's controller.
+- `exclusive(name)`: a machine-wide lock; test sessions running at the same time on one machine take
+  turns with a cluster name instead of tearing down each other's cluster.
 
 Tests run as root on a machine prepared by scripts/install-deps; nothing is skipped.
 """
