@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+import asyncio
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+from berth.metrics_http import serve_metrics
 
 _START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -24,6 +28,5 @@ class AgentMetrics:
             registry=self.registry,
         )
 
-    def serve(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+    async def serve(self, address: str) -> asyncio.Server:
+        return await serve_metrics(self.registry, address)

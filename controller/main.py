@@ -52,7 +52,7 @@ async def serve(args: argparse.Namespace) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         rpc.bind(server, args.listen)
-        metrics.serve(args.metrics_listen)
+        await metrics.serve(args.metrics_listen)
     except OSError as exc:
         raise SystemExit(f"berth-controller: {exc}") from None
     await server.start()

@@ -1,4 +1,4 @@
-"""The controller's Prometheus metrics, served on /metrics by prometheus-client's HTTP server.
+"""The controller's Prometheus metrics, served on /metrics (berth.metrics_http).
 
 Gauges of containers by state and hosts by state are refreshed from the store by a background task; the
 scheduling-latency histogram is observed where placements are committed (controller.orchestrator).
@@ -10,10 +10,11 @@ import asyncio
 import logging
 from collections import Counter
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
 from berth.api import types_pb2 as t
+from berth.metrics_http import serve_metrics
 from controller.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,8 @@ class ControllerMetrics:
             registry=self.registry,
         )
 
-    def serve(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+    async def serve(self, address: str) -> asyncio.Server:
+        return await serve_metrics(self.registry, address)
 
     async def refresh(self, store: Store) -> None:
         containers: Counter[str] = Counter({state_name(s): 0 for s in t.ContainerState.values() if s})
