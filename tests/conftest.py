@@ -26,8 +26,23 @@ import pytest
 
 from berthctl.dev import cluster as dev_cluster
 
-CLUSTER_NAME = "btest"
-CLUSTER_SUBNET = "10.77.9.0/24"
+# BERTH_TEST_SLOT=N (0-9) gives a test session its own cluster names, subnets (10.77+N.x.0/24) and loopback
+# addresses, so that sessions in separate checkouts on one machine run side by side instead of in turns.
+SLOT = int(os.environ.get("BERTH_TEST_SLOT", "0"))
+
+
+def slot_name(base: str) -> str:
+    return base if SLOT == 0 else f"{base}{SLOT}"
+
+
+def slot_subnet(subnet: str) -> str:
+    """10.77.9.0/24 -> 10.(77+SLOT).9.0/24."""
+    a, b, rest = subnet.split(".", 2)
+    return f"{a}.{int(b) + SLOT}.{rest}"
+
+
+CLUSTER_NAME = slot_name("btest")
+CLUSTER_SUBNET = slot_subnet("10.77.9.0/24")
 CLUSTER_HOSTS = 3
 LOCK_DIR = Path(tempfile.gettempdir()) / "berth-test-locks"
 

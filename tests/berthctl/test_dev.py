@@ -26,10 +26,10 @@ import pytest
 from berthctl.dev import ClusterExistsError, DevError, StartError
 from berthctl.dev import cluster as dev_cluster
 from berthctl.dev import etcd as dev_etcd
-from tests.conftest import exclusive
+from tests.conftest import exclusive, slot_name, slot_subnet
 
 STATE_DIR = Path(tempfile.gettempdir()) / "berth-test-dev"
-CLUSTER_NAMES = ("bdinf", "bdev", "bdsub", "bdsub2", "bdfail", "bdstray", "bnever", "bbad")
+CLUSTER_NAMES = tuple(slot_name(n) for n in ("bdinf", "bdev", "bdsub", "bdsub2", "bdfail", "bdstray", "bnever", "bbad"))
 
 
 def dev_cli(
@@ -166,9 +166,9 @@ def check_status_json(info: dev_cluster.ClusterInfo, state_dir: Path, berth: boo
 
 def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
     """--no-berth: network, etcd and registry only."""
-    name = "bdinf"
+    name = slot_name("bdinf")
     cleanup.append(name)
-    info = dev_cluster.up(name, 2, "10.77.201.0/24", state_dir, infra_only=True, write_config=False)
+    info = dev_cluster.up(name, 2, slot_subnet("10.77.201.0/24"), state_dir, infra_only=True, write_config=False)
 
     check_status_json(info, state_dir, berth=False)
     assert sorted(os.listdir("/var/run/netns")) >= [f"{name}-host1", f"{name}-host2"]
@@ -190,8 +190,10 @@ def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
 
     # A second up on the same name refuses, says what to do, and leaves the first cluster alone.
     with pytest.raises(ClusterExistsError, match=rf"already exists .*berthctl dev down --name {name}"):
-        dev_cluster.up(name, 2, "10.77.202.0/24", state_dir, infra_only=True, write_config=False)
-    res = dev_cli("up", "--name", name, "--state-dir", str(state_dir), "--subnet", "10.77.202.0/24", "--no-berth")
+        dev_cluster.up(name, 2, slot_subnet("10.77.202.0/24"), state_dir, infra_only=True, write_config=False)
+    res = dev_cli(
+        "up", "--name", name, "--state-dir", str(state_dir), "--subnet", slot_subnet("10.77.202.0/24"), "--no-berth"
+    )
     assert res.returncode == 1
     assert f"run berthctl dev down --name {name} --state-dir {state_dir} first" in res.stderr
     assert dev_etcd.healthy(info.etcd)
@@ -204,17 +206,17 @@ def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
 def test_up_status_down(state_dir: Path, cleanup: list[str], tmp_path: Path) -> None:
     """The whole cluster from the CLI: controller and agents in their namespaces, every host NODE_READY,
     berthctl configured to use it."""
-    name = "bdev"
+    name = slot_name("bdev")
     cleanup.append(name)
     config_home = tmp_path / "config"
     args = ("--name", name, "--state-dir", str(state_dir))
-    res = dev_cli("up", *args, "--hosts", "2", "--subnet", "10.77.203.0/24", config_home=str(config_home))
+    res = dev_cli("up", *args, "--hosts", "2", "--subnet", slot_subnet("10.77.203.0/24"), config_home=str(config_home))
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"dev cluster '{name}' is up in " in res.stdout
     assert "berthctl run busybox echo hello" in res.stdout
     assert f"berthctl dev down --name {name} --state-dir {state_dir}" in res.stdout
     config = config_home / "berth" / "config.json"
-    assert json.loads(config.read_text()) == {"controller": "10.77.203.1:7070"}
+    assert json.loads(config.read_text()) == {"controller": slot_subnet("10.77.203.1/24").split("/")[0] + ":7070"}
     info = dev_cluster.load(name, state_dir)
 
     nodes = subprocess.run(
@@ -244,16 +246,16 @@ def test_up_status_down(state_dir: Path, cleanup: list[str], tmp_path: Path) -> 
 
 
 def test_down_of_unknown_cluster_is_quiet(state_dir: Path) -> None:
-    res = dev_cli("down", "--name", "bnever", "--state-dir", str(state_dir))
+    res = dev_cli("down", "--name", slot_name("bnever"), "--state-dir", str(state_dir))
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
-    dev_cluster.down("bnever", state_dir)
+    dev_cluster.down(slot_name("bnever"), state_dir)
 
 
 def test_status_of_unknown_cluster(state_dir: Path) -> None:
-    res = dev_cli("status", "--name", "bnever", "--state-dir", str(state_dir))
+    res = dev_cli("status", "--name", slot_name("bnever"), "--state-dir", str(state_dir))
     assert res.returncode == 1
     assert res.stderr.strip() == (
-        f"berthctl: no dev cluster 'bnever' under {state_dir}; start one with berthctl dev up"
+        f"berthctl: no dev cluster '{slot_name('bnever')}' under {state_dir}; start one with berthctl dev up"
     )
 
 
@@ -275,18 +277,23 @@ def test_bad_input(state_dir: Path, name: str, hosts: int, subnet: str, message:
 
 
 def test_subnet_in_use(state_dir: Path, cleanup: list[str]) -> None:
-    cleanup.append("bdsub")
-    dev_cluster.up("bdsub", 1, "10.77.204.0/24", state_dir, infra_only=True, write_config=False)
-    with pytest.raises(DevError, match=re.escape("subnet 10.77.204.0/24 is already in use by bb-bdsub")):
-        dev_cluster.up("bdsub2", 1, "10.77.204.0/24", state_dir, infra_only=True, write_config=False)
-    assert leftovers("bdsub2", state_dir) == []
+    cleanup.append(slot_name("bdsub"))
+    dev_cluster.up(slot_name("bdsub"), 1, slot_subnet("10.77.204.0/24"), state_dir, infra_only=True, write_config=False)
+    with pytest.raises(
+        DevError,
+        match=re.escape(f"subnet {slot_subnet('10.77.204.0/24')} is already in use by bb-{slot_name('bdsub')}"),
+    ):
+        dev_cluster.up(
+            slot_name("bdsub2"), 1, slot_subnet("10.77.204.0/24"), state_dir, infra_only=True, write_config=False
+        )
+    assert leftovers(slot_name("bdsub2"), state_dir) == []
 
 
 def test_failure_half_way_tears_down_and_keeps_logs(
     state_dir: Path, cleanup: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """etcd dies at start: up removes the network it made and points at the kept etcd log."""
-    name = "bdfail"
+    name = slot_name("bdfail")
     cleanup.append(name)
 
     def broken_etcd(host: str, data_dir: Path) -> list[str]:
@@ -294,7 +301,7 @@ def test_failure_half_way_tears_down_and_keeps_logs(
 
     monkeypatch.setattr(dev_etcd, "command", broken_etcd)
     with pytest.raises(StartError) as raised:
-        dev_cluster.up(name, 2, "10.77.205.0/24", state_dir, infra_only=True, write_config=False)
+        dev_cluster.up(name, 2, slot_subnet("10.77.205.0/24"), state_dir, infra_only=True, write_config=False)
     kept = state_dir / f"{name}.failed" / "etcd.log"
     assert str(raised.value) == f"etcd exited with status 3 while starting; read {kept}"
     assert "simulated start-up failure" in kept.read_text()
@@ -311,9 +318,9 @@ def cgroup_mounts() -> list[str]:
 def test_down_without_cluster_json_removes_strays(state_dir: Path, cleanup: list[str]) -> None:
     """down finds what a crashed agent or a lost cluster.json would leave: processes in a host namespace,
     processes in the cluster's cgroups, mounts under the state dir."""
-    name = "bdstray"
+    name = slot_name("bdstray")
     cleanup.append(name)
-    info = dev_cluster.up(name, 1, "10.77.206.0/24", state_dir, infra_only=True, write_config=False)
+    info = dev_cluster.up(name, 1, slot_subnet("10.77.206.0/24"), state_dir, infra_only=True, write_config=False)
     host = info.hosts[0]
     cdir = state_dir / name
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from berthctl.dev import etcd
+from tests.conftest import SLOT
 
-HOST = "127.0.0.77"
+HOST = f"127.0.{SLOT}.77"
 
 
 @dataclass(frozen=True)

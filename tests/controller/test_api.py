@@ -13,7 +13,7 @@ import pytest
 from berth.api import control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
 from tests.conftest import run_berthctl
-from tests.controller.conftest import Controller, etcd_keys
+from tests.controller.conftest import HOST, Controller, etcd_keys
 
 
 @pytest.fixture
@@ -104,10 +104,10 @@ def test_cli_errors(controller: Controller) -> None:
     out = run_berthctl(controller.address, "rm", "nosuch")
     assert (out.returncode, out.stderr) == (1, "berthctl: no such container: nosuch\n")
 
-    out = run_berthctl("127.0.0.77:1", "ps")
+    out = run_berthctl(f"{HOST}:1", "ps")
     assert out.returncode == 125
     assert out.stderr.count("\n") == 1
-    assert out.stderr.startswith("berthctl: cannot reach the controller at 127.0.0.77:1 (connection refused)")
+    assert out.stderr.startswith(f"berthctl: cannot reach the controller at {HOST}:1 (connection refused)")
     assert "BERTH_CONTROLLER" in out.stderr
 
 
