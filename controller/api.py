@@ -20,7 +20,7 @@ from berth.api import types_pb2 as t
 from berth.rpc import aio_channel
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import TERMINAL, Orchestrator
-from controller.store import NameInUse, NotFound, Store, StoreError, Unavailable
+from controller.store import NameInUse, NotFound, StatusEvent, Store, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,27 @@ class StatusTracker:
     """Follows one container's status from a revision on, in a background task, so that a caller can wait for
     several states in turn without missing one in between."""
 
-    def __init__(self, store: Store, cid: str, after_revision: int, current: t.ContainerStatus | None) -> None:
+    def __init__(self, events: AsyncIterator[StatusEvent], cid: str, current: t.ContainerStatus | None) -> None:
         self.cid = cid
         self.history: list[t.ContainerStatus] = [current] if current is not None else []
         self.gone = False
         self.error: Exception | None = None
         self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._follow(store, after_revision))
+        self._task = asyncio.create_task(self._follow(events))
 
-    async def _follow(self, store: Store, after_revision: int) -> None:
+    @classmethod
+    async def before_changes(cls, store: Store, cid: str) -> StatusTracker:
+        """A tracker whose etcd watch is in place before the caller writes: it sees every later status
+        at once (a watch from a past revision would be caught up only by etcd's 100 ms sync loop)."""
+        return cls(await store.open_status_watch(cid), cid, None)
+
+    @classmethod
+    def after(cls, store: Store, cid: str, revision: int, current: t.ContainerStatus) -> StatusTracker:
+        return cls(store.watch_status(cid, revision), cid, current)
+
+    async def _follow(self, events: AsyncIterator[StatusEvent]) -> None:
         try:
-            async for event in store.watch_status(self.cid, after_revision):
+            async for event in events:
                 async with self._changed:
                     if event.status is None:
                         self.gone = True
@@ -62,6 +72,10 @@ class StatusTracker:
             async with self._changed:
                 self.error = exc
                 self._changed.notify_all()
+
+    def seed(self, status: t.ContainerStatus) -> None:
+        """Add a status read directly (it is no older than the events already seen)."""
+        self.history.append(status)
 
     async def wait(self, generation: int, states: Iterable[int], timeout_s: float) -> t.ContainerStatus:
         """The first status of this generation (or later) in one of the states."""
@@ -178,7 +192,7 @@ class ControlAPI(control_pb2_grpc.ControlServicer):
         """Wait until the container's status for this generation is in one of the states. Raises NotFound
         when the container is removed first, TimeoutError after timeout_s."""
         status, revision = await self.store.get_status(cid)
-        tracker = StatusTracker(self.store, cid, revision, status)
+        tracker = StatusTracker.after(self.store, cid, revision, status)
         try:
             return await tracker.wait(generation, states, timeout_s)
         finally:
@@ -208,23 +222,25 @@ class ControlAPI(control_pb2_grpc.ControlServicer):
             id=secrets.token_hex(32), spec=spec, created_at_ns=int(self.clock() * 1e9),
             desired_state=t.DESIRED_RUNNING, generation=1, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S,
         )
+        # The status watch goes in before the container exists, so every status of this run is seen, at
+        # once, even when an --rm container is deleted right after its exit.
+        tracker = await StatusTracker.before_changes(self.store, c.id)
         try:
             if not c.spec.name:
                 c.spec.name = await self._free_name()
-            created = await self.store.create_container(c)
+            await self.store.create_container(c)
             placed = await self.orchestrator.schedule(c.id)
         except StoreError as exc:
+            tracker.close()
             self._count("Run", grpc.StatusCode.ABORTED)
             await _abort(context, exc)
         if not placed.node_id:
             # Nothing fits now: it stays pending, and the pending sweep places it when a host frees up.
+            tracker.close()
             self._count("Run", grpc.StatusCode.OK)
             yield control_pb2.RunEvent(started=await self._view(c.id))
             return
 
-        # One watch from the creation on: every status this run goes through is seen, even when an --rm
-        # container is deleted right after its exit.
-        tracker = StatusTracker(self.store, c.id, created, None)
         logs: asyncio.Queue[t.LogEntry | None] = asyncio.Queue()
         pump = asyncio.create_task(self._pump_logs(placed, logs)) if request.attach else None
         try:
@@ -275,11 +291,13 @@ class ControlAPI(control_pb2_grpc.ControlServicer):
 
     async def Start(self, request: control_pb2.ContainerRef, context: Ctx) -> t.Container:
         cid = await self._resolve(request.ref, context)
+        tracker = await StatusTracker.before_changes(self.store, cid)
         try:
             c = await self.orchestrator.set_desired(cid, t.DESIRED_RUNNING)
             if c.node_id:
-                status = await self._wait(
-                    cid, c.generation, (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED), timeout_s=3600
+                tracker.seed((await self.store.get_status(cid))[0])
+                status = await tracker.wait(
+                    c.generation, (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED), timeout_s=3600
                 )
                 if status.state == t.STATE_FAILED:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
@@ -288,21 +306,27 @@ class ControlAPI(control_pb2_grpc.ControlServicer):
             await _abort(context, exc)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the container did not start in time")
+        finally:
+            tracker.close()
         raise AssertionError
 
     async def Stop(self, request: control_pb2.StopRequest, context: Ctx) -> t.Container:
         cid = await self._resolve(request.ref, context)
         timeout = request.timeout_s if request.timeout_s >= 0 else DEFAULT_STOP_TIMEOUT_S
+        tracker = await StatusTracker.before_changes(self.store, cid)
         try:
             c = await self.orchestrator.set_desired(cid, t.DESIRED_STOPPED, stop_timeout_s=timeout)
             status, _ = await self.store.get_status(cid)
             if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
-                await self._wait(cid, c.generation, TERMINAL, timeout_s=timeout + 30)
+                tracker.seed(status)
+                await tracker.wait(c.generation, TERMINAL, timeout_s=timeout + 30)
             return await self._view(cid)
         except StoreError as exc:
             await _abort(context, exc)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the container did not stop in time")
+        finally:
+            tracker.close()
         raise AssertionError
 
     async def Remove(self, request: control_pb2.RemoveRequest, context: Ctx) -> control_pb2.RemoveResponse:

@@ -275,11 +275,8 @@ class Store:
     async def watch_status(self, cid: str, after_revision: int) -> AsyncIterator[StatusEvent]:
         """Changes of one container's status after a revision, in order; the status key is deleted with the
         container, so a None status (and the end) means it was removed."""
-        async for kind, kv in self._watch(status_key(cid), after_revision + 1, prefix=False):
-            if kind != "PUT":
-                yield StatusEvent(int(kv.mod_revision), None)
-                return
-            yield StatusEvent(int(kv.mod_revision), _parse(t.ContainerStatus, kv.value))
+        async for event in _status_events(self._watch(status_key(cid), after_revision + 1, prefix=False)):
+            yield event
 
     # ---- assignments ------------------------------------------------------------------------------
 
@@ -371,20 +368,47 @@ class Store:
 
     async def _watch(self, key: bytes, start_revision: int, *, prefix: bool) -> AsyncIterator[tuple[str, Any]]:
         """Events on a key (or prefix) from a revision on, as (kind, kv), in revision order."""
-        queue: asyncio.Queue[tuple[str, Any] | BaseException] = asyncio.Queue()
+        async for item in await self._open_watch(key, start_revision, prefix=prefix):
+            yield item
+
+    async def _open_watch(
+        self, key: bytes, start_revision: int | None, *, prefix: bool
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """Create a watch now (from start_revision, or from the next revision when None) and return its
+        events. A watch made from the next revision is "synced" in etcd and gets events at once; one
+        made from a past revision is caught up by etcd's background loop, every 100 ms."""
         fn = self._client.watch_prefix if prefix else self._client.watch
         watch = await self._call(fn, key, start_revision=start_revision)
-        pump = asyncio.create_task(_pump(watch, queue))
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise _translate(item) if isinstance(item, Exception) else item
-                yield item
-        finally:
-            pump.cancel()
-            with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
-                await watch.cancel()
+        return _drain(watch)
+
+    async def open_status_watch(self, cid: str) -> AsyncIterator[StatusEvent]:
+        """Like watch_status, from the next revision on, with the watch already in place when this returns:
+        open it before the writes whose effects you wait for."""
+        events = await self._open_watch(status_key(cid), None, prefix=False)
+        return _status_events(events)
+
+
+async def _status_events(events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[StatusEvent]:
+    async for kind, kv in events:
+        if kind != "PUT":
+            yield StatusEvent(int(kv.mod_revision), None)
+            return
+        yield StatusEvent(int(kv.mod_revision), _parse(t.ContainerStatus, kv.value))
+
+
+async def _drain(watch: Any) -> AsyncIterator[tuple[str, Any]]:
+    queue: asyncio.Queue[tuple[str, Any] | BaseException] = asyncio.Queue()
+    pump = asyncio.create_task(_pump(watch, queue))
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise _translate(item) if isinstance(item, Exception) else item
+            yield item
+    finally:
+        pump.cancel()
+        with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
+            await watch.cancel()
 
 
 async def _pump(watch: Any, queue: asyncio.Queue[tuple[str, Any] | BaseException]) -> None:
