@@ -74,6 +74,7 @@ def main() -> None:
     info = dev.up(NAME, 3, SUBNET, state, write_config=False)
     try:
         api = api_latency(info.controller, args.runs)
+        print("api ms, sorted:", " ".join(f"{x:.0f}" for x in sorted(api)), file=sys.stderr)
         image = f"{info.registry}/library/busybox:latest"
         subprocess.run(["podman", "pull", "--tls-verify=false", "-q", image], check=True,
                        stdout=subprocess.DEVNULL)
