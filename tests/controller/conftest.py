@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,9 @@ import pytest
 
 from berthctl.dev import etcd
 from tests.conftest import SLOT
+from tests.support import etcd_keys, wait_for
+
+__all__ = ["HOST", "Controller", "etcd_keys", "wait_for"]
 
 HOST = f"127.0.{SLOT}.77"
 
@@ -23,22 +25,6 @@ class Controller:
     address: str
     metrics: str
     etcd_url: str
-
-
-def etcd_keys(url: str, prefix: str = "/berth/") -> list[str]:
-    out = subprocess.run(
-        ["etcdctl", f"--endpoints={url}", "get", "--prefix", "--keys-only", prefix],
-        capture_output=True, text=True, check=True, env={**os.environ, "ETCDCTL_API": "3"},
-    ).stdout
-    return [line for line in out.splitlines() if line]
-
-
-def wait_for(condition: object, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -16,18 +15,9 @@ from typing import Any
 import pytest
 
 from berthctl.dev.cluster import ClusterInfo, HostInfo
+from tests import support
 from tests.conftest import RunBerthctl
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+from tests.support import wait_for
 
 
 def ps(berthctl: RunBerthctl, *flags: str) -> list[dict[str, Any]]:
@@ -46,11 +36,7 @@ def host_of(cluster: ClusterInfo, node: str) -> HostInfo:
 
 
 def etcd_keys(cluster: ClusterInfo, prefix: str = "/berth/") -> list[str]:
-    out = subprocess.run(
-        ["etcdctl", f"--endpoints={cluster.etcd}", "get", "--prefix", "--keys-only", prefix],
-        capture_output=True, text=True, check=True, env={**os.environ, "ETCDCTL_API": "3"},
-    ).stdout
-    return [line for line in out.splitlines() if line]
+    return support.etcd_keys(cluster.etcd, prefix)
 
 
 def cgroup_dirs(cluster: ClusterInfo) -> set[str]:
