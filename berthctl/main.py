@@ -207,9 +207,15 @@ def cmd_run(args: argparse.Namespace, conn: Connection) -> int:
             c = event.started
             if args.detach:
                 print(c.id)
-                if _state(c) == "pending":
-                    print(f"berthctl: warning: container {c.spec.name} is pending: {c.pending_reason}",
-                          file=sys.stderr)
+            if _state(c) == "pending":
+                # No host fits now; it stays pending and starts when one does (Kubernetes' Pending).
+                name = c.spec.name
+                message = (f"container {name} is pending: {c.pending_reason}; it starts when a host fits "
+                           f"(berthctl ps -a), or remove it with berthctl rm {name}")
+                if args.detach:
+                    print(f"berthctl: warning: {message}", file=sys.stderr)
+                else:
+                    raise CLIError(f"cannot attach: {message}")
         elif kind == "log":
             _write_log(event.log)
         elif kind == "exit_code":

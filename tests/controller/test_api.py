@@ -122,3 +122,21 @@ def test_cli_config_file(controller: Controller, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "berthctl", "node", "ls", "-o", "json"],
                          env=env, capture_output=True, text=True, check=False, timeout=30)
     assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
+
+
+def test_cli_run_on_a_cluster_without_hosts_says_it_is_pending(controller: Controller) -> None:
+    out = run_berthctl(controller.address, "run", "--name", "nowhere", "busybox", "true")
+    try:
+        assert out.returncode == 125
+        assert out.stderr == (
+            "berthctl: cannot attach: container nowhere is pending: no hosts: start an agent (berth-agent) or a "
+            "dev cluster (berthctl dev up); it starts when a host fits (berthctl ps -a), or remove it with "
+            "berthctl rm nowhere\n"
+        )
+        detached = run_berthctl(controller.address, "run", "-d", "--name", "nowhere2", "busybox", "true")
+        assert detached.returncode == 0
+        assert len(detached.stdout.strip()) == 64
+        assert detached.stderr.startswith("berthctl: warning: container nowhere2 is pending: no hosts")
+    finally:
+        run_berthctl(controller.address, "rm", "nowhere", "nowhere2")
+    assert etcd_keys(controller.etcd_url, "/berth/containers/") == []
