@@ -4,8 +4,13 @@ reference to a manifest for this host's platform, fetch the config, download blo
 Where a registry is reached: a mirror configured for the registry host is tried first (RegistryConfig.mirrors,
 e.g. docker.io -> http://10.77.0.1:5000), then the registry itself; `docker.io` is served by
 registry-1.docker.io. Registries in RegistryConfig.insecure, and loopback ones (as in Docker), are reached
-over plain HTTP, every other over HTTPS. Access is anonymous; a `401` with a `Bearer` challenge is answered
-by fetching an anonymous token from the realm, which is then reused for the repository.
+over plain HTTP, every other over HTTPS. Access is anonymous unless RegistryConfig.credentials has a user and
+password for the registry: a `401` with a `Basic` challenge is answered with them, one with a `Bearer`
+challenge by fetching a token from the realm (with the credentials, if any), which is then reused for the
+repository. Credentials never appear in a message or a log line.
+
+Pushing (a client made with push=True asks tokens for pull,push): blobs the registry lacks are uploaded
+monolithically (POST then PUT ?digest=), then the manifest is PUT under its tag.
 
 Manifests understood: Docker schema 2, OCI image manifest, Docker manifest list and OCI index (the entry for
 this host's linux/<arch> is picked). Every manifest and blob is checked against its digest (and blobs
@@ -17,18 +22,19 @@ AuthenticationRequired, UnsupportedImage), DigestMismatch.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import platform
 import re
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -76,6 +82,8 @@ class RegistryConfig:
 
     mirrors: dict[str, str] = field(default_factory=dict)
     insecure: set[str] = field(default_factory=set)
+    # registry host (as in a reference: docker.io, ghcr.io, 10.0.0.1:5000) -> (user, password)
+    credentials: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -234,8 +242,10 @@ class RegistryClient:
         event_hooks: Mapping[str, list[EventHook]] | None = None,
         timeout: float = 30.0,
         connect_timeout: float = 10.0,
+        push: bool = False,
     ) -> None:
         self.config = config
+        self._push = push
         self._event_hooks = dict(event_hooks or {})
         self._timeout = httpx.Timeout(timeout, connect=connect_timeout)
         self._http: httpx.AsyncClient | None = None
@@ -256,8 +266,24 @@ class RegistryClient:
 
     # -- HTTP with token auth ------------------------------------------------------------------------------
 
+    def _credentials(self, endpoint: Endpoint) -> tuple[str, str] | None:
+        host = endpoint.host
+        found = self.config.credentials.get(host)
+        if found is None and host == DOCKER_HUB_HOST:
+            found = self.config.credentials.get(DEFAULT_REGISTRY)
+        return found
+
     async def _send(
-        self, endpoint: Endpoint, repository: str, path: str, headers: Mapping[str, str], *, stream: bool
+        self,
+        endpoint: Endpoint,
+        repository: str,
+        path: str,
+        headers: Mapping[str, str],
+        *,
+        stream: bool,
+        method: str = "GET",
+        content: bytes | AsyncIterable[bytes] | None = None,
+        url: str | None = None,
     ) -> httpx.Response:
         if self._http is None:
             raise RuntimeError("RegistryClient used outside `async with`")
@@ -266,7 +292,9 @@ class RegistryClient:
             sent = dict(headers)
             if key in self._tokens:
                 sent["Authorization"] = self._tokens[key]
-            request = self._http.build_request("GET", endpoint.base_url + path, headers=sent)
+            request = self._http.build_request(
+                method, url or endpoint.base_url + path, headers=sent, content=content
+            )
             try:
                 response = await self._http.send(request, stream=stream)
             except httpx.RequestError as err:
@@ -281,26 +309,35 @@ class RegistryClient:
     async def _token(self, endpoint: Endpoint, repository: str, challenge: str) -> str:
         assert self._http is not None
         scheme, params = _parse_challenge(challenge)
+        creds = self._credentials(endpoint)
+        if scheme == "basic" and creds is not None:
+            return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
         if scheme != "bearer" or "realm" not in params:
             raise AuthenticationRequired(
                 f"registry {endpoint.host} requires credentials ({challenge or 'no challenge given'}); "
-                "this agent pulls anonymously"
+                f"log in first: berthctl login {endpoint.host}"
             )
-        query = {"scope": params.get("scope") or f"repository:{repository}:pull"}
+        actions = "pull,push" if self._push else "pull"
+        scope = params.get("scope") or f"repository:{repository}:pull"
+        if self._push:
+            scope = f"repository:{repository}:{actions}"
+        query = {"scope": scope}
         if params.get("service"):
             query["service"] = params["service"]
         realm = params["realm"]
+        auth = httpx.BasicAuth(*creds) if creds is not None else None
         try:
-            response = await self._http.get(realm, params=query)
+            response = await self._http.get(realm, params=query, auth=auth)
         except httpx.RequestError as err:
             raise RegistryUnreachable(
                 f"cannot reach the token service {urlsplit(realm).netloc} of registry {endpoint.host}: "
                 f"{_reason(err)}"
             ) from err
         if response.status_code != 200:
+            who = "the credentials given" if creds is not None else "an anonymous token"
             raise AuthenticationRequired(
-                f"the token service of registry {endpoint.host} refused an anonymous token for "
-                f"{repository} (HTTP {response.status_code})"
+                f"the token service of registry {endpoint.host} refused {who} for {repository} "
+                f"(HTTP {response.status_code})"
             )
         try:
             data = response.json()
@@ -332,8 +369,8 @@ class RegistryClient:
             )
         if response.status_code in (401, 403):
             raise AuthenticationRequired(
-                f"pull access denied for {ref} by registry {endpoint.host}: the repository does not exist "
-                "or needs credentials, and this agent pulls anonymously"
+                f"access denied for {ref} by registry {endpoint.host}: the repository does not exist "
+                "or needs credentials (berthctl login " + endpoint.host + ")"
             )
         if response.status_code == 429:
             raise RegistryError(f"registry {endpoint.host} is rate limiting pulls of {ref}; try again later")
@@ -487,7 +524,9 @@ class RegistryClient:
             )
         return data
 
-    async def download_blob(self, resolved: Resolved, desc: Descriptor, dest: Path) -> None:
+    async def download_blob(
+        self, resolved: Resolved, desc: Descriptor, dest: Path, progress: Callable[[int], None] | None = None
+    ) -> None:
         """Stream a blob into `dest`: written to a temporary file beside it, hashed on the way, and renamed
         into place only when size and digest match. On any failure nothing is left behind."""
         response = await self._open_blob(resolved, desc)
@@ -510,6 +549,8 @@ class RegistryClient:
                         )
                     digest.update(chunk)
                     out.write(chunk)
+                    if progress is not None:
+                        progress(size)
             actual = "sha256:" + digest.hexdigest()
             if size != desc.size or actual != desc.digest:
                 raise DigestMismatch(
@@ -532,3 +573,72 @@ class RegistryClient:
         finally:
             await response.aclose()
 
+
+    # -- pushing -------------------------------------------------------------------------------------------
+
+    def push_endpoint(self, ref: Reference) -> Endpoint:
+        """Where a push goes: the registry itself, never a mirror."""
+        return endpoints(self.config, ref.registry)[-1]
+
+    async def _expect(self, response: httpx.Response, endpoint: Endpoint, ref: Reference, what: str,
+                      ok: tuple[int, ...]) -> None:
+        if response.status_code in ok:
+            return
+        body = (await response.aread())[:300].decode("utf-8", "replace").strip()
+        if response.status_code in (401, 403):
+            raise AuthenticationRequired(
+                f"registry {endpoint.host} refused to let us push {ref} ({what}, HTTP {response.status_code}): "
+                f"log in with an account that may push: berthctl login {endpoint.host}"
+            )
+        raise RegistryError(
+            f"registry {endpoint.host} answered HTTP {response.status_code} to {what} of {ref}"
+            + (f": {body}" if body else "")
+        )
+
+    async def has_blob(self, endpoint: Endpoint, ref: Reference, digest: str) -> bool:
+        path = f"/v2/{ref.repository}/blobs/{digest}"
+        response = await self._send(endpoint, ref.repository, path, {}, stream=False, method="HEAD")
+        if response.status_code == 404:
+            return False
+        await self._expect(response, endpoint, ref, f"checking blob {digest}", (200,))
+        return True
+
+    async def upload_blob(
+        self, endpoint: Endpoint, ref: Reference, digest: str, path: Path,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Upload the file `path` as blob `digest` (a monolithic upload), unless the registry has it."""
+        if await self.has_blob(endpoint, ref, digest):
+            if progress is not None:
+                progress(path.stat().st_size)
+            return
+        start = f"/v2/{ref.repository}/blobs/uploads/"
+        response = await self._send(endpoint, ref.repository, start, {}, stream=False, method="POST")
+        await self._expect(response, endpoint, ref, f"starting the upload of {digest}", (202,))
+        location = response.headers.get("Location")
+        if not location:
+            raise RegistryError(f"registry {endpoint.host} started an upload without a Location")
+        url = urljoin(endpoint.base_url + start, location)
+        url += ("&" if "?" in url else "?") + f"digest={digest}"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with open(path, "rb") as source:
+                while chunk := source.read(1 << 20):
+                    if progress is not None:
+                        progress(len(chunk))
+                    yield chunk
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(path.stat().st_size)}
+        response = await self._send(
+            endpoint, ref.repository, "", headers, stream=False, method="PUT", content=chunks(), url=url
+        )
+        await self._expect(response, endpoint, ref, f"uploading blob {digest}", (201, 204))
+
+    async def put_manifest(self, endpoint: Endpoint, ref: Reference, media_type: str, body: bytes) -> None:
+        """PUT `body` as the manifest of `ref` (by its tag, or by digest)."""
+        path = f"/v2/{ref.repository}/manifests/{ref.selector}"
+        response = await self._send(
+            endpoint, ref.repository, path, {"Content-Type": media_type}, stream=False, method="PUT",
+            content=body,
+        )
+        await self._expect(response, endpoint, ref, "putting the manifest", (200, 201, 204))

@@ -19,12 +19,14 @@ images sharing a base layer, download and unpack it once.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -33,8 +35,22 @@ from typing import Any
 
 from agent.images import ImageError, RegistryError, RegistryUnreachable, StoreError
 from agent.images.reference import Reference, parse
-from agent.images.registry import Descriptor, EventHook, RegistryClient, RegistryConfig, Resolved
+from agent.images.registry import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    Descriptor,
+    EventHook,
+    RegistryClient,
+    RegistryConfig,
+    Resolved,
+)
 from agent.images.unpack import unpack_layer
+
+Progress = Callable[[str, str, int, int], None]
+
+
+def _no_progress(digest: str, phase: str, done: int, total: int) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,9 @@ class ImageStore:
             raise StoreError(f"cannot create the image store in {root}: {err}") from err
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._inflight: dict[str, asyncio.Task[Image]] = {}
+        self._writers = 0  # pulls, loads, imports, commits running: GC waits for them, and they for GC
+        self._collecting = False
+        self._gc_turn = asyncio.Condition()
         self._remove_temporaries()
 
     def _remove_temporaries(self) -> None:
@@ -202,13 +221,15 @@ class ImageStore:
         """The local image for `ref`, pulled first if it is not here."""
         return self.get(ref) or await self.pull(ref)
 
-    async def pull(self, ref: str) -> Image:
-        """Resolve `ref` at its registry and fetch whatever of it is missing locally."""
+    async def pull(self, ref: str, progress: Progress | None = None) -> Image:
+        """Resolve `ref` at its registry and fetch whatever of it is missing locally. `progress` is called
+        with (layer digest, phase, bytes done, bytes total) as layers download and unpack (phases:
+        "waiting", "downloading", "unpacking", "done", "exists"), only by the pull that does the work."""
         parsed = parse(ref)
         key = str(parsed)
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._pull(parsed))
+            task = asyncio.get_running_loop().create_task(self._pull(parsed, progress or _no_progress))
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._pulled(key, done))
         return await asyncio.shield(task)
@@ -244,7 +265,11 @@ class ImageStore:
         async with lock:
             yield
 
-    async def _pull(self, ref: Reference) -> Image:
+    async def _pull(self, ref: Reference, progress: Progress) -> Image:
+        async with self._writing():
+            return await self._pull_locked(ref, progress)
+
+    async def _pull_locked(self, ref: Reference, progress: Progress) -> Image:
         hooks = self._event_hooks
         async with RegistryClient(self.config, event_hooks=hooks) as client:
             resolved = await client.resolve(ref)
@@ -271,7 +296,7 @@ class ImageStore:
             try:
                 async with asyncio.TaskGroup() as group:
                     tasks = [
-                        group.create_task(self._layer(client, resolved, desc, diff_id, downloads))
+                        group.create_task(self._layer(client, resolved, desc, diff_id, downloads, progress))
                         for desc, diff_id in zip(manifest.layers, diff_ids, strict=True)
                     ]
             except BaseExceptionGroup as failed:
@@ -280,6 +305,7 @@ class ImageStore:
         record = {
             "reference": image.reference,
             "digest": image.digest,
+            "created_ns": time.time_ns(),
             "manifest": manifest.digest,
             "config_digest": manifest.config.digest,
             "diff_ids": diff_ids,
@@ -316,31 +342,272 @@ class ImageStore:
         desc: Descriptor,
         diff_id: str,
         downloads: asyncio.Semaphore,
+        progress: Progress,
     ) -> Path:
         dest = self.layer_path(diff_id)
-        if dest.is_dir():
+        blob = self.blob_path(desc.digest)
+        if dest.is_dir() and blob.exists():
+            progress(desc.digest, "exists", desc.size, desc.size)
             return dest
+        progress(desc.digest, "waiting", 0, desc.size)
         async with self._locked(diff_id):
-            if dest.is_dir():
-                return dest
-            blob = self.blob_path(desc.digest)
             async with self._locked(desc.digest):
                 if not blob.exists():
-                    await self._download(client, resolved, desc, blob, downloads)
-            await asyncio.to_thread(unpack_layer, blob, dest, diff_id)
+                    await self._download(client, resolved, desc, blob, downloads, progress)
+            if not dest.is_dir():
+                progress(desc.digest, "unpacking", desc.size, desc.size)
+                await asyncio.to_thread(unpack_layer, blob, dest, diff_id)
+        progress(desc.digest, "done", desc.size, desc.size)
         return dest
 
     async def _download(
-        self, client: RegistryClient, resolved: Resolved, desc: Descriptor, blob: Path, slots: asyncio.Semaphore
+        self, client: RegistryClient, resolved: Resolved, desc: Descriptor, blob: Path, slots: asyncio.Semaphore,
+        progress: Progress = lambda *_: None,
     ) -> None:
         delay = 0.5
         for attempt in range(1, self._attempts + 1):
             try:
                 async with slots:
-                    await client.download_blob(resolved, desc, blob)
+                    await client.download_blob(
+                        resolved, desc, blob, lambda done: progress(desc.digest, "downloading", done, desc.size)
+                    )
                 return
             except RegistryUnreachable:
                 if attempt == self._attempts:
                     raise
             await self._sleep(delay)
             delay *= 2
+
+    # -- records, tags, removal, garbage collection (issue 4) ----------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """Held by whatever adds blobs or layers: garbage collection never runs at the same time."""
+        async with self._gc_turn:
+            await self._gc_turn.wait_for(lambda: not self._collecting)
+            self._writers += 1
+        try:
+            yield
+        finally:
+            async with self._gc_turn:
+                self._writers -= 1
+                self._gc_turn.notify_all()
+
+    def record(self, ref: str) -> dict[str, Any] | None:
+        """The store's JSON record for `ref` (a reference, or an image id: a config digest or a prefix of
+        its hex of 12 or more characters), or None."""
+        text = ref.removeprefix("sha256:")
+        if len(text) >= 12 and all(c in "0123456789abcdef" for c in text):
+            for record in self.records():
+                if _hex(record["config_digest"]).startswith(text):
+                    return record
+        try:
+            path = self._record_path(str(parse(ref)))
+            return dict(json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise StoreError(f"the store's record of {ref} is damaged: {err}") from err
+
+    def records(self) -> builtins.list[dict[str, Any]]:
+        found = []
+        for path in sorted(self._refs.iterdir()):
+            if path.name.startswith("."):
+                continue
+            try:
+                found.append(dict(json.loads(path.read_bytes())))
+            except (OSError, ValueError) as err:
+                raise StoreError(f"the store record {path} is damaged: {err}") from err
+        return found
+
+    def manifest_of(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.blob_path(record["manifest"]).read_bytes()))
+        except (OSError, ValueError) as err:
+            raise StoreError(f"the manifest of {record['reference']} is missing from the store: {err}") from err
+
+    def image_size(self, record: Mapping[str, Any]) -> int:
+        """Bytes of the image's blobs (compressed layers, config, manifest)."""
+        manifest = self.manifest_of(record)
+        return int(manifest["config"]["size"]) + sum(int(layer["size"]) for layer in manifest["layers"])
+
+    def _put_record(self, record: Mapping[str, Any]) -> None:
+        self._write_atomic(self._record_path(record["reference"]), json.dumps(record, indent=1).encode())
+
+    def tag(self, source: str, target: str) -> str:
+        """Give the image `source` the name `target` too; returns the normalised target."""
+        record = self.record(source)
+        if record is None:
+            raise StoreError(f"no image {source} on this host: pull it first")
+        name = parse(target)
+        if name.digest is not None:
+            raise StoreError(f"cannot tag with a digest ({target}): give NAME[:TAG]")
+        self._put_record({**record, "reference": str(name), "created_ns": time.time_ns()})
+        return str(name)
+
+    def remove(self, ref: str, in_use: set[str], *, force: bool = False) -> builtins.list[str]:
+        """Remove the name `ref` (and, when no other tag names the same image, its name@digest record).
+        An image that a container uses is kept unless `force` (the container keeps its layers: they are
+        only collected once no container uses them). `in_use`: diff_ids of layers containers use.
+        Returns the references removed; run collect() afterwards to free the disk."""
+        record = self.record(ref)
+        if record is None:
+            raise StoreError(f"no image {ref} on this host (berthctl images lists them)")
+        if not force and record["diff_ids"] and set(record["diff_ids"]) <= in_use:
+            raise StoreError(
+                f"image {record['reference']} is used by a container on this host: remove the container first, "
+                "or force it (rmi -f)"
+            )
+        same = [r for r in self.records() if r["manifest"] == record["manifest"]]
+        pinned = [r for r in same if "@" in r["reference"]]
+        tagged = [r for r in same if "@" not in r["reference"]]
+        victims = [record]
+        if "@" in record["reference"]:
+            victims = same  # removing by digest removes every name of the image
+        elif len(tagged) == 1:
+            victims += pinned
+        removed = []
+        for victim in victims:
+            self._record_path(victim["reference"]).unlink(missing_ok=True)
+            removed.append(victim["reference"])
+        return removed
+
+    def usage(self) -> int:
+        """Bytes of blobs in the store (unpacked layers take about as much again, uncompressed)."""
+        return sum(p.stat().st_size for p in self._blobs.iterdir() if not p.name.startswith("."))
+
+    async def collect(self, in_use: set[str], *, unused_images: bool = False) -> tuple[builtins.list[str], int]:
+        """Garbage collection: drop blobs and layer directories that no image record and no container
+        (`in_use`: diff_ids) needs. unused_images: first remove every image no container uses (prune -a).
+        Waits for running pulls to finish, and pulls started meanwhile wait for it.
+        Returns (references removed, bytes of blobs freed)."""
+        async with self._gc_turn:
+            await self._gc_turn.wait_for(lambda: not self._collecting and self._writers == 0)
+            self._collecting = True
+        try:
+            return await asyncio.to_thread(self._collect, in_use, unused_images)
+        finally:
+            async with self._gc_turn:
+                self._collecting = False
+                self._gc_turn.notify_all()
+
+    def _collect(self, in_use: set[str], unused_images: bool) -> tuple[builtins.list[str], int]:
+        removed: builtins.list[str] = []
+        if unused_images:
+            for record in self.records():
+                if not (record["diff_ids"] and set(record["diff_ids"]) <= in_use):
+                    self._record_path(record["reference"]).unlink(missing_ok=True)
+                    removed.append(record["reference"])
+        blobs: set[str] = set()
+        layers: set[str] = {_hex(d) for d in in_use}
+        for record in self.records():
+            blobs |= {_hex(record["manifest"]), _hex(record["config_digest"])}
+            layers |= {_hex(d) for d in record["diff_ids"]}
+            try:
+                manifest = self.manifest_of(record)
+                blobs |= {_hex(layer["digest"]) for layer in manifest["layers"]}
+            except StoreError:
+                continue
+        freed = 0
+        for path in self._blobs.iterdir():
+            if not path.name.startswith(".") and path.name not in blobs:
+                freed += path.stat().st_size
+                path.unlink()
+        for path in self._layers.iterdir():
+            if not path.name.startswith(".") and path.name not in layers:
+                shutil.rmtree(path)
+        return removed, freed
+
+    async def enforce_high_water(self, limit_bytes: int, in_use: set[str]) -> builtins.list[str]:
+        """When the store's blobs take more than `limit_bytes`, remove the least recently pulled images no
+        container uses until they fit (or nothing more can go). Returns the references removed."""
+        if limit_bytes <= 0 or self.usage() <= limit_bytes:
+            return []
+        removed: builtins.list[str] = []
+        candidates = sorted(self.records(), key=lambda r: int(r.get("created_ns", 0)))
+        for record in candidates:
+            if record["diff_ids"] and set(record["diff_ids"]) <= in_use:
+                continue
+            self._record_path(record["reference"]).unlink(missing_ok=True)
+            removed.append(record["reference"])
+            await self.collect(in_use)
+            if self.usage() <= limit_bytes:
+                break
+        return removed
+
+    async def add_image(self, reference: str, manifest: bytes, config: bytes) -> Image:
+        """Record an image whose blobs are already in the store (load, import, commit): its layers are
+        unpacked when missing. `manifest` and `config` are written as blobs."""
+        async with self._writing():
+            return await self._add_image(reference, manifest, config)
+
+    async def _add_image(self, reference: str, manifest_raw: bytes, config_raw: bytes) -> Image:
+        ref = parse(reference)
+        try:
+            manifest = json.loads(manifest_raw)
+            config = json.loads(config_raw)
+            diff_ids = list(config["rootfs"]["diff_ids"])
+            layers = list(manifest["layers"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise RegistryError(f"image {reference} has a malformed manifest or config: {err}") from err
+        if len(diff_ids) != len(layers):
+            raise RegistryError(f"image {reference} has {len(layers)} layers but {len(diff_ids)} diff_ids")
+        manifest_digest = "sha256:" + hashlib.sha256(manifest_raw).hexdigest()
+        config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+        if manifest["config"]["digest"] != config_digest:
+            raise RegistryError(f"image {reference}: the manifest names config {manifest['config']['digest']}")
+        await asyncio.to_thread(self._write_atomic, self.blob_path(manifest_digest), manifest_raw)
+        await asyncio.to_thread(self._write_atomic, self.blob_path(config_digest), config_raw)
+        for layer, diff_id in zip(layers, diff_ids, strict=True):
+            dest = self.layer_path(diff_id)
+            async with self._locked(diff_id):
+                if not dest.is_dir():
+                    blob = self.blob_path(layer["digest"])
+                    if not blob.exists():
+                        raise RegistryError(f"image {reference}: layer {layer['digest']} is missing")
+                    await asyncio.to_thread(unpack_layer, blob, dest, diff_id)
+        image_config = _image_config(config)
+        pinned = str(ref.with_digest(manifest_digest))
+        record = {
+            "reference": str(ref), "digest": manifest_digest, "created_ns": time.time_ns(),
+            "manifest": manifest_digest, "config_digest": config_digest, "diff_ids": diff_ids,
+            "config": {
+                "entrypoint": list(image_config.entrypoint), "cmd": list(image_config.cmd),
+                "env": list(image_config.env), "workdir": image_config.workdir, "user": image_config.user,
+            },
+        }
+        for name in {str(ref), pinned}:
+            await asyncio.to_thread(self._put_record, {**record, "reference": name})
+        return Image(str(ref), manifest_digest, image_config, tuple(self.layer_path(d) for d in diff_ids))
+
+    async def push(self, ref: str, target: str | None = None, progress: Progress | None = None) -> str:
+        """Push the local image `ref` to its registry (or as `target`), blobs the registry lacks first,
+        then the manifest, unchanged, so its digest is kept. Returns the manifest digest."""
+        record = self.record(ref)
+        if record is None:
+            raise StoreError(f"no image {ref} on this host: pull, tag or commit it first")
+        dest = parse(target or record["reference"])
+        if "@" in record["reference"] and target is None:
+            raise StoreError(f"{ref} has no tag to push to: tag it first (berthctl tag {ref} NAME:TAG)")
+        manifest = self.manifest_of(record)
+        raw = self.blob_path(record["manifest"]).read_bytes()
+        media_type = str(manifest.get("mediaType") or OCI_MANIFEST)
+        if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
+            media_type = OCI_MANIFEST
+        report = progress or _no_progress
+        async with RegistryClient(self.config, event_hooks=self._event_hooks, push=True) as client:
+            endpoint = client.push_endpoint(dest)
+            blobs = [manifest["config"], *manifest["layers"]]
+            for desc in blobs:
+                digest, size = str(desc["digest"]), int(desc["size"])
+                done = 0
+
+                def step(n: int, digest: str = digest, size: int = size) -> None:
+                    nonlocal done
+                    done += n
+                    report(digest, "pushing", min(done, size), size)
+
+                await client.upload_blob(endpoint, dest, digest, self.blob_path(digest), step)
+                report(digest, "done", size, size)
+            await client.put_manifest(endpoint, dest, media_type, raw)
+        return str(record["manifest"])

@@ -421,3 +421,30 @@ def unpack_layer(blob: Path, dest: Path, diff_id: str | None = None) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def diff_id_of(blob: Path) -> str:
+    """sha256:<hex> of the layer's uncompressed tar, whatever its compression."""
+    digest = hashlib.sha256()
+    try:
+        with _decompressed(blob) as stream:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise StoreError(f"cannot read layer {blob}: {err}") from err
+        raise InvalidLayer(f"layer {blob.name} cannot be decompressed: {err}") from err
+    return "sha256:" + digest.hexdigest()
+
+
+def layer_media_type(blob: Path) -> str:
+    """The OCI media type of a layer blob, from its magic number: tar, tar+gzip or tar+zstd."""
+    with open(blob, "rb") as raw:
+        magic = raw.read(6)
+    if magic.startswith(_GZIP_MAGIC):
+        return "application/vnd.oci.image.layer.v1.tar+gzip"
+    if magic.startswith(_ZSTD_MAGIC):
+        return "application/vnd.oci.image.layer.v1.tar+zstd"
+    if magic.startswith((_BZIP2_MAGIC, _XZ_MAGIC)):
+        raise InvalidLayer(f"{blob.name}: bzip2 and xz layers cannot be stored in an OCI image; use gzip")
+    return "application/vnd.oci.image.layer.v1.tar"
