@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import grpc
@@ -52,20 +52,31 @@ def controller_address(flag: str | None) -> str:
 
 
 class Connection:
-    """A lazily opened channel to one controller."""
+    """A lazily opened channel to a controller. Given several addresses (comma-separated), a call that cannot
+    connect to one is tried on the next (issue 6: any controller serves the API)."""
 
     def __init__(self, address: str) -> None:
-        self.address = address
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()] or [DEFAULT_CONTROLLER]
+        self.address = self.addresses[0]
         self._channel: grpc.Channel | None = None
+
+    def _open(self, address: str) -> grpc.Channel:
+        from berth import rpc
+
+        if self._channel is None or address != self.address:
+            if self._channel is not None:
+                self._channel.close()
+            self.address = address
+            self._channel = rpc.sync_channel(address)
+        return self._channel
 
     @property
     def control(self) -> control_pb2_grpc.ControlStub:
-        from berth import rpc
         from berth.api import control_pb2_grpc
 
-        if self._channel is None:
-            self._channel = rpc.sync_channel(self.address)
-        return control_pb2_grpc.ControlStub(self._channel)
+        if len(self.addresses) == 1:
+            return control_pb2_grpc.ControlStub(self._open(self.address))
+        return _FailoverStub(self)  # type: ignore[return-value]
 
     def close(self) -> None:
         if self._channel is not None:
@@ -103,3 +114,56 @@ def _short(details: str) -> str:
         if reason in lowered:
             return reason
     return details.splitlines()[0][:120]
+
+
+class _FailoverStub:
+    """ControlStub's methods, each tried on the connection's addresses in turn while the controller there
+    cannot be reached (the request never left, so trying again is safe)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __getattr__(self, method: str) -> Any:
+        import grpc
+
+        from berth.api import control_pb2_grpc
+
+        conn = self._conn
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start = conn.addresses.index(conn.address)
+            last: grpc.RpcError | None = None
+            for i in range(len(conn.addresses)):
+                address = conn.addresses[(start + i) % len(conn.addresses)]
+                fn = getattr(control_pb2_grpc.ControlStub(conn._open(address)), method)
+                try:
+                    result = fn(*args, **kwargs)
+                    if isinstance(fn, grpc.UnaryStreamMultiCallable):
+                        return _peeked(result)  # a stream fails to connect on its first message
+                    return result
+                except grpc.RpcError as exc:
+                    if not _unreachable(exc):
+                        raise
+                    last = exc
+            assert last is not None
+            raise last
+
+        return call
+
+
+def _peeked(stream: Any) -> Any:
+    import itertools
+
+    try:
+        first = next(stream)
+    except StopIteration:
+        return iter(())
+    return itertools.chain([first], stream)
+
+
+def _unreachable(exc: Exception) -> bool:
+    import grpc
+
+    if not isinstance(exc, grpc.Call) or exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return _is_connect_failure(exc.details() or "")

@@ -30,7 +30,8 @@ def _add_output(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="berthctl", description="Run and manage containers on a berth cluster.")
-    parser.add_argument("--controller", help="controller address host:port (else $BERTH_CONTROLLER, "
+    parser.add_argument("--controller", help="controller address host:port, or several, comma-separated, "
+                        "tried in turn (else $BERTH_CONTROLLER, "
                         "else ~/.config/berth/config.json, else 127.0.0.1:7070)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", default="", help="the container's host name (default: its name)")
     p.add_argument("-w", "--workdir", default="", help="working directory inside the container")
     p.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE", help="set a label")
+    p.add_argument("--restart", default="", choices=("no", "always", "on-failure", "unless-stopped"),
+                   help="with always, on-failure or unless-stopped it moves to another host when its host dies")
+    p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
+                   help="where it may run: node.labels.KEY==VALUE, node.name!=NAME, node.platform==OS/ARCH")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="COMMAND")
     p.set_defaults(func=cmd_run)
@@ -89,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = node_sub.add_parser("ls", help="list hosts")
     _add_output(q)
     q.set_defaults(func=cmd_node_ls)
+    from berthctl import nodes
+
+    nodes.register(node_sub)
 
     from berthctl import dev
 
@@ -105,6 +113,7 @@ def _parse_spec(args: argparse.Namespace) -> types_pb2.ContainerSpec:
     spec = t.ContainerSpec(
         name=args.name, image=args.image, command=args.args, env=args.env, workdir=args.workdir,
         hostname=args.hostname, auto_remove=args.rm, pids_limit=args.pids_limit,
+        restart_policy=args.restart, constraints=args.constraint,
     )
     try:
         if args.memory is not None:
@@ -329,7 +338,8 @@ def cmd_node_ls(args: argparse.Namespace, conn: Connection) -> int:
             "containers": n.containers, "platform": n.platform,
             "memory_bytes": n.capacity.memory_bytes, "nano_cpus": n.capacity.nano_cpus,
             "allocated_memory_bytes": n.allocated.memory_bytes, "allocated_nano_cpus": n.allocated.nano_cpus,
-            "labels": dict(n.labels),
+            "labels": {**n.labels, **n.user_labels},
+            "availability": ("active", "pause", "drain")[n.availability],
         }
         for n in reply.nodes
     ]

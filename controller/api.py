@@ -19,7 +19,8 @@ from berth.api import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
 from berth.rpc import aio_channel
 from controller.metrics import ControllerMetrics
-from controller.orchestrator import TERMINAL, Orchestrator
+from controller.orchestrator import MOVABLE_POLICIES, TERMINAL, Orchestrator
+from controller.scheduler import Constraint
 from controller.store import NameInUse, NotFound, StatusEvent, Store, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,13 @@ def validate(spec: t.ContainerSpec) -> str | None:
     for env in spec.env:
         if "=" not in env or env.startswith("="):
             return f"invalid environment variable {env!r}: write -e KEY=VALUE"
+    if spec.restart_policy not in ("", "no", *MOVABLE_POLICIES):  # issue 6
+        return f"invalid restart policy {spec.restart_policy!r}: use no, always, on-failure or unless-stopped"
+    for constraint in spec.constraints:
+        try:
+            Constraint.parse(constraint)
+        except ValueError as exc:
+            return str(exc)
     return None
 
 
@@ -408,3 +416,47 @@ class ControlAPI(control_pb2_grpc.ControlServicer):
                 n.allocated.nano_cpus = h.allocated_cpus
         nodes.sort(key=lambda n: n.name)
         return control_pb2.ListNodesResponse(nodes=nodes)
+
+    # ---- issue 6: nodes ---------------------------------------------------------------------------
+
+    async def _node_id(self, ref: str, context: Ctx) -> str:
+        nodes = await self.store.list_nodes()
+        for n in nodes:
+            if ref in (n.id, n.name):
+                return n.id
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"no such node: {ref} (berthctl node ls lists them)")
+        raise AssertionError
+
+    async def UpdateNode(self, request: control_pb2.UpdateNodeRequest, context: Ctx) -> t.Node:
+        for key in request.label_add:
+            if not key or "=" in key:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid label {key!r}: write KEY=VALUE")
+
+        def change(node: t.Node) -> None:
+            node.user_labels.update(request.label_add)
+            for key in request.label_rm:
+                node.user_labels.pop(key, None)
+            if request.set_availability:
+                node.availability = request.availability
+
+        try:
+            node = await self.store.update_node(await self._node_id(request.ref, context), change)
+        except StoreError as exc:
+            await _abort(context, exc)
+        if self.orchestrator.kick is not None:
+            self.orchestrator.kick.set()
+        return node
+
+    async def RemoveNode(self, request: control_pb2.RemoveNodeRequest, context: Ctx) -> control_pb2.RemoveNodeResponse:
+        try:
+            node_id = await self._node_id(request.ref, context)
+            node = next(n for n in await self.store.list_nodes() if n.id == node_id)
+            if node.state == t.NODE_READY and not request.force:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {node.name} is up: drain it and stop its agent first, or use --force",
+                )
+            await self.store.delete_node(node_id)
+        except StoreError as exc:
+            await _abort(context, exc)
+        return control_pb2.RemoveNodeResponse(id=node_id)

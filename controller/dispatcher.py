@@ -48,6 +48,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 capacity=request.capacity, labels=request.labels, platform=request.platform,
                 joined_at_ns=time.time_ns(), lease_id=lease,
             )
+            if old is not None:  # what `node update` set outlives a rejoin
+                node.availability = old.availability
+                node.user_labels.update(old.user_labels)
             await self.store.put_node(node)
             if old is not None and old.lease_id and old.lease_id != lease:
                 await self.store.revoke_lease(old.lease_id)

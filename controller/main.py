@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +18,7 @@ from berth import rpc
 from berth.api import control_pb2_grpc, dispatcher_pb2_grpc
 from controller.api import ControlAPI
 from controller.dispatcher import Dispatcher
+from controller.leader import Leadership
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import Store, StoreError
@@ -30,6 +32,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--listen", default="0.0.0.0:7070", help="gRPC address for berthctl and agents")
     p.add_argument("--metrics-listen", default="0.0.0.0:7071", help="address of /metrics")
     p.add_argument("--lease-ttl", type=int, default=5, help="seconds a host lives without heartbeats")
+    p.add_argument("--leader-ttl", type=int, default=5,
+                   help="seconds before another controller takes over from a dead leader (default %(default)s)")
+    p.add_argument("--id", default="", help="this controller's name in the election (default: host:port)")
+    p.add_argument("--strategy", choices=("spread", "binpack"), default="spread",
+                   help="how hosts are chosen (default %(default)s)")
+    p.add_argument("--sample", type=int, default=0,
+                   help="fitting hosts looked at per placement, 0 for all (large clusters: 10)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -42,6 +51,9 @@ async def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"berth-controller: cannot reach etcd at {args.etcd}: {exc}") from None
     metrics = ControllerMetrics()
     orchestrator = Orchestrator(store, metrics)
+    orchestrator.strategy, orchestrator.sample = args.strategy, args.sample
+    leadership = Leadership(store, args.id or f"{socket.gethostname()}:{args.listen}", args.leader_ttl,
+                            orchestrator.lead)
     api = ControlAPI(store, orchestrator, metrics)
     server = rpc.aio_server()
     control_pb2_grpc.add_ControlServicer_to_server(api, server)
@@ -59,7 +71,7 @@ async def serve(args: argparse.Namespace) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("controller listening on %s, metrics on %s, etcd %s", args.listen, args.metrics_listen, args.etcd)
     tasks = [
-        asyncio.create_task(orchestrator.run_pending_loop()),
+        asyncio.create_task(leadership.run()),
         asyncio.create_task(metrics.run_refresh_loop(store)),
     ]
     stop = asyncio.Event()
@@ -68,6 +80,7 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
+    await leadership.resign()
     for task in tasks:
         task.cancel()
     await server.stop(grace=2)

@@ -9,6 +9,7 @@ calls and a second controller can never place one container twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from berth.api import types_pb2 as t
 from controller import scheduler
 from controller.metrics import ControllerMetrics
-from controller.store import Conflict, NotFound, Store, StoreError
+from controller.store import Conflict, NotFound, Store, StoreError, Versioned
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,32 @@ def assignment_of(c: t.Container) -> t.Assignment:
     )
 
 
+# Restart policies under which a container is moved off a dead host (issue 6).
+MOVABLE_POLICIES = ("always", "on-failure", "unless-stopped")
+BATCH = 32  # containers per placement transaction: 3 operations each, under etcd's 128
+
+
+def movable(spec: t.ContainerSpec) -> bool:
+    """Whether a container may be placed elsewhere when its host dies: it has a restart policy, and (once
+    volumes exist) no named volume tying it to the host."""
+    return spec.restart_policy in MOVABLE_POLICIES
+
+
 class Orchestrator:
     def __init__(self, store: Store, metrics: ControllerMetrics, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.metrics = metrics
         self.clock = clock
         self._placing = asyncio.Lock()
+        self.strategy = "spread"  # the cluster's default: spread or binpack
+        self.sample = 0  # fitting hosts looked at per decision; 0: all (set for large clusters)
+        self.kick: asyncio.Event | None = None  # set while leading: wakes the leader's sweep
 
-    async def hosts(self) -> list[scheduler.HostView]:
+    async def hosts(self, containers: list[Versioned] | None = None) -> list[scheduler.HostView]:
         """The scheduler's view: nodes with what is already placed on them."""
         nodes = await self.store.list_nodes()
-        containers = await self.store.list_containers()
+        if containers is None:
+            containers = await self.store.list_containers()
         used: dict[str, list[int]] = {}
         for v in containers:
             c = v.container
@@ -49,10 +65,13 @@ class Orchestrator:
                 u[0] += c.spec.memory_bytes
                 u[1] += c.spec.nano_cpus
                 u[2] += 1
+        zero = [0, 0, 0]
         return [
             scheduler.HostView(
                 n.id, n.name, n.state == t.NODE_READY, n.capacity.memory_bytes, n.capacity.nano_cpus,
-                *used.get(n.id, [0, 0, 0]),
+                used.get(n.id, zero)[0], used.get(n.id, zero)[1], used.get(n.id, zero)[2],
+                labels=tuple(sorted({**n.labels, **n.user_labels}.items())), platform=n.platform,
+                schedulable=n.availability == t.AVAILABILITY_ACTIVE,
             )
             for n in nodes
         ]
@@ -65,7 +84,7 @@ class Orchestrator:
                 c = v.container
                 if c.node_id or c.desired_state != t.DESIRED_RUNNING:
                     return c
-                decision = scheduler.place(c.id, scheduler.Demand.of(c.spec), await self.hosts())
+                decision = self.decide(c, await self.hosts())
                 new = t.Container()
                 new.CopyFrom(c)
                 status: t.ContainerStatus | None = None
@@ -75,8 +94,7 @@ class Orchestrator:
                     new.pending_reason = decision.reason
                     assignment = None
                 else:
-                    new.node_id = decision.host.id
-                    new.pending_reason = ""
+                    _placed(new, decision.host.id)
                     assignment = assignment_of(new)
                     status = t.ContainerStatus(state=t.STATE_ASSIGNED, generation=new.generation)
                 try:
@@ -130,15 +148,142 @@ class Orchestrator:
                 continue
         raise StoreError(f"container {cid[:12]} kept changing while being removed; try again")
 
-    async def place_pending(self) -> None:
-        """One sweep over containers that wait for a host."""
-        for v in await self.store.list_containers():
+    def decide(self, c: t.Container, hosts: list[scheduler.HostView]) -> scheduler.Decision:
+        try:
+            demand = scheduler.Demand.of(c.spec)
+        except ValueError as exc:
+            return scheduler.Decision(None, str(exc))
+        return scheduler.place(c.id, demand, hosts, strategy=self.strategy, sample=self.sample)
+
+    async def place_pending(self, containers: list[Versioned] | None = None) -> int:
+        """One sweep over containers that wait for a host: decided on one snapshot, committed in batched
+        transactions with a compare on each container (a batch that loses a race is retried one by one).
+        Returns how many were placed."""
+        async with self._placing:
+            if containers is None:
+                containers = await self.store.list_containers()
+            pending = [v for v in containers if not v.container.node_id
+                       and v.container.desired_state == t.DESIRED_RUNNING]
+            if not pending:
+                return 0
+            hosts = await self.hosts(containers)
+            index = {h.id: i for i, h in enumerate(hosts)}
+            writes: list[tuple[Versioned, t.Container, t.Assignment, t.ContainerStatus]] = []
+            unplaced: list[tuple[Versioned, str]] = []
+            for v in pending:
+                decision = self.decide(v.container, hosts)
+                if decision.host is None:
+                    unplaced.append((v, decision.reason))
+                    continue
+                i = index[decision.host.id]
+                hosts[i] = scheduler.with_container(hosts[i], scheduler.Demand.of(v.container.spec))
+                new = t.Container()
+                new.CopyFrom(v.container)
+                _placed(new, decision.host.id)
+                writes.append((v, new, assignment_of(new),
+                               t.ContainerStatus(state=t.STATE_ASSIGNED, generation=new.generation)))
+            placed = 0
+            retry: list[str] = []
+            for start in range(0, len(writes), BATCH):
+                batch = writes[start:start + BATCH]
+                if await self.store.update_containers(batch):
+                    placed += len(batch)
+                    now = self.clock()
+                    for old, _, _, _ in batch:
+                        self.metrics.scheduling_latency.observe(max(0.0, now - old.container.created_at_ns / 1e9))
+                else:
+                    retry += [old.container.id for old, _, _, _ in batch]
+            for v, reason in unplaced:
+                if v.container.pending_reason != reason:
+                    new = t.Container()
+                    new.CopyFrom(v.container)
+                    new.pending_reason = reason
+                    try:
+                        await self.store.update_container(v, new)
+                    except Conflict:
+                        retry.append(v.container.id)
+        for cid in retry:  # lost a race in a batch: decide again on a fresh read, one at a time
+            try:
+                if (await self.schedule(cid)).node_id:
+                    placed += 1
+            except (NotFound, StoreError) as exc:
+                log.warning("placing %s: %s", cid[:12], exc)
+        return placed
+
+    async def heal(self, containers: list[Versioned] | None = None) -> int:
+        """Move containers off hosts that are down or drained, when they may move (see `movable`); the
+        others stay (on a dead host, shown as lost). Returns how many were taken off."""
+        nodes = {n.id: n for n in await self.store.list_nodes()}
+        if containers is None:
+            containers = await self.store.list_containers()
+        moved = 0
+        for v in containers:
             c = v.container
-            if not c.node_id and c.desired_state == t.DESIRED_RUNNING:
-                try:
-                    await self.schedule(c.id)
-                except (NotFound, StoreError) as exc:
-                    log.warning("placing %s: %s", c.id[:12], exc)
+            node = nodes.get(c.node_id)
+            if not c.node_id or c.desired_state != t.DESIRED_RUNNING or not movable(c.spec):
+                continue
+            draining = node is not None and node.availability == t.AVAILABILITY_DRAIN
+            if node is not None and node.state == t.NODE_READY and not draining:
+                continue
+            try:
+                await self.move_off(v, f"its host {c.node_id} is drained" if draining else "")
+                moved += 1
+            except Conflict:
+                continue  # it changed meanwhile; the next sweep looks again
+        return moved
+
+    async def move_off(self, v: Versioned, reason: str = "") -> None:
+        """Take a container off its host: the host is told to stop its copy (and keep its files), the
+        container becomes pending with a new generation, for the next placement."""
+        c = v.container
+        stale = assignment_of(c)
+        stale.desired_state = t.DESIRED_STOPPED
+        new = t.Container()
+        new.CopyFrom(c)
+        if c.node_id not in new.stale_nodes:
+            new.stale_nodes.append(c.node_id)
+        new.node_id = ""
+        new.generation += 1
+        new.pending_reason = reason or f"its host {c.node_id} is down; placing it elsewhere"
+        status = t.ContainerStatus(state=t.STATE_PENDING, generation=new.generation, message=new.pending_reason)
+        await self.store.move_off(v, new, stale, status)
+        log.info("container %s moved off %s", c.id[:12], c.node_id)
+
+    async def lead(self, period_s: float = 1.0) -> None:
+        """The leader's work: the sweep below, kicked when a host goes down or a container waits."""
+        self.kick = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_hosts(self.kick))
+        try:
+            await self.run_leader_loop(self.kick, period_s)
+        finally:
+            watcher.cancel()
+            self.kick = None
+
+    async def _watch_hosts(self, kick: asyncio.Event) -> None:
+        while True:
+            try:
+                async for _, alive in self.store.watch_alive(await self.store.revision()):
+                    if not alive:
+                        kick.set()
+            except StoreError as exc:
+                log.warning("watching hosts: %s", exc)
+                kick.set()  # something may have been missed: sweep
+                await asyncio.sleep(1)
+
+    async def run_leader_loop(self, kick: asyncio.Event, period_s: float = 1.0) -> None:
+        """What the leader runs (issue 6): heal and place pending containers, on one snapshot per round,
+        every period or as soon as `kick` is set (a host went down, a container was created)."""
+        while True:
+            try:
+                containers = await self.store.list_containers()
+                if await self.heal(containers):
+                    containers = await self.store.list_containers()
+                await self.place_pending(containers)
+            except StoreError as exc:
+                log.warning("leader sweep: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(kick.wait(), period_s)
+            kick.clear()
 
     async def run_pending_loop(self, period_s: float = 1.0) -> None:
         while True:
@@ -163,4 +308,12 @@ class Orchestrator:
         if c.spec.auto_remove and status.state in TERMINAL:
             await self.remove(cid)
         return True
+
+
+def _placed(c: t.Container, node_id: str) -> None:
+    """Mark a container placed on a node; a node it had left (holding a stopped copy) gets it back."""
+    c.node_id = node_id
+    c.pending_reason = ""
+    if node_id in c.stale_nodes:
+        c.stale_nodes.remove(node_id)
 

@@ -8,6 +8,7 @@ Keys (values are serialized protobuf messages from berth.api.types):
     /berth/assignments/<node-id>/<id>      Assignment: what a node must run; its watch is the agent's stream
     /berth/nodes/<node-id>                 Node
     /berth/alive/<node-id>                 attached to the node's lease: present while the node is ready
+    /berth/leader                          the leading controller's id, attached to its lease (issue 6)
 
 Every write that changes who owns a container (placement, desired state) compares the container key's
 mod_revision, so two controllers can never both place one container: the loser gets Conflict and retries
@@ -44,6 +45,7 @@ NAMES = PREFIX + b"names/"
 ASSIGNMENTS = PREFIX + b"assignments/"
 NODES = PREFIX + b"nodes/"
 ALIVE = PREFIX + b"alive/"
+LEADER = PREFIX + b"leader"
 
 M = TypeVar("M", bound=Message)
 
@@ -255,6 +257,7 @@ class Store:
         ops = [tx.delete(container_key(c.id)), tx.delete(status_key(c.id))]
         if c.node_id:
             ops.append(tx.delete(assignment_key(c.node_id, c.id)))
+        ops += [tx.delete(assignment_key(n, c.id)) for n in c.stale_nodes if n != c.node_id]
         compares = [tx.mod(container_key(c.id)) == old.mod_revision]
         ok, _ = await self._txn(compares, ops, [])
         if not ok:
@@ -346,6 +349,75 @@ class Store:
                 yield cid, Versioned(_parse(t.Container, kv.value), int(kv.mod_revision))
             else:
                 yield cid, None
+
+    # ---- issue 6: leadership, batched placement, node updates ----------------------------------------
+
+    async def campaign(self, identity: str, lease_id: int) -> str:
+        """Become leader if nobody is: put /berth/leader under our lease when it is absent. Returns the
+        leader's identity (ours when we won)."""
+        tx = self._tx
+        ok, responses = await self._txn(
+            [tx.version(LEADER) == 0],
+            [tx.put(LEADER, identity.encode(), lease=lease_id)],
+            [tx.get(LEADER)],
+        )
+        if ok:
+            return identity
+        return bytes(responses[0][0][0]).decode() if responses and responses[0] else ""
+
+    async def leader(self) -> str:
+        kv = await self._get(LEADER)
+        return bytes(kv.value).decode() if kv is not None else ""
+
+    async def resign(self, identity: str) -> None:
+        tx = self._tx
+        await self._txn([tx.value(LEADER) == identity.encode()], [tx.delete(LEADER)], [])
+
+    async def update_containers(self, writes: list[tuple[Versioned, t.Container, t.Assignment, t.ContainerStatus]]) -> bool:  # noqa: E501
+        """Place several containers in one transaction: each written back with its assignment and status,
+        all or none, and only if none of them changed since read. False on a conflict (retry one by one)."""
+        tx = self._tx
+        compares = []
+        ops = []
+        for old, new, assignment, status in writes:
+            compares.append(tx.mod(container_key(new.id)) == old.mod_revision)
+            ops.append(tx.put(container_key(new.id), new.SerializeToString()))
+            ops.append(tx.put(assignment_key(new.node_id, new.id), assignment.SerializeToString()))
+            ops.append(tx.put(status_key(new.id), status.SerializeToString()))
+        ok, _ = await self._txn(compares, ops, [])
+        return ok
+
+    async def move_off(self, old: Versioned, new: t.Container, stale: t.Assignment, status: t.ContainerStatus) -> None:
+        """Take a container off a dead host: the host keeps an assignment that says stopped (so it stops
+        its copy when it comes back, keeping the files), the container goes back to pending."""
+        tx = self._tx
+        ops = [
+            tx.put(container_key(new.id), new.SerializeToString()),
+            tx.put(assignment_key(old.container.node_id, new.id), stale.SerializeToString()),
+            tx.put(status_key(new.id), status.SerializeToString()),
+        ]
+        ok, _ = await self._txn([tx.mod(container_key(new.id)) == old.mod_revision], ops, [])
+        if not ok:
+            raise Conflict(f"container {new.id[:12]} changed concurrently")
+
+    async def update_node(self, node_id: str, change: Any) -> t.Node:
+        """Apply change(node) to a stored node with a compare on its mod_revision, retrying on conflict."""
+        tx = self._tx
+        for _ in range(10):
+            kv = await self._get(node_key(node_id))
+            if kv is None:
+                raise NotFound(f"no such node: {node_id}")
+            node = _parse(t.Node, kv.value)
+            change(node)
+            ok, _ = await self._txn(
+                [tx.mod(node_key(node_id)) == int(kv.mod_revision)], [tx.put(node_key(node_id), node.SerializeToString())], []  # noqa: E501
+            )
+            if ok:
+                return node
+        raise Conflict(f"node {node_id} kept changing; try again")
+
+    async def delete_node(self, node_id: str) -> None:
+        await self._txn([], [self._tx.delete(node_key(node_id)), self._tx.delete(alive_key(node_id))], [])
 
     # ---- plumbing ---------------------------------------------------------------------------------
 

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from berth.api import types_pb2 as berth_dot_api_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x65rth/api/control.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\"D\n\nRunRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.berth.api.ContainerSpec\x12\x0e\n\x06\x61ttach\x18\x02 \x01(\x08\"u\n\x08RunEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.berth.api.ContainerH\x00\x12\"\n\x03log\x18\x02 \x01(\x0b\x32\x13.berth.api.LogEntryH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x07\n\x05\x65vent\"\x1b\n\x0c\x43ontainerRef\x12\x0b\n\x03ref\x18\x01 \x01(\t\"-\n\x0bStopRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"+\n\rRemoveRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1c\n\x0eRemoveResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x1a\n\x0bListRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"8\n\x0cListResponse\x12(\n\ncontainers\x18\x01 \x03(\x0b\x32\x14.berth.api.Container\"8\n\x0bLogsRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0c\n\x04tail\x18\x03 \x01(\x03\"!\n\x0cWaitResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.berth.api.Node2\x97\x04\n\x07\x43ontrol\x12\x33\n\x03Run\x12\x15.berth.api.RunRequest\x1a\x13.berth.api.RunEvent0\x01\x12\x36\n\x05Start\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Container\x12\x34\n\x04Stop\x12\x16.berth.api.StopRequest\x1a\x14.berth.api.Container\x12=\n\x06Remove\x12\x18.berth.api.RemoveRequest\x1a\x19.berth.api.RemoveResponse\x12\x38\n\x07Inspect\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Container\x12\x37\n\x04List\x12\x16.berth.api.ListRequest\x1a\x17.berth.api.ListResponse\x12\x35\n\x04Logs\x12\x16.berth.api.LogsRequest\x1a\x13.berth.api.LogEntry0\x01\x12\x38\n\x04Wait\x12\x17.berth.api.ContainerRef\x1a\x17.berth.api.WaitResponse\x12\x46\n\tListNodes\x12\x1b.berth.api.ListNodesRequest\x1a\x1c.berth.api.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x65rth/api/control.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\"D\n\nRunRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.berth.api.ContainerSpec\x12\x0e\n\x06\x61ttach\x18\x02 \x01(\x08\"u\n\x08RunEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.berth.api.ContainerH\x00\x12\"\n\x03log\x18\x02 \x01(\x0b\x32\x13.berth.api.LogEntryH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x07\n\x05\x65vent\"\x1b\n\x0c\x43ontainerRef\x12\x0b\n\x03ref\x18\x01 \x01(\t\"-\n\x0bStopRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"+\n\rRemoveRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1c\n\x0eRemoveResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x1a\n\x0bListRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"8\n\x0cListResponse\x12(\n\ncontainers\x18\x01 \x03(\x0b\x32\x14.berth.api.Container\"8\n\x0bLogsRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0c\n\x04tail\x18\x03 \x01(\x03\"!\n\x0cWaitResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.berth.api.Node\"\xef\x01\n\x11UpdateNodeRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12=\n\tlabel_add\x18\x02 \x03(\x0b\x32*.berth.api.UpdateNodeRequest.LabelAddEntry\x12\x10\n\x08label_rm\x18\x03 \x03(\t\x12\x18\n\x10set_availability\x18\x04 \x01(\x08\x12\x31\n\x0c\x61vailability\x18\x05 \x01(\x0e\x32\x1b.berth.api.NodeAvailability\x1a/\n\rLabelAddEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x11RemoveNodeRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\" \n\x12RemoveNodeResponse\x12\n\n\x02id\x18\x01 \x01(\t2\x9f\x05\n\x07\x43ontrol\x12\x33\n\x03Run\x12\x15.berth.api.RunRequest\x1a\x13.berth.api.RunEvent0\x01\x12\x36\n\x05Start\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Container\x12\x34\n\x04Stop\x12\x16.berth.api.StopRequest\x1a\x14.berth.api.Container\x12=\n\x06Remove\x12\x18.berth.api.RemoveRequest\x1a\x19.berth.api.RemoveResponse\x12\x38\n\x07Inspect\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Container\x12\x37\n\x04List\x12\x16.berth.api.ListRequest\x1a\x17.berth.api.ListResponse\x12\x35\n\x04Logs\x12\x16.berth.api.LogsRequest\x1a\x13.berth.api.LogEntry0\x01\x12\x38\n\x04Wait\x12\x17.berth.api.ContainerRef\x1a\x17.berth.api.WaitResponse\x12\x46\n\tListNodes\x12\x1b.berth.api.ListNodesRequest\x1a\x1c.berth.api.ListNodesResponse\x12;\n\nUpdateNode\x12\x1c.berth.api.UpdateNodeRequest\x1a\x0f.berth.api.Node\x12I\n\nRemoveNode\x12\x1c.berth.api.RemoveNodeRequest\x1a\x1d.berth.api.RemoveNodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'berth.api.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_UPDATENODEREQUEST_LABELADDENTRY']._loaded_options = None
+  _globals['_UPDATENODEREQUEST_LABELADDENTRY']._serialized_options = b'8\001'
   _globals['_RUNREQUEST']._serialized_start=61
   _globals['_RUNREQUEST']._serialized_end=129
   _globals['_RUNEVENT']._serialized_start=131
@@ -56,6 +58,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTNODESREQUEST']._serialized_end=598
   _globals['_LISTNODESRESPONSE']._serialized_start=600
   _globals['_LISTNODESRESPONSE']._serialized_end=651
-  _globals['_CONTROL']._serialized_start=654
-  _globals['_CONTROL']._serialized_end=1189
+  _globals['_UPDATENODEREQUEST']._serialized_start=654
+  _globals['_UPDATENODEREQUEST']._serialized_end=893
+  _globals['_UPDATENODEREQUEST_LABELADDENTRY']._serialized_start=846
+  _globals['_UPDATENODEREQUEST_LABELADDENTRY']._serialized_end=893
+  _globals['_REMOVENODEREQUEST']._serialized_start=895
+  _globals['_REMOVENODEREQUEST']._serialized_end=942
+  _globals['_REMOVENODERESPONSE']._serialized_start=944
+  _globals['_REMOVENODERESPONSE']._serialized_end=976
+  _globals['_CONTROL']._serialized_start=979
+  _globals['_CONTROL']._serialized_end=1650
 # @@protoc_insertion_point(module_scope)

@@ -80,6 +80,16 @@ class ControlStub:
                 request_serializer=berth_dot_api_dot_control__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_control__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.UpdateNode = channel.unary_unary(
+                '/berth.api.Control/UpdateNode',
+                request_serializer=berth_dot_api_dot_control__pb2.UpdateNodeRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Node.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/berth.api.Control/RemoveNode',
+                request_serializer=berth_dot_api_dot_control__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_control__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -142,6 +152,19 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateNode(self, request, context):
+        """issue 6: node labels and availability (active, pause, drain), and removing a node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +212,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=berth_dot_api_dot_control__pb2.ListNodesRequest.FromString,
                     response_serializer=berth_dot_api_dot_control__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'UpdateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNode,
+                    request_deserializer=berth_dot_api_dot_control__pb2.UpdateNodeRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Node.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=berth_dot_api_dot_control__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=berth_dot_api_dot_control__pb2.RemoveNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +467,60 @@ class Control:
             '/berth.api.Control/ListNodes',
             berth_dot_api_dot_control__pb2.ListNodesRequest.SerializeToString,
             berth_dot_api_dot_control__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/UpdateNode',
+            berth_dot_api_dot_control__pb2.UpdateNodeRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/RemoveNode',
+            berth_dot_api_dot_control__pb2.RemoveNodeRequest.SerializeToString,
+            berth_dot_api_dot_control__pb2.RemoveNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,9 @@ class ControlStub:
     Logs: _grpc.UnaryStreamMultiCallable[_control_pb2.LogsRequest, _types_pb2.LogEntry]
     Wait: _grpc.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _control_pb2.WaitResponse]
     ListNodes: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListNodesRequest, _control_pb2.ListNodesResponse]
+    UpdateNode: _grpc.UnaryUnaryMultiCallable[_control_pb2.UpdateNodeRequest, _types_pb2.Node]
+    """issue 6: node labels and availability (active, pause, drain), and removing a node."""
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_control_pb2.RemoveNodeRequest, _control_pb2.RemoveNodeResponse]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -62,6 +65,9 @@ class ControlAsyncStub(ControlStub):
     Logs: _aio.UnaryStreamMultiCallable[_control_pb2.LogsRequest, _types_pb2.LogEntry]  # type: ignore[assignment]
     Wait: _aio.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _control_pb2.WaitResponse]  # type: ignore[assignment]
     ListNodes: _aio.UnaryUnaryMultiCallable[_control_pb2.ListNodesRequest, _control_pb2.ListNodesResponse]  # type: ignore[assignment]
+    UpdateNode: _aio.UnaryUnaryMultiCallable[_control_pb2.UpdateNodeRequest, _types_pb2.Node]  # type: ignore[assignment]
+    """issue 6: node labels and availability (active, pause, drain), and removing a node."""
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_control_pb2.RemoveNodeRequest, _control_pb2.RemoveNodeResponse]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -130,5 +136,20 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.ListNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ListNodesResponse, _abc.Awaitable[_control_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateNode(
+        self,
+        request: _control_pb2.UpdateNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Node, _abc.Awaitable[_types_pb2.Node]]:
+        """issue 6: node labels and availability (active, pause, drain), and removing a node."""
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _control_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.RemoveNodeResponse, _abc.Awaitable[_control_pb2.RemoveNodeResponse]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -99,6 +99,28 @@ NODE_READY: NodeState.ValueType  # 1
 NODE_DOWN: NodeState.ValueType  # 2
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
+class _NodeAvailability:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeAvailabilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeAvailability.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AVAILABILITY_ACTIVE: _NodeAvailability.ValueType  # 0
+    AVAILABILITY_PAUSE: _NodeAvailability.ValueType  # 1
+    """nothing new is placed; what runs stays"""
+    AVAILABILITY_DRAIN: _NodeAvailability.ValueType  # 2
+    """nothing new; what can move is moved off"""
+
+class NodeAvailability(_NodeAvailability, metaclass=_NodeAvailabilityEnumTypeWrapper):
+    """issue 6: whether the scheduler may use a host (swarm's node availability)."""
+
+AVAILABILITY_ACTIVE: NodeAvailability.ValueType  # 0
+AVAILABILITY_PAUSE: NodeAvailability.ValueType  # 1
+"""nothing new is placed; what runs stays"""
+AVAILABILITY_DRAIN: NodeAvailability.ValueType  # 2
+"""nothing new; what can move is moved off"""
+Global___NodeAvailability: _TypeAlias = NodeAvailability  # noqa: Y015
+
 @_typing.final
 class ContainerSpec(_message.Message):
     """What the user asked for. Never written by the system after creation."""
@@ -138,6 +160,8 @@ class ContainerSpec(_message.Message):
     PIDS_LIMIT_FIELD_NUMBER: _builtins.int
     AUTO_REMOVE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    RESTART_POLICY_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     entrypoint_set: _builtins.bool
@@ -151,6 +175,10 @@ class ContainerSpec(_message.Message):
     """0: no limit"""
     auto_remove: _builtins.bool
     """--rm"""
+    restart_policy: _builtins.str
+    """issue 6 (70-89). What to do when its host dies: "" or "no": shown as lost; "always", "on-failure",
+    "unless-stopped": placed on another host. Minimal stand-in until 3a's --restart lands.
+    """
     @_builtins.property
     def entrypoint(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Replaces the image's entrypoint when entrypoint_set is true."""
@@ -165,6 +193,10 @@ class ContainerSpec(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def constraints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """node.name==host1, node.labels.disk!=hdd, node.platform==linux/amd64: all must hold."""
+
     def __init__(
         self,
         *,
@@ -181,10 +213,12 @@ class ContainerSpec(_message.Message):
         pids_limit: _builtins.int = ...,
         auto_remove: _builtins.bool = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        restart_policy: _builtins.str = ...,
+        constraints: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "command", b"command", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "pids_limit", b"pids_limit", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "command", b"command", "constraints", b"constraints", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "pids_limit", b"pids_limit", "restart_policy", b"restart_policy", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -250,6 +284,7 @@ class Container(_message.Message):
     PENDING_REASON_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     STOP_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    STALE_NODES_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
@@ -267,6 +302,13 @@ class Container(_message.Message):
     @_builtins.property
     def spec(self) -> Global___ContainerSpec: ...
     @_builtins.property
+    def stale_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """issue 6 (50-59). Hosts that still hold a stopped copy of it after it was moved off them (their
+        assignment says stopped, so a host that comes back after a partition stops its duplicate and keeps
+        its files); removing the container removes those copies too.
+        """
+
+    @_builtins.property
     def status(self) -> Global___ContainerStatus:
         """Filled on read, never stored."""
 
@@ -281,12 +323,13 @@ class Container(_message.Message):
         pending_reason: _builtins.str = ...,
         generation: _builtins.int = ...,
         stop_timeout_s: _builtins.float = ...,
+        stale_nodes: _abc.Iterable[_builtins.str] | None = ...,
         status: Global___ContainerStatus | None = ...,
         node_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "desired_state", b"desired_state", "generation", b"generation", "id", b"id", "node_id", b"node_id", "node_name", b"node_name", "pending_reason", b"pending_reason", "spec", b"spec", "status", b"status", "stop_timeout_s", b"stop_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "desired_state", b"desired_state", "generation", b"generation", "id", b"id", "node_id", b"node_id", "node_name", b"node_name", "pending_reason", b"pending_reason", "spec", b"spec", "stale_nodes", b"stale_nodes", "status", b"status", "stop_timeout_s", b"stop_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -374,6 +417,26 @@ class Node(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class UserLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
@@ -384,6 +447,8 @@ class Node(_message.Message):
     PLATFORM_FIELD_NUMBER: _builtins.int
     JOINED_AT_NS_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    AVAILABILITY_FIELD_NUMBER: _builtins.int
+    USER_LABELS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CONTAINERS_FIELD_NUMBER: _builtins.int
     ALLOCATED_FIELD_NUMBER: _builtins.int
@@ -398,6 +463,8 @@ class Node(_message.Message):
     """linux/amd64"""
     joined_at_ns: _builtins.int
     lease_id: _builtins.int
+    availability: Global___NodeAvailability.ValueType
+    """issue 6 (40-49). Set by `node update`; kept across rejoins."""
     state: Global___NodeState.ValueType
     """Filled on read, never stored."""
     containers: _builtins.int
@@ -405,6 +472,10 @@ class Node(_message.Message):
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def user_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """--label-add; over the agent's own labels"""
+
     @_builtins.property
     def allocated(self) -> Global___Resources: ...
     def __init__(
@@ -420,13 +491,15 @@ class Node(_message.Message):
         platform: _builtins.str = ...,
         joined_at_ns: _builtins.int = ...,
         lease_id: _builtins.int = ...,
+        availability: Global___NodeAvailability.ValueType = ...,
+        user_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         state: Global___NodeState.ValueType = ...,
         containers: _builtins.int = ...,
         allocated: Global___Resources | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_address", b"agent_address", "allocated", b"allocated", "capacity", b"capacity", "containers", b"containers", "id", b"id", "joined_at_ns", b"joined_at_ns", "labels", b"labels", "lease_id", b"lease_id", "metrics_address", b"metrics_address", "name", b"name", "platform", b"platform", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_address", b"agent_address", "allocated", b"allocated", "availability", b"availability", "capacity", b"capacity", "containers", b"containers", "id", b"id", "joined_at_ns", b"joined_at_ns", "labels", b"labels", "lease_id", b"lease_id", "metrics_address", b"metrics_address", "name", b"name", "platform", b"platform", "state", b"state", "user_labels", b"user_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -73,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _common(up)
     up.add_argument("--hosts", type=int, default=DEFAULT_HOSTS, help="number of hosts (default %(default)s)")
     up.add_argument("--subnet", default=DEFAULT_SUBNET, help="IPv4 subnet for the bridge (default %(default)s)")
+    up.add_argument("--controllers", type=int, default=1,
+                    help="controllers on one etcd, one of them the leader (default %(default)s)")
     up.add_argument(
         "--no-berth",
         action="store_true",
@@ -125,6 +127,7 @@ def _up(args: argparse.Namespace) -> int:
             args.state_dir,
             infra_only=args.no_berth,
             progress=lambda msg: print(msg, flush=True),
+            controllers=args.controllers,
         )
     except DevError as e:
         return _fail(e)

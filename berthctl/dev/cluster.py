@@ -95,6 +95,13 @@ class ClusterInfo:
     berth: bool  # False for an infrastructure-only cluster (--no-berth)
     hosts: tuple[HostInfo, ...]
     processes: tuple[Proc, ...] = field(default=())
+    # every controller's address, comma-separated, the first being `controller` (`--controllers N`)
+    controllers: str = ""
+
+    @property
+    def controller_list(self) -> str:
+        """What agents and berthctl are given: all controllers, comma-separated."""
+        return self.controllers or self.controller
 
     def process(self, role: str) -> Proc | None:
         return next((p for p in self.processes if p.role == role), None)
@@ -411,6 +418,7 @@ def up(
     write_config: bool = True,
     progress: Progress | None = None,
     timeout: float = 90.0,
+    controllers: int = 1,
 ) -> ClusterInfo:
     """Create and start dev cluster `name`; returns once every host is NODE_READY (see module doc)."""
     say: Progress = progress or (lambda _msg: None)
@@ -418,6 +426,8 @@ def up(
     _check_name(name)
     if not 1 <= hosts <= MAX_HOSTS:
         raise DevError(f"--hosts must be between 1 and {MAX_HOSTS}, not {hosts}")
+    if not 1 <= controllers <= 5:
+        raise DevError(f"--controllers must be between 1 and 5, not {controllers}")
     try:
         netns.check_names(name, hosts)
     except netns.NetworkError as e:
@@ -437,6 +447,9 @@ def up(
         raise DevError(f"subnet {net} is already in use by {', '.join(users)}; choose another with --subnet")
 
     info = _plan(name, hosts, net, cdir, berth=not infra_only)
+    if controllers > 1:  # controller i listens on 7070 + 10 (i - 1), its metrics one port up
+        info = replace(info, controllers=",".join(
+            f"{info.gateway}:{CONTROLLER_PORT + 10 * i}" for i in range(controllers)))
     shutil.rmtree(_failed_dir(cdir), ignore_errors=True)
     try:
         cdir.mkdir(parents=True)
@@ -506,6 +519,11 @@ def _bring_up(
             "--metrics-listen", info.controller_metrics,
         ]  # fmt: skip
         add(*_spawn("controller", controller_cmd, log, env, cdir))
+        for i, address in enumerate(info.controller_list.split(",")[1:], start=2):
+            port = int(address.rsplit(":", 1)[1])
+            extra_cmd = [sys.executable, "-m", "controller", "--etcd", info.etcd, "--listen", address,
+                         "--metrics-listen", f"{info.gateway}:{port + 1}"]
+            add(*_spawn(f"controller{i}", extra_cmd, cdir / f"controller{i}.log", env, cdir))
         # Agents started before the controller answers would only sit in their reconnect back-off.
         _wait_controller(info, running, time.monotonic() + timeout)
         for host in info.hosts:
@@ -514,7 +532,7 @@ def _bring_up(
             agent_cmd = [
                 sys.executable, "-m", "agent",
                 "--netns", host.netns,
-                "--controller", info.controller,
+                "--controller", info.controller_list,
                 "--name", host.name,
                 "--address", host.address,
                 "--listen", host.agent_address,
@@ -529,7 +547,7 @@ def _bring_up(
         _wait_nodes(info, running, time.monotonic() + timeout)
 
     if write_config:
-        _write_config(info.controller)
+        _write_config(info.controller_list)
     return info
 
 
@@ -892,7 +910,7 @@ def down(
             say(f"removing {d}")
             attempt(f"remove {d}", lambda d=d: shutil.rmtree(d))  # type: ignore[misc]
     if info is not None and not _keep_failed:
-        _forget_config(info.controller)
+        _forget_config(info.controller_list)
 
     if problems:
         raise TeardownError(

@@ -50,3 +50,55 @@ def test_with_container_accounts_for_the_placement() -> None:
 
 def test_demand_of_spec() -> None:
     assert Demand.of(t.ContainerSpec(memory_bytes=5, nano_cpus=7)) == Demand(5, 7)
+
+
+# ---- issue 6: constraints, availability, binpack, sampling ------------------------------------------
+
+
+def labelled(name: str, containers: int = 0, **labels: str) -> HostView:
+    return HostView(name, name, True, 4 * GIB, 2_000_000_000, 0, 0, containers,
+                    labels=tuple(sorted(labels.items())), platform="linux/amd64")
+
+
+def test_constraints_on_labels_name_and_platform_filter_and_explain() -> None:
+    hosts = [labelled("a", disk="hdd"), labelled("b", disk="ssd"), labelled("c")]
+    demand = Demand(0, 0, (scheduler.Constraint.parse("node.labels.disk==ssd"),))
+    assert scheduler.place("x", demand, hosts).host == hosts[1]
+    parse = scheduler.Constraint.parse
+    demand = Demand(0, 0, (parse("node.name!=b"), parse("node.labels.disk==ssd")))
+    decision = scheduler.place("x", demand, hosts)
+    assert decision.host is None
+    assert decision.reason == "0/3 hosts: 2 not matching node.labels.disk==ssd, 1 not matching node.name!=b"
+    demand = Demand(0, 0, (scheduler.Constraint.parse("node.platform==linux/arm64"),))
+    assert scheduler.place("x", demand, hosts).reason == "0/3 hosts: 3 not matching node.platform==linux/arm64"
+
+
+def test_bad_constraints_are_refused_with_the_syntax() -> None:
+    for bad in ("disk==ssd", "node.labels.==x", "node.cpu==4", "node.name=x"):
+        try:
+            scheduler.Constraint.parse(bad)
+        except ValueError as exc:
+            assert "node.labels.KEY==VALUE" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_paused_or_drained_hosts_take_nothing_new() -> None:
+    hosts = [HostView("a", "a", True, GIB, 10**9, schedulable=False), labelled("b", containers=5)]
+    assert scheduler.place("x", Demand(0, 0), hosts).host == hosts[1]
+    assert scheduler.place("x", Demand(0, 0), hosts[:1]).reason == "0/1 hosts: 1 paused or drained"
+
+
+def test_binpack_fills_the_fullest_host_spread_the_emptiest() -> None:
+    hosts = [labelled("a", containers=1), labelled("b", containers=4), labelled("c", containers=2)]
+    assert scheduler.place("x", Demand(0, 0), hosts, strategy="binpack").host == hosts[1]
+    assert scheduler.place("x", Demand(0, 0), hosts).host == hosts[0]
+
+
+def test_sampling_looks_at_few_hosts_but_still_explains_over_all() -> None:
+    hosts = [labelled(f"h{i}", containers=i) for i in range(1000)]
+    chosen = {scheduler.place(f"c{i}", Demand(0, 0), hosts, sample=10).host for i in range(50)}
+    assert len(chosen) > 10, "different containers start from different offsets"
+    assert all(h is not None and h.containers < 1000 for h in chosen)
+    demand = Demand(0, 0, (scheduler.Constraint.parse("node.labels.x==y"),))
+    assert scheduler.place("c", demand, hosts, sample=10).reason == "0/1000 hosts: 1000 not matching node.labels.x==y"
