@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from agent.runtime.mounts import Mount
+from agent.runtime.security import Security
+
 
 class ExecutorError(Exception):
     """Base of every runtime failure."""
@@ -50,6 +53,12 @@ class ContainerConfig:
     nano_cpus: int = 0  # 0: no limit
     pids_limit: int = 0  # 0: no limit
     labels: dict[str, str] = field(default_factory=dict)
+    # issue 3b: privileges, more cgroup limits, mounts (agent.runtime.security, .cgroups, .mounts).
+    security: Security = field(default_factory=Security)
+    memory_swap_bytes: int = 0  # memory + swap; 0: twice memory_bytes (Docker); -1: unlimited swap
+    cpu_shares: int = 0  # 0: the kernel's default weight
+    cpuset_cpus: str = ""  # "": every CPU
+    mounts: tuple[Mount, ...] = ()
 
 
 class ProcessState(enum.Enum):

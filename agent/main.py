@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                    help="a registry reached over plain HTTP")
     p.add_argument("--netns", default="", help="enter this named network namespace first (test hosts)")
+    p.add_argument("--allow-privileged", action="store_true",
+                   help="let containers on this host run with --privileged (refused otherwise)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -79,7 +81,7 @@ async def serve(args: argparse.Namespace) -> None:
             raise SystemExit(f"berth-agent: invalid --registry-mirror {item!r}: write REGISTRY=URL")
         mirrors[registry] = url
     images = ImageStore(state_dir / "images", RegistryConfig(mirrors=mirrors, insecure=set(args.insecure_registry)))
-    executor = LinuxExecutor(state_dir, args.cgroup_parent)
+    executor = LinuxExecutor(state_dir, args.cgroup_parent, allow_privileged=args.allow_privileged)
     metrics = AgentMetrics()
     reporter = Reporter()
     worker = Worker(executor, images, reporter, metrics, state_dir)

@@ -56,6 +56,7 @@ from agent.executor import ContainerInfo, ProcessState
 from agent.runtime import rootfs as rfs
 from agent.runtime import spawn as sp
 from agent.runtime import syscalls as sc
+from agent.runtime import volumes
 from agent.runtime.cgroups import Cgroup, Hierarchy, Limits
 from agent.runtime.state import StateDir, config_from_json, info_to_json, read_json, write_json
 
@@ -462,10 +463,17 @@ class Supervisor:
         if raw is None:
             raise RequestError("not_found", f"no such container: {cid}")
         cfg = config_from_json(raw)
+        try:
+            mounts = volumes.resolve(volumes.VolumeStore(self.sd.volumes), cfg.mounts)
+        except (OSError, volumes.VolumeError) as e:
+            raise RequestError("start", f"volume: {e}") from e
         cg = self.hier.cgroup(self.cgroup_parent, cid)
         try:
             self.hier.prepare_parent(self.cgroup_parent)
-            cg.create(Limits(cfg.memory_bytes, cfg.nano_cpus, cfg.pids_limit))
+            cg.create(Limits(
+                cfg.memory_bytes, cfg.nano_cpus, cfg.pids_limit,
+                memory_swap_bytes=cfg.memory_swap_bytes, cpu_shares=cfg.cpu_shares, cpuset_cpus=cfg.cpuset_cpus,
+            ))
         except OSError as e:
             with contextlib.suppress(OSError):
                 cg.remove()
@@ -485,7 +493,11 @@ class Supervisor:
                 work=str(paths.work),
                 cgroup_version=self.hier.version,
                 cgroup_v1_mounts=v1_mounts,
+                mounts=mounts,
+                read_only=cfg.security.read_only,
+                privileged=cfg.security.privileged,
             ),
+            security=cfg.security,
             cgroup_procs=tuple(cg.procs_files()),
             stdout_fifo=str(paths.stdout_fifo),
             stderr_fifo=str(paths.stderr_fifo),

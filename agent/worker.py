@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.executor import ContainerConfig, ContainerInfo, Executor, ExecutorError, ProcessState
 from agent.images import Image, ImageError
@@ -103,7 +103,29 @@ def build_config(cid: str, spec: t.ContainerSpec, image: Image) -> ContainerConf
         nano_cpus=spec.nano_cpus,
         pids_limit=spec.pids_limit,
         labels=dict(spec.labels),
+        **run_options(spec, image.config.user),
     )
+
+
+def run_options(spec: t.ContainerSpec, image_user: str) -> dict[str, Any]:
+    """issue 3b: the ContainerConfig fields for privileges, more cgroup limits and mounts, from the spec
+    (the image's USER unless --user); a bad option is an ExecutorError whose message is for the user."""
+    from agent.runtime.mounts import MountError, parse_tmpfs, parse_volume
+    from agent.runtime.security import Security, SecurityError, parse_ulimit
+
+    try:
+        security = Security(
+            cap_add=tuple(spec.cap_add), cap_drop=tuple(spec.cap_drop), privileged=spec.privileged,
+            read_only=spec.read_only, user=spec.user or image_user,
+            ulimits=tuple(parse_ulimit(u) for u in spec.ulimits),
+        )
+        mounts = tuple(parse_volume(v) for v in spec.volumes) + tuple(parse_tmpfs(m) for m in spec.tmpfs)
+    except (SecurityError, MountError) as exc:
+        raise ExecutorError(str(exc)) from exc
+    return {
+        "security": security, "memory_swap_bytes": spec.memory_swap_bytes, "cpu_shares": spec.cpu_shares,
+        "cpuset_cpus": spec.cpuset_cpus, "mounts": mounts,
+    }
 
 
 class Worker:

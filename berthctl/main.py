@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from berth.units import UnitError, parse_cpus, parse_size
+from berthctl import runopts
 from berthctl.client import CLIError, Connection, controller_address
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with always, on-failure or unless-stopped it moves to another host when its host dies")
     p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
                    help="where it may run: node.labels.KEY==VALUE, node.name!=NAME, node.platform==OS/ARCH")
+    runopts.add_arguments(p)  # issue 3b
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="COMMAND")
     p.set_defaults(func=cmd_run)
@@ -136,6 +138,7 @@ def _parse_spec(args: argparse.Namespace) -> types_pb2.ContainerSpec:
         spec.entrypoint_set = True
         if args.entrypoint:
             spec.entrypoint.append(args.entrypoint)
+    runopts.fill_spec(args, spec)
     return spec
 
 

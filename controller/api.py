@@ -137,6 +137,21 @@ def validate(spec: t.ContainerSpec) -> str | None:
             Constraint.parse(constraint)
         except ValueError as exc:
             return str(exc)
+    return validate_3b(spec)
+
+
+def validate_3b(spec: t.ContainerSpec) -> str | None:
+    """issue 3b: limits the agent cannot check better (mounts, users and capabilities are checked there)."""
+    if spec.memory_swap_bytes < -1:
+        return "--memory-swap must be -1 (unlimited swap) or a size"
+    if spec.memory_swap_bytes > 0 and spec.memory_bytes == 0:
+        return "--memory-swap needs --memory too"
+    if spec.memory_swap_bytes > 0 and spec.memory_swap_bytes < spec.memory_bytes:
+        return "--memory-swap must be at least --memory (it counts memory plus swap)"
+    if spec.cpu_shares < 0 or 0 < spec.cpu_shares < 2:
+        return "--cpu-shares must be at least 2"
+    if spec.cpuset_cpus and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", spec.cpuset_cpus):
+        return f"invalid --cpuset-cpus {spec.cpuset_cpus!r}: write CPU numbers and ranges, e.g. 0-1 or 0,2"
     return None
 
 

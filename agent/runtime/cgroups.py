@@ -25,9 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.runtime.cgroup_limits import write_v1_extra, write_v2_extra
+
 DEFAULT_ROOT = Path("/sys/fs/cgroup")
-V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
-V2_CONTROLLERS = ("memory", "cpu", "pids")
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "cpuset")
+V2_CONTROLLERS = ("memory", "cpu", "pids", "cpuset")
 CFS_PERIOD_US = 100_000
 
 
@@ -38,6 +40,10 @@ class Limits:
     memory_bytes: int = 0
     nano_cpus: int = 0
     pids_limit: int = 0
+    # issue 3b: see agent.runtime.cgroup_limits for how these are written on v1 and v2.
+    memory_swap_bytes: int = 0  # memory + swap; 0: twice memory_bytes when that is set; -1: unlimited
+    cpu_shares: int = 0  # 0: the kernel's default
+    cpuset_cpus: str = ""  # "": the parent's CPUs
 
     def cpu_quota_us(self) -> int:
         """The CFS quota per CFS_PERIOD_US that gives nano_cpus (1e9 = one CPU); -1 when unlimited."""
@@ -91,7 +97,12 @@ class Cgroup:
         gets the given limits, "unlimited" included. A limit whose controller the host lacks (v1: not
         mounted; v2: not enabled in the parent's cgroup.subtree_control) raises OSError(ENOTSUP); without a
         limit, a missing controller is fine."""
-        wanted = {"memory": limits.memory_bytes > 0, "cpu": limits.nano_cpus > 0, "pids": limits.pids_limit > 0}
+        wanted = {
+            "memory": limits.memory_bytes > 0 or limits.memory_swap_bytes != 0,
+            "cpu": limits.nano_cpus > 0 or limits.cpu_shares > 0,
+            "pids": limits.pids_limit > 0,
+            "cpuset": bool(limits.cpuset_cpus),
+        }
         have = self._controllers()
         for ctrl, want in wanted.items():
             if want and ctrl not in have:
@@ -108,6 +119,7 @@ class Cgroup:
                 _write(d / "cpu.max", f"{quota if quota > 0 else 'max'} {CFS_PERIOD_US}")
             if "pids" in have:
                 _write(d / "pids.max", str(limits.pids_limit) if limits.pids_limit > 0 else "max")
+            write_v2_extra(d, limits, have)
             return
         for d in self.unique_dirs():
             d.mkdir(parents=True, exist_ok=True)
@@ -119,6 +131,7 @@ class Cgroup:
             _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
         if "pids" in have:
             _write(self.dirs["pids"] / "pids.max", str(limits.pids_limit) if limits.pids_limit > 0 else "max")
+        write_v1_extra(self.dirs, limits)
 
     def _controllers(self) -> set[str]:
         """Controllers this cgroup can use: v1 the mounted ones; v2 those enabled in the parent."""

@@ -12,6 +12,7 @@ StartError, others -> ExecutorError); a supervisor that cannot be reached or sta
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -31,7 +32,12 @@ from agent.executor import (
     ProcessState,
     StartError,
 )
+from agent.runtime.mounts import MountError, check_targets
+from agent.runtime.security import SecurityError
+from agent.runtime.security import check as check_security
 from agent.runtime.state import ContainerPaths, StateDir, config_to_json, info_from_json, write_json
+from agent.runtime.volumes import Volume, VolumeError, VolumeStore
+from agent.runtime.volumes import users as volume_users
 
 log = logging.getLogger("berth.runtime")
 
@@ -115,8 +121,13 @@ def _raise_for(reply: dict[str, Any]) -> dict[str, Any]:
 class LinuxExecutor:
     """Executor on this host's kernel through berth-supervisor. See the module docstring."""
 
-    def __init__(self, state_dir: Path, cgroup_parent: str, supervisor_cmd: list[str] | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, cgroup_parent: str, supervisor_cmd: list[str] | None = None,
+        allow_privileged: bool = False,
+    ) -> None:
         self.sd = StateDir(Path(state_dir).resolve())
+        self.allow_privileged = allow_privileged
+        self.volumes = VolumeStore(self.sd.volumes)
         self.cgroup_parent = cgroup_parent
         self.supervisor_cmd = supervisor_cmd or [sys.executable, "-m", "agent.supervisor"]
         self._conn: _Conn | None = None
@@ -194,6 +205,7 @@ class LinuxExecutor:
         paths = self._paths(config.id)
         if not config.layers:
             raise ExecutorError(f"container {config.id}: no image layers")
+        await asyncio.to_thread(self._prepare_host_side, config)
         for d in (paths.upper, paths.work, paths.rootfs):
             d.mkdir(parents=True, exist_ok=True)
         write_json(paths.config, config_to_json(config))
@@ -255,6 +267,39 @@ class LinuxExecutor:
             finally:
                 self._subscriptions.discard(writer)
                 writer.close()
+
+    def _prepare_host_side(self, config: ContainerConfig) -> None:
+        """issue 3b: refuse what this host does not allow, make named volumes and missing bind sources."""
+        if config.security.privileged and not self.allow_privileged:
+            raise StartError(
+                "privileged containers are not allowed on this host: its agent must run with --allow-privileged"
+            )
+        try:
+            check_security(config.security)
+            check_targets(config.mounts)
+            for m in config.mounts:
+                if m.kind == "volume":
+                    self.volumes.create(m.source)
+                elif m.kind == "bind" and not Path(m.source).exists():
+                    Path(m.source).mkdir(parents=True)  # as `docker run -v` does
+        except (SecurityError, MountError, VolumeError) as e:
+            raise StartError(str(e)) from e
+        except OSError as e:
+            raise StartError(f"prepare mounts: {e}") from e
+
+    # ----- volumes (issue 3b; not part of the Executor protocol) -----
+
+    def volume_create(self, name: str, labels: dict[str, str] | None = None) -> Volume:
+        return self.volumes.create(name, labels)
+
+    def volume_get(self, name: str) -> Volume:
+        return self.volumes.get(name)
+
+    def volume_list(self) -> builtins.list[Volume]:
+        return self.volumes.list()
+
+    def volume_remove(self, name: str) -> None:
+        self.volumes.remove(name, volume_users(self.sd.containers, name))
 
     def log_path(self, container_id: str) -> Path:
         return self._paths(container_id).log

@@ -24,6 +24,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from agent.runtime import mounts as mnt
 from agent.runtime import syscalls as sc
 
 # (name, major, minor): the device nodes every OCI runtime provides.
@@ -49,6 +50,10 @@ class RootfsPlan:
     # e.g. "memory" or "cpu,cpuacct").
     cgroup_version: int = 1
     cgroup_v1_mounts: tuple[str, ...] = ()
+    # issue 3b: -v/--tmpfs mounts (volumes already resolved to binds), --read-only, --privileged (no masks).
+    mounts: tuple[mnt.Mount, ...] = ()
+    read_only: bool = False
+    privileged: bool = False
 
 
 def overlay_options(layers: tuple[str, ...], upper: str, work: str) -> str:
@@ -195,7 +200,9 @@ def setup(plan: RootfsPlan) -> None:
         ("mount /proc", lambda: mount_proc(plan.rootfs)),
         ("mount /dev", lambda: mount_dev(plan.rootfs)),
         ("mount /sys", lambda: mount_sys(plan)),
-        ("protect /proc and /sys", lambda: protect_kernel_paths(plan.rootfs)),
+        ("mount volumes", lambda: mnt.mount_all(plan.rootfs, plan.mounts)),
+        ("protect /proc and /sys", lambda: None if plan.privileged else protect_kernel_paths(plan.rootfs)),
+        ("make the root read-only", lambda: mnt.make_root_read_only(plan.rootfs) if plan.read_only else None),
         ("pivot_root", lambda: pivot(plan.rootfs)),
     )
     for name, step in steps:

@@ -19,16 +19,17 @@ import contextlib
 import os
 import signal
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.runtime import rootfs as rfs
+from agent.runtime import security as sec
 from agent.runtime import syscalls as sc
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Docker's default capability set: chown dac_override fowner fsetid kill setgid setuid setpcap
 # net_bind_service net_raw sys_chroot mknod audit_write setfcap.
-DEFAULT_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31})
+DEFAULT_CAPS = sec.DEFAULT_CAPABILITIES
 
 NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET | sc.CLONE_NEWPID | sc.CLONE_NEWCGROUP
 
@@ -51,6 +52,8 @@ class SpawnSpec:
     # FIFOs for stdout and stderr (see open_output).
     stdout_fifo: str
     stderr_fifo: str
+    # issue 3b: capabilities, user, ulimits, no_new_privs (agent.runtime.security).
+    security: sec.Security = field(default_factory=sec.Security)
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def read_all(fd: int) -> bytes:
 
 
 def _report(fd: int, e: BaseException) -> None:
-    if isinstance(e, (SpawnError, rfs.SetupError)):
+    if isinstance(e, (SpawnError, rfs.SetupError, sec.SecurityError)):
         msg = str(e)
     elif isinstance(e, OSError):
         msg = rfs.describe(e)
@@ -238,6 +241,8 @@ def _container_init(spec: SpawnSpec, devnull: int, out_w: int, err_w: int) -> No
     except OSError as e:
         raise SpawnError(f"bring up lo: {rfs.describe(e)}") from e
     env = build_env(spec.env, spec.hostname)
+    ident = sec.lookup_user(spec.security.user)
+    env.setdefault("HOME", ident.home)
     workdir = spec.workdir or "/"
     try:
         os.makedirs(workdir, 0o755, exist_ok=True)
@@ -245,13 +250,16 @@ def _container_init(spec: SpawnSpec, devnull: int, out_w: int, err_w: int) -> No
     except OSError as e:
         raise SpawnError(f"chdir to working directory {workdir}: {rfs.describe(e)}") from e
     exe = find_executable(spec.args[0], env["PATH"])
-    sc.drop_bounding_caps(DEFAULT_CAPS)
     os.umask(0o022)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     os.dup2(devnull, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
+    try:
+        sec.enter(spec.security, ident)
+    except OSError as e:
+        raise SpawnError(f"drop privileges: {rfs.describe(e)}") from e
     try:
         os.execve(exe, list(spec.args), env)
     except OSError as e:

@@ -12,6 +12,7 @@ LinuxExecutor (writer of config and writable layer). One place for the layout:
         stdout.fifo stderr.fifo       the container's output, read by the supervisor (survive its restart)
         state.json                    {"pid", "started_at_ns", "pid_start_time"} while running
         exit.json                     {"pid", "exit_code", "started_at_ns", "finished_at_ns", "oom_killed"}
+    <state-dir>/volumes/<name>/       named volumes (agent.runtime.volumes)
 
 JSON files are written to a temporary name and renamed, so a reader never sees half a file.
 """
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.executor import ContainerConfig, ContainerInfo, ProcessState
+from agent.runtime.mounts import Mount
+from agent.runtime.security import Security, Ulimit
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,11 @@ class StateDir:
     def containers(self) -> Path:
         return self.root / "containers"
 
+    @property
+    def volumes(self) -> Path:
+        """Named volumes (agent.runtime.volumes)."""
+        return self.root / "volumes"
+
     def container(self, container_id: str) -> ContainerPaths:
         if not container_id or "/" in container_id or container_id in (".", ".."):
             raise ValueError(f"invalid container id: {container_id!r}")
@@ -129,6 +137,11 @@ def config_to_json(c: ContainerConfig) -> dict[str, Any]:
         "nano_cpus": c.nano_cpus,
         "pids_limit": c.pids_limit,
         "labels": dict(c.labels),
+        "security": asdict(c.security),
+        "memory_swap_bytes": c.memory_swap_bytes,
+        "cpu_shares": c.cpu_shares,
+        "cpuset_cpus": c.cpuset_cpus,
+        "mounts": [asdict(m) for m in c.mounts],
     }
 
 
@@ -145,6 +158,23 @@ def config_from_json(d: dict[str, Any]) -> ContainerConfig:
         nano_cpus=d["nano_cpus"],
         pids_limit=d["pids_limit"],
         labels=dict(d["labels"]),
+        security=_security_from_json(d.get("security") or {}),
+        memory_swap_bytes=d.get("memory_swap_bytes", 0),
+        cpu_shares=d.get("cpu_shares", 0),
+        cpuset_cpus=d.get("cpuset_cpus", ""),
+        mounts=tuple(Mount(**m) for m in d.get("mounts", ())),
+    )
+
+
+def _security_from_json(d: dict[str, Any]) -> Security:
+    return Security(
+        cap_add=tuple(d.get("cap_add", ())),
+        cap_drop=tuple(d.get("cap_drop", ())),
+        privileged=bool(d.get("privileged", False)),
+        read_only=bool(d.get("read_only", False)),
+        no_new_privs=bool(d.get("no_new_privs", True)),
+        user=str(d.get("user", "")),
+        ulimits=tuple(Ulimit(**u) for u in d.get("ulimits", ())),
     )
 
 

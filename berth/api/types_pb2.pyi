@@ -162,6 +162,17 @@ class ContainerSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     RESTART_POLICY_FIELD_NUMBER: _builtins.int
     CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    CAP_ADD_FIELD_NUMBER: _builtins.int
+    CAP_DROP_FIELD_NUMBER: _builtins.int
+    PRIVILEGED_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    ULIMITS_FIELD_NUMBER: _builtins.int
+    MEMORY_SWAP_BYTES_FIELD_NUMBER: _builtins.int
+    CPU_SHARES_FIELD_NUMBER: _builtins.int
+    CPUSET_CPUS_FIELD_NUMBER: _builtins.int
+    VOLUMES_FIELD_NUMBER: _builtins.int
+    TMPFS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     entrypoint_set: _builtins.bool
@@ -179,6 +190,18 @@ class ContainerSpec(_message.Message):
     """issue 6 (70-89). What to do when its host dies: "" or "no": shown as lost; "always", "on-failure",
     "unless-stopped": placed on another host. Minimal stand-in until 3a's --restart lands.
     """
+    privileged: _builtins.bool
+    """refused unless the host's agent runs with --allow-privileged"""
+    read_only: _builtins.bool
+    """read-only root filesystem"""
+    user: _builtins.str
+    """UID[:GID] or NAME[:GROUP]; empty: the image's USER"""
+    memory_swap_bytes: _builtins.int
+    """memory + swap; 0: twice memory_bytes; -1: unlimited swap"""
+    cpu_shares: _builtins.int
+    """relative CPU weight (1024 is the default); 0: default"""
+    cpuset_cpus: _builtins.str
+    """e.g. 0-1 or 0,2; empty: all"""
     @_builtins.property
     def entrypoint(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Replaces the image's entrypoint when entrypoint_set is true."""
@@ -196,6 +219,26 @@ class ContainerSpec(_message.Message):
     @_builtins.property
     def constraints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """node.name==host1, node.labels.disk!=hdd, node.platform==linux/amd64: all must hold."""
+
+    @_builtins.property
+    def cap_add(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """issue 3b: isolation, cgroups, mounts (agent.runtime.security, agent.runtime.mounts).
+        NET_ADMIN, ALL, ...
+        """
+
+    @_builtins.property
+    def cap_drop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def ulimits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """NAME=SOFT[:HARD], e.g. nofile=1024:2048"""
+
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """-v SRC:DST[:ro]; SRC absolute: bind mount, else a named volume"""
+
+    @_builtins.property
+    def tmpfs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """--tmpfs DST[:OPTIONS]"""
 
     def __init__(
         self,
@@ -215,10 +258,21 @@ class ContainerSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         restart_policy: _builtins.str = ...,
         constraints: _abc.Iterable[_builtins.str] | None = ...,
+        cap_add: _abc.Iterable[_builtins.str] | None = ...,
+        cap_drop: _abc.Iterable[_builtins.str] | None = ...,
+        privileged: _builtins.bool = ...,
+        read_only: _builtins.bool = ...,
+        user: _builtins.str = ...,
+        ulimits: _abc.Iterable[_builtins.str] | None = ...,
+        memory_swap_bytes: _builtins.int = ...,
+        cpu_shares: _builtins.int = ...,
+        cpuset_cpus: _builtins.str = ...,
+        volumes: _abc.Iterable[_builtins.str] | None = ...,
+        tmpfs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "command", b"command", "constraints", b"constraints", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "memory_bytes", b"memory_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "pids_limit", b"pids_limit", "restart_policy", b"restart_policy", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "pids_limit", b"pids_limit", "privileged", b"privileged", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,7 +54,7 @@ def test_v2_writes(v2_root: Path) -> None:
     hier = Hierarchy(v2_root)
     hier.prepare_parent("berth/host-a")
     for d in (v2_root, v2_root / "berth", v2_root / "berth" / "host-a"):
-        assert (d / "cgroup.subtree_control").read_text() == "+memory +cpu +pids", d
+        assert (d / "cgroup.subtree_control").read_text() == "+memory +cpu +pids +cpuset", d
     cg = hier.cgroup("/berth/host-a/", "c1")
     assert cg.dirs == {"": v2_root / "berth" / "host-a" / "c1"}
     cg.create(Limits(memory_bytes=64 << 20, nano_cpus=1_500_000_000, pids_limit=50))
