@@ -11,6 +11,7 @@ import grpc
 import grpc.aio
 
 from agent.executor import Executor
+from agent.image_api import ImageAPI
 from agent.logs import read_log
 from agent.worker import Worker
 from berth.api import agent_pb2, agent_pb2_grpc
@@ -19,7 +20,7 @@ from berth.api import types_pb2 as t
 ASSIGNMENT_WAIT_S = 30.0
 
 
-class AgentAPI(agent_pb2_grpc.AgentServicer):
+class AgentAPI(ImageAPI, agent_pb2_grpc.AgentServicer):
     def __init__(self, executor: Executor, worker: Worker) -> None:
         self.executor = executor
         self.worker = worker

@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pull REGISTRY's images from URL first, e.g. docker.io=http://10.0.0.1:5000")
     p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                    help="a registry reached over plain HTTP")
+    p.add_argument("--image-store-max", default="", metavar="SIZE",
+                   help="high-water mark of the image store, e.g. 20g: unused images are removed above it")
     p.add_argument("--netns", default="", help="enter this named network namespace first (test hosts)")
     p.add_argument("--allow-privileged", action="store_true",
                    help="let containers on this host run with --privileged (refused otherwise)")
@@ -80,7 +82,11 @@ async def serve(args: argparse.Namespace) -> None:
         if not sep or not url:
             raise SystemExit(f"berth-agent: invalid --registry-mirror {item!r}: write REGISTRY=URL")
         mirrors[registry] = url
-    images = ImageStore(state_dir / "images", RegistryConfig(mirrors=mirrors, insecure=set(args.insecure_registry)))
+    from agent.image_api import high_water_loop, load_credentials
+
+    images = ImageStore(state_dir / "images", RegistryConfig(
+        mirrors=mirrors, insecure=set(args.insecure_registry), credentials=load_credentials(state_dir / "images"),
+    ))
     executor = LinuxExecutor(state_dir, args.cgroup_parent, allow_privileged=args.allow_privileged)
     metrics = AgentMetrics()
     reporter = Reporter()
@@ -98,7 +104,9 @@ async def serve(args: argparse.Namespace) -> None:
     session = Session(args.controller.split(","), join, worker, reporter, metrics)
 
     server = rpc.aio_server()
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentAPI(executor, worker), server)
+    api = AgentAPI(executor, worker)
+    api.image_store, api.state_dir = images, state_dir  # issue 4: the image RPCs
+    agent_pb2_grpc.add_AgentServicer_to_server(api, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -113,6 +121,11 @@ async def serve(args: argparse.Namespace) -> None:
     tasks: list[asyncio.Task[object]] = [
         asyncio.create_task(session.run()), asyncio.create_task(worker.watch_exits())
     ]
+    if args.image_store_max:
+        from berth.units import parse_size
+
+        limit = parse_size(args.image_store_max, "--image-store-max")
+        tasks.append(asyncio.create_task(high_water_loop(images, state_dir, limit)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.executor import ContainerConfig, ContainerInfo, Executor, ExecutorError, ProcessState
-from agent.images import Image, ImageError
+from agent.images import Image, ImageError, ImageNotFound
 from agent.metrics import AgentMetrics
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
@@ -30,6 +30,10 @@ DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 
 class Images(Protocol):
     async def ensure(self, ref: str) -> Image: ...
+
+    async def pull(self, ref: str) -> Image: ...
+
+    def get(self, ref: str) -> Image | None: ...
 
 
 class Reporter:
@@ -259,7 +263,7 @@ class Worker:
         t0 = time.perf_counter()
         self.reporter.report(cid, t.ContainerStatus(state=t.STATE_PREPARING, generation=a.generation))
         try:
-            image = await self.images.ensure(a.spec.image)
+            image = await self._image(a.spec)
             config = build_config(cid, a.spec, image)
             await self.executor.create(config)
             info = await self.executor.start(cid)
@@ -278,6 +282,20 @@ class Worker:
         status = self._status_of(info, a.generation)
         status.image_digest = image.digest
         self.reporter.report(cid, status)
+
+    async def _image(self, spec: t.ContainerSpec) -> Image:
+        """The container's image, pulled as its pull policy says (run --pull; issue 4)."""
+        if spec.pull_policy == "always":
+            return await self.images.pull(spec.image)
+        if spec.pull_policy == "never":
+            image = self.images.get(spec.image)
+            if image is None:
+                raise ImageNotFound(
+                    f"image {spec.image} is not on this host and --pull never forbids pulling it "
+                    "(berthctl pull --node HOST it first, or load it)"
+                )
+            return image
+        return await self.images.ensure(spec.image)
 
     def _mark_started(self, cid: str, generation: int) -> None:
         self._started[cid] = generation

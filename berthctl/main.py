@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
                    help="where it may run: node.labels.KEY==VALUE, node.name!=NAME, node.platform==OS/ARCH")
     runopts.add_arguments(p)  # issue 3b
+    p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
+                   help="pull the image before the container starts: always, when missing, or never")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="COMMAND")
     p.set_defaults(func=cmd_run)
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     from berthctl import dev
 
     dev.register(sub)
+    from berthctl import images as image_verbs  # issue 4: pull, push, images, tag, rmi, save, load, ...
+
+    image_verbs.register(sub)
     return parser
 
 
@@ -117,6 +122,8 @@ def _parse_spec(args: argparse.Namespace) -> types_pb2.ContainerSpec:
         hostname=args.hostname, auto_remove=args.rm, pids_limit=args.pids_limit,
         restart_policy=args.restart, constraints=args.constraint,
     )
+    if getattr(args, "pull", "missing") != "missing":
+        spec.pull_policy = args.pull
     try:
         if args.memory is not None:
             spec.memory_bytes = parse_size(args.memory, "--memory")

@@ -35,11 +35,37 @@ class AgentStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentAsyncStub: ...
     Logs: _grpc.UnaryStreamMultiCallable[_agent_pb2.AgentLogsRequest, _types_pb2.LogEntry]
+    ImagePull: _grpc.UnaryStreamMultiCallable[_agent_pb2.ImagePullRequest, _agent_pb2.ImageProgress]
+    """issue 4: image operations on this host's store."""
+    ImagePush: _grpc.UnaryStreamMultiCallable[_agent_pb2.ImagePushRequest, _agent_pb2.ImageProgress]
+    ImageList: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageListRequest, _agent_pb2.ImageListResponse]
+    ImageInspect: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageInfo]
+    ImageTag: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageTagRequest, _agent_pb2.ImageInfo]
+    ImageRemove: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageRemoveRequest, _agent_pb2.ImageRemoved]
+    ImagePrune: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImagePruneRequest, _agent_pb2.ImageRemoved]
+    ImageCommit: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageCommitRequest, _agent_pb2.ImageInfo]
+    ImageImport: _grpc.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageInfo]
+    """The first chunk names the image (reference) and the host (node); data follows."""
+    ImageLoad: _grpc.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageListResponse]
+    ImageSave: _grpc.UnaryStreamMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageChunk]
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Logs: _aio.UnaryStreamMultiCallable[_agent_pb2.AgentLogsRequest, _types_pb2.LogEntry]  # type: ignore[assignment]
+    ImagePull: _aio.UnaryStreamMultiCallable[_agent_pb2.ImagePullRequest, _agent_pb2.ImageProgress]  # type: ignore[assignment]
+    """issue 4: image operations on this host's store."""
+    ImagePush: _aio.UnaryStreamMultiCallable[_agent_pb2.ImagePushRequest, _agent_pb2.ImageProgress]  # type: ignore[assignment]
+    ImageList: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageListRequest, _agent_pb2.ImageListResponse]  # type: ignore[assignment]
+    ImageInspect: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageInfo]  # type: ignore[assignment]
+    ImageTag: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageTagRequest, _agent_pb2.ImageInfo]  # type: ignore[assignment]
+    ImageRemove: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageRemoveRequest, _agent_pb2.ImageRemoved]  # type: ignore[assignment]
+    ImagePrune: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImagePruneRequest, _agent_pb2.ImageRemoved]  # type: ignore[assignment]
+    ImageCommit: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageCommitRequest, _agent_pb2.ImageInfo]  # type: ignore[assignment]
+    ImageImport: _aio.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageInfo]  # type: ignore[assignment]
+    """The first chunk names the image (reference) and the host (node); data follows."""
+    ImageLoad: _aio.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageListResponse]  # type: ignore[assignment]
+    ImageSave: _aio.UnaryStreamMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageChunk]  # type: ignore[assignment]
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -48,5 +74,84 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.AgentLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_types_pb2.LogEntry], _abc.AsyncIterator[_types_pb2.LogEntry]]: ...
+
+    @_abc_1.abstractmethod
+    def ImagePull(
+        self,
+        request: _agent_pb2.ImagePullRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ImageProgress], _abc.AsyncIterator[_agent_pb2.ImageProgress]]:
+        """issue 4: image operations on this host's store."""
+
+    @_abc_1.abstractmethod
+    def ImagePush(
+        self,
+        request: _agent_pb2.ImagePushRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ImageProgress], _abc.AsyncIterator[_agent_pb2.ImageProgress]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageList(
+        self,
+        request: _agent_pb2.ImageListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageListResponse, _abc.Awaitable[_agent_pb2.ImageListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageInspect(
+        self,
+        request: _agent_pb2.ImageRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageInfo, _abc.Awaitable[_agent_pb2.ImageInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageTag(
+        self,
+        request: _agent_pb2.ImageTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageInfo, _abc.Awaitable[_agent_pb2.ImageInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageRemove(
+        self,
+        request: _agent_pb2.ImageRemoveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageRemoved, _abc.Awaitable[_agent_pb2.ImageRemoved]]: ...
+
+    @_abc_1.abstractmethod
+    def ImagePrune(
+        self,
+        request: _agent_pb2.ImagePruneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageRemoved, _abc.Awaitable[_agent_pb2.ImageRemoved]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageCommit(
+        self,
+        request: _agent_pb2.ImageCommitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageInfo, _abc.Awaitable[_agent_pb2.ImageInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageImport(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ImageChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageInfo, _abc.Awaitable[_agent_pb2.ImageInfo]]:
+        """The first chunk names the image (reference) and the host (node); data follows."""
+
+    @_abc_1.abstractmethod
+    def ImageLoad(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ImageChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageListResponse, _abc.Awaitable[_agent_pb2.ImageListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageSave(
+        self,
+        request: _agent_pb2.ImageRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ImageChunk], _abc.AsyncIterator[_agent_pb2.ImageChunk]]: ...
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

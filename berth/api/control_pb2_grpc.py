@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from berth.api import agent_pb2 as berth_dot_api_dot_agent__pb2
 from berth.api import control_pb2 as berth_dot_api_dot_control__pb2
 from berth.api import types_pb2 as berth_dot_api_dot_types__pb2
 
@@ -90,6 +91,61 @@ class ControlStub:
                 request_serializer=berth_dot_api_dot_control__pb2.RemoveNodeRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_control__pb2.RemoveNodeResponse.FromString,
                 _registered_method=True)
+        self.ImagePull = channel.unary_stream(
+                '/berth.api.Control/ImagePull',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImagePullRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageProgress.FromString,
+                _registered_method=True)
+        self.ImagePush = channel.unary_stream(
+                '/berth.api.Control/ImagePush',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImagePushRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageProgress.FromString,
+                _registered_method=True)
+        self.ImageList = channel.unary_unary(
+                '/berth.api.Control/ImageList',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImageListRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageListResponse.FromString,
+                _registered_method=True)
+        self.ImageInspect = channel.unary_unary(
+                '/berth.api.Control/ImageInspect',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImageRef.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageInfo.FromString,
+                _registered_method=True)
+        self.ImageTag = channel.unary_unary(
+                '/berth.api.Control/ImageTag',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImageTagRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageInfo.FromString,
+                _registered_method=True)
+        self.ImageRemove = channel.unary_unary(
+                '/berth.api.Control/ImageRemove',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImageRemoveRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageRemoved.FromString,
+                _registered_method=True)
+        self.ImagePrune = channel.unary_unary(
+                '/berth.api.Control/ImagePrune',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImagePruneRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageRemoved.FromString,
+                _registered_method=True)
+        self.ImageCommit = channel.unary_unary(
+                '/berth.api.Control/ImageCommit',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImageCommitRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageInfo.FromString,
+                _registered_method=True)
+        self.ImageImport = channel.stream_unary(
+                '/berth.api.Control/ImageImport',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImageChunk.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageInfo.FromString,
+                _registered_method=True)
+        self.ImageLoad = channel.stream_unary(
+                '/berth.api.Control/ImageLoad',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImageChunk.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageListResponse.FromString,
+                _registered_method=True)
+        self.ImageSave = channel.unary_stream(
+                '/berth.api.Control/ImageSave',
+                request_serializer=berth_dot_api_dot_agent__pb2.ImageRef.SerializeToString,
+                response_deserializer=berth_dot_api_dot_agent__pb2.ImageChunk.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -165,6 +221,74 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImagePull(self, request, context):
+        """issue 4: image operations on a host's store, passed through to its agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImagePush(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageInspect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageTag(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImagePrune(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageCommit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageImport(self, request_iterator, context):
+        """The first chunk names the image (reference) and the host (node); data follows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageLoad(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageSave(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +346,61 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.RemoveNode,
                     request_deserializer=berth_dot_api_dot_control__pb2.RemoveNodeRequest.FromString,
                     response_serializer=berth_dot_api_dot_control__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'ImagePull': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImagePull,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImagePullRequest.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageProgress.SerializeToString,
+            ),
+            'ImagePush': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImagePush,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImagePushRequest.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageProgress.SerializeToString,
+            ),
+            'ImageList': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImageList,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImageListRequest.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageListResponse.SerializeToString,
+            ),
+            'ImageInspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImageInspect,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImageRef.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageInfo.SerializeToString,
+            ),
+            'ImageTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImageTag,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImageTagRequest.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageInfo.SerializeToString,
+            ),
+            'ImageRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImageRemove,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImageRemoveRequest.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageRemoved.SerializeToString,
+            ),
+            'ImagePrune': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImagePrune,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImagePruneRequest.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageRemoved.SerializeToString,
+            ),
+            'ImageCommit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImageCommit,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImageCommitRequest.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageInfo.SerializeToString,
+            ),
+            'ImageImport': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImageImport,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImageChunk.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageInfo.SerializeToString,
+            ),
+            'ImageLoad': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImageLoad,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImageChunk.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageListResponse.SerializeToString,
+            ),
+            'ImageSave': grpc.unary_stream_rpc_method_handler(
+                    servicer.ImageSave,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.ImageRef.FromString,
+                    response_serializer=berth_dot_api_dot_agent__pb2.ImageChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -521,6 +700,303 @@ class Control:
             '/berth.api.Control/RemoveNode',
             berth_dot_api_dot_control__pb2.RemoveNodeRequest.SerializeToString,
             berth_dot_api_dot_control__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImagePull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/berth.api.Control/ImagePull',
+            berth_dot_api_dot_agent__pb2.ImagePullRequest.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImagePush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/berth.api.Control/ImagePush',
+            berth_dot_api_dot_agent__pb2.ImagePushRequest.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/ImageList',
+            berth_dot_api_dot_agent__pb2.ImageListRequest.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageInspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/ImageInspect',
+            berth_dot_api_dot_agent__pb2.ImageRef.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/ImageTag',
+            berth_dot_api_dot_agent__pb2.ImageTagRequest.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/ImageRemove',
+            berth_dot_api_dot_agent__pb2.ImageRemoveRequest.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageRemoved.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImagePrune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/ImagePrune',
+            berth_dot_api_dot_agent__pb2.ImagePruneRequest.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageRemoved.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageCommit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/ImageCommit',
+            berth_dot_api_dot_agent__pb2.ImageCommitRequest.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageImport(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/berth.api.Control/ImageImport',
+            berth_dot_api_dot_agent__pb2.ImageChunk.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageLoad(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/berth.api.Control/ImageLoad',
+            berth_dot_api_dot_agent__pb2.ImageChunk.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageSave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/berth.api.Control/ImageSave',
+            berth_dot_api_dot_agent__pb2.ImageRef.SerializeToString,
+            berth_dot_api_dot_agent__pb2.ImageChunk.FromString,
             options,
             channel_credentials,
             insecure,

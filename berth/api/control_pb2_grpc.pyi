@@ -3,6 +3,7 @@
 isort:skip_file
 The control API: berthctl -> controller."""
 
+from berth.api import agent_pb2 as _agent_pb2
 from berth.api import control_pb2 as _control_pb2
 from berth.api import types_pb2 as _types_pb2
 from collections import abc as _abc
@@ -48,6 +49,19 @@ class ControlStub:
     UpdateNode: _grpc.UnaryUnaryMultiCallable[_control_pb2.UpdateNodeRequest, _types_pb2.Node]
     """issue 6: node labels and availability (active, pause, drain), and removing a node."""
     RemoveNode: _grpc.UnaryUnaryMultiCallable[_control_pb2.RemoveNodeRequest, _control_pb2.RemoveNodeResponse]
+    ImagePull: _grpc.UnaryStreamMultiCallable[_agent_pb2.ImagePullRequest, _agent_pb2.ImageProgress]
+    """issue 4: image operations on a host's store, passed through to its agent."""
+    ImagePush: _grpc.UnaryStreamMultiCallable[_agent_pb2.ImagePushRequest, _agent_pb2.ImageProgress]
+    ImageList: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageListRequest, _agent_pb2.ImageListResponse]
+    ImageInspect: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageInfo]
+    ImageTag: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageTagRequest, _agent_pb2.ImageInfo]
+    ImageRemove: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageRemoveRequest, _agent_pb2.ImageRemoved]
+    ImagePrune: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImagePruneRequest, _agent_pb2.ImageRemoved]
+    ImageCommit: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ImageCommitRequest, _agent_pb2.ImageInfo]
+    ImageImport: _grpc.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageInfo]
+    """The first chunk names the image (reference) and the host (node); data follows."""
+    ImageLoad: _grpc.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageListResponse]
+    ImageSave: _grpc.UnaryStreamMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageChunk]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -68,6 +82,19 @@ class ControlAsyncStub(ControlStub):
     UpdateNode: _aio.UnaryUnaryMultiCallable[_control_pb2.UpdateNodeRequest, _types_pb2.Node]  # type: ignore[assignment]
     """issue 6: node labels and availability (active, pause, drain), and removing a node."""
     RemoveNode: _aio.UnaryUnaryMultiCallable[_control_pb2.RemoveNodeRequest, _control_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    ImagePull: _aio.UnaryStreamMultiCallable[_agent_pb2.ImagePullRequest, _agent_pb2.ImageProgress]  # type: ignore[assignment]
+    """issue 4: image operations on a host's store, passed through to its agent."""
+    ImagePush: _aio.UnaryStreamMultiCallable[_agent_pb2.ImagePushRequest, _agent_pb2.ImageProgress]  # type: ignore[assignment]
+    ImageList: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageListRequest, _agent_pb2.ImageListResponse]  # type: ignore[assignment]
+    ImageInspect: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageInfo]  # type: ignore[assignment]
+    ImageTag: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageTagRequest, _agent_pb2.ImageInfo]  # type: ignore[assignment]
+    ImageRemove: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageRemoveRequest, _agent_pb2.ImageRemoved]  # type: ignore[assignment]
+    ImagePrune: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImagePruneRequest, _agent_pb2.ImageRemoved]  # type: ignore[assignment]
+    ImageCommit: _aio.UnaryUnaryMultiCallable[_agent_pb2.ImageCommitRequest, _agent_pb2.ImageInfo]  # type: ignore[assignment]
+    ImageImport: _aio.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageInfo]  # type: ignore[assignment]
+    """The first chunk names the image (reference) and the host (node); data follows."""
+    ImageLoad: _aio.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageListResponse]  # type: ignore[assignment]
+    ImageSave: _aio.UnaryStreamMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageChunk]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -151,5 +178,84 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.RemoveNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.RemoveNodeResponse, _abc.Awaitable[_control_pb2.RemoveNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ImagePull(
+        self,
+        request: _agent_pb2.ImagePullRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ImageProgress], _abc.AsyncIterator[_agent_pb2.ImageProgress]]:
+        """issue 4: image operations on a host's store, passed through to its agent."""
+
+    @_abc_1.abstractmethod
+    def ImagePush(
+        self,
+        request: _agent_pb2.ImagePushRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ImageProgress], _abc.AsyncIterator[_agent_pb2.ImageProgress]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageList(
+        self,
+        request: _agent_pb2.ImageListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageListResponse, _abc.Awaitable[_agent_pb2.ImageListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageInspect(
+        self,
+        request: _agent_pb2.ImageRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageInfo, _abc.Awaitable[_agent_pb2.ImageInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageTag(
+        self,
+        request: _agent_pb2.ImageTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageInfo, _abc.Awaitable[_agent_pb2.ImageInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageRemove(
+        self,
+        request: _agent_pb2.ImageRemoveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageRemoved, _abc.Awaitable[_agent_pb2.ImageRemoved]]: ...
+
+    @_abc_1.abstractmethod
+    def ImagePrune(
+        self,
+        request: _agent_pb2.ImagePruneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageRemoved, _abc.Awaitable[_agent_pb2.ImageRemoved]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageCommit(
+        self,
+        request: _agent_pb2.ImageCommitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageInfo, _abc.Awaitable[_agent_pb2.ImageInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageImport(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ImageChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageInfo, _abc.Awaitable[_agent_pb2.ImageInfo]]:
+        """The first chunk names the image (reference) and the host (node); data follows."""
+
+    @_abc_1.abstractmethod
+    def ImageLoad(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ImageChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ImageListResponse, _abc.Awaitable[_agent_pb2.ImageListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ImageSave(
+        self,
+        request: _agent_pb2.ImageRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ImageChunk], _abc.AsyncIterator[_agent_pb2.ImageChunk]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x65rth/api/types.proto\x12\tberth.api\"\xca\x04\n\rContainerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x12\n\nentrypoint\x18\x03 \x03(\t\x12\x16\n\x0e\x65ntrypoint_set\x18\x04 \x01(\x08\x12\x0f\n\x07\x63ommand\x18\x05 \x03(\t\x12\x0b\n\x03\x65nv\x18\x06 \x03(\t\x12\x0f\n\x07workdir\x18\x07 \x01(\t\x12\x10\n\x08hostname\x18\x08 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x03\x12\x11\n\tnano_cpus\x18\n \x01(\x03\x12\x12\n\npids_limit\x18\x0b \x01(\x03\x12\x13\n\x0b\x61uto_remove\x18\x0c \x01(\x08\x12\x34\n\x06labels\x18\r \x03(\x0b\x32$.berth.api.ContainerSpec.LabelsEntry\x12\x16\n\x0erestart_policy\x18\x46 \x01(\t\x12\x13\n\x0b\x63onstraints\x18G \x03(\t\x12\x0f\n\x07\x63\x61p_add\x18\x1e \x03(\t\x12\x10\n\x08\x63\x61p_drop\x18\x1f \x03(\t\x12\x12\n\nprivileged\x18  \x01(\x08\x12\x11\n\tread_only\x18! \x01(\x08\x12\x0c\n\x04user\x18\" \x01(\t\x12\x0f\n\x07ulimits\x18# \x03(\t\x12\x19\n\x11memory_swap_bytes\x18$ \x01(\x03\x12\x12\n\ncpu_shares\x18% \x01(\x03\x12\x13\n\x0b\x63puset_cpus\x18& \x01(\t\x12\x0f\n\x07volumes\x18\' \x03(\t\x12\r\n\x05tmpfs\x18( \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x01\n\x0f\x43ontainerStatus\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.berth.api.ContainerState\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\x15\n\rstarted_at_ns\x18\x05 \x01(\x03\x12\x16\n\x0e\x66inished_at_ns\x18\x06 \x01(\x03\x12\x12\n\noom_killed\x18\x07 \x01(\x08\x12\x14\n\x0cimage_digest\x18\x08 \x01(\t\x12\x12\n\ngeneration\x18\t \x01(\x03\"\xaf\x02\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.berth.api.ContainerSpec\x12\x15\n\rcreated_at_ns\x18\x03 \x01(\x03\x12.\n\rdesired_state\x18\x04 \x01(\x0e\x32\x17.berth.api.DesiredState\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x16\n\x0epending_reason\x18\x06 \x01(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x03\x12\x16\n\x0estop_timeout_s\x18\x08 \x01(\x01\x12\x13\n\x0bstale_nodes\x18\x32 \x03(\t\x12*\n\x06status\x18\x14 \x01(\x0b\x32\x1a.berth.api.ContainerStatus\x12\x11\n\tnode_name\x18\x15 \x01(\t\"\xa6\x01\n\nAssignment\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.berth.api.ContainerSpec\x12.\n\rdesired_state\x18\x03 \x01(\x0e\x32\x17.berth.api.DesiredState\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12\x16\n\x0estop_timeout_s\x18\x05 \x01(\x01\"4\n\tResources\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x03\x12\x11\n\tnano_cpus\x18\x02 \x01(\x03\"\x9d\x04\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x15\n\ragent_address\x18\x04 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x06 \x01(\x0b\x32\x14.berth.api.Resources\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.berth.api.Node.LabelsEntry\x12\x10\n\x08platform\x18\x08 \x01(\t\x12\x14\n\x0cjoined_at_ns\x18\t \x01(\x03\x12\x10\n\x08lease_id\x18\n \x01(\x03\x12\x31\n\x0c\x61vailability\x18( \x01(\x0e\x32\x1b.berth.api.NodeAvailability\x12\x34\n\x0buser_labels\x18) \x03(\x0b\x32\x1f.berth.api.Node.UserLabelsEntry\x12#\n\x05state\x18\x14 \x01(\x0e\x32\x14.berth.api.NodeState\x12\x12\n\ncontainers\x18\x15 \x01(\x05\x12\'\n\tallocated\x18\x16 \x01(\x0b\x32\x14.berth.api.Resources\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fUserLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\x08LogEntry\x12*\n\x06stream\x18\x01 \x01(\x0e\x32\x1a.berth.api.LogEntry.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0ctimestamp_ns\x18\x03 \x01(\x03\" \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01*Q\n\x0c\x44\x65siredState\x12\x17\n\x13\x44\x45SIRED_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45SIRED_RUNNING\x10\x01\x12\x13\n\x0f\x44\x45SIRED_STOPPED\x10\x02*\xaa\x01\n\x0e\x43ontainerState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x12\n\x0eSTATE_ASSIGNED\x10\x02\x12\x13\n\x0fSTATE_PREPARING\x10\x03\x12\x11\n\rSTATE_RUNNING\x10\x04\x12\x10\n\x0cSTATE_EXITED\x10\x05\x12\x10\n\x0cSTATE_FAILED\x10\x06\x12\x0e\n\nSTATE_LOST\x10\x07*@\n\tNodeState\x12\x14\n\x10NODE_UNSPECIFIED\x10\x00\x12\x0e\n\nNODE_READY\x10\x01\x12\r\n\tNODE_DOWN\x10\x02*[\n\x10NodeAvailability\x12\x17\n\x13\x41VAILABILITY_ACTIVE\x10\x00\x12\x16\n\x12\x41VAILABILITY_PAUSE\x10\x01\x12\x16\n\x12\x41VAILABILITY_DRAIN\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x65rth/api/types.proto\x12\tberth.api\"\xdf\x04\n\rContainerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x12\n\nentrypoint\x18\x03 \x03(\t\x12\x16\n\x0e\x65ntrypoint_set\x18\x04 \x01(\x08\x12\x0f\n\x07\x63ommand\x18\x05 \x03(\t\x12\x0b\n\x03\x65nv\x18\x06 \x03(\t\x12\x0f\n\x07workdir\x18\x07 \x01(\t\x12\x10\n\x08hostname\x18\x08 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x03\x12\x11\n\tnano_cpus\x18\n \x01(\x03\x12\x12\n\npids_limit\x18\x0b \x01(\x03\x12\x13\n\x0b\x61uto_remove\x18\x0c \x01(\x08\x12\x34\n\x06labels\x18\r \x03(\x0b\x32$.berth.api.ContainerSpec.LabelsEntry\x12\x16\n\x0erestart_policy\x18\x46 \x01(\t\x12\x13\n\x0b\x63onstraints\x18G \x03(\t\x12\x0f\n\x07\x63\x61p_add\x18\x1e \x03(\t\x12\x10\n\x08\x63\x61p_drop\x18\x1f \x03(\t\x12\x12\n\nprivileged\x18  \x01(\x08\x12\x11\n\tread_only\x18! \x01(\x08\x12\x0c\n\x04user\x18\" \x01(\t\x12\x0f\n\x07ulimits\x18# \x03(\t\x12\x19\n\x11memory_swap_bytes\x18$ \x01(\x03\x12\x12\n\ncpu_shares\x18% \x01(\x03\x12\x13\n\x0b\x63puset_cpus\x18& \x01(\t\x12\x0f\n\x07volumes\x18\' \x03(\t\x12\r\n\x05tmpfs\x18( \x03(\t\x12\x13\n\x0bpull_policy\x18\x32 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x01\n\x0f\x43ontainerStatus\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.berth.api.ContainerState\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\x15\n\rstarted_at_ns\x18\x05 \x01(\x03\x12\x16\n\x0e\x66inished_at_ns\x18\x06 \x01(\x03\x12\x12\n\noom_killed\x18\x07 \x01(\x08\x12\x14\n\x0cimage_digest\x18\x08 \x01(\t\x12\x12\n\ngeneration\x18\t \x01(\x03\"\xaf\x02\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.berth.api.ContainerSpec\x12\x15\n\rcreated_at_ns\x18\x03 \x01(\x03\x12.\n\rdesired_state\x18\x04 \x01(\x0e\x32\x17.berth.api.DesiredState\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x16\n\x0epending_reason\x18\x06 \x01(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x03\x12\x16\n\x0estop_timeout_s\x18\x08 \x01(\x01\x12\x13\n\x0bstale_nodes\x18\x32 \x03(\t\x12*\n\x06status\x18\x14 \x01(\x0b\x32\x1a.berth.api.ContainerStatus\x12\x11\n\tnode_name\x18\x15 \x01(\t\"\xa6\x01\n\nAssignment\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.berth.api.ContainerSpec\x12.\n\rdesired_state\x18\x03 \x01(\x0e\x32\x17.berth.api.DesiredState\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12\x16\n\x0estop_timeout_s\x18\x05 \x01(\x01\"4\n\tResources\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x03\x12\x11\n\tnano_cpus\x18\x02 \x01(\x03\"\x9d\x04\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x15\n\ragent_address\x18\x04 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x06 \x01(\x0b\x32\x14.berth.api.Resources\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.berth.api.Node.LabelsEntry\x12\x10\n\x08platform\x18\x08 \x01(\t\x12\x14\n\x0cjoined_at_ns\x18\t \x01(\x03\x12\x10\n\x08lease_id\x18\n \x01(\x03\x12\x31\n\x0c\x61vailability\x18( \x01(\x0e\x32\x1b.berth.api.NodeAvailability\x12\x34\n\x0buser_labels\x18) \x03(\x0b\x32\x1f.berth.api.Node.UserLabelsEntry\x12#\n\x05state\x18\x14 \x01(\x0e\x32\x14.berth.api.NodeState\x12\x12\n\ncontainers\x18\x15 \x01(\x05\x12\'\n\tallocated\x18\x16 \x01(\x0b\x32\x14.berth.api.Resources\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fUserLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\x08LogEntry\x12*\n\x06stream\x18\x01 \x01(\x0e\x32\x1a.berth.api.LogEntry.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0ctimestamp_ns\x18\x03 \x01(\x03\" \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01*Q\n\x0c\x44\x65siredState\x12\x17\n\x13\x44\x45SIRED_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45SIRED_RUNNING\x10\x01\x12\x13\n\x0f\x44\x45SIRED_STOPPED\x10\x02*\xaa\x01\n\x0e\x43ontainerState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x12\n\x0eSTATE_ASSIGNED\x10\x02\x12\x13\n\x0fSTATE_PREPARING\x10\x03\x12\x11\n\rSTATE_RUNNING\x10\x04\x12\x10\n\x0cSTATE_EXITED\x10\x05\x12\x10\n\x0cSTATE_FAILED\x10\x06\x12\x0e\n\nSTATE_LOST\x10\x07*@\n\tNodeState\x12\x14\n\x10NODE_UNSPECIFIED\x10\x00\x12\x0e\n\nNODE_READY\x10\x01\x12\r\n\tNODE_DOWN\x10\x02*[\n\x10NodeAvailability\x12\x17\n\x13\x41VAILABILITY_ACTIVE\x10\x00\x12\x16\n\x12\x41VAILABILITY_PAUSE\x10\x01\x12\x16\n\x12\x41VAILABILITY_DRAIN\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,34 +37,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_NODE_USERLABELSENTRY']._loaded_options = None
   _globals['_NODE_USERLABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DESIREDSTATE']._serialized_start=2044
-  _globals['_DESIREDSTATE']._serialized_end=2125
-  _globals['_CONTAINERSTATE']._serialized_start=2128
-  _globals['_CONTAINERSTATE']._serialized_end=2298
-  _globals['_NODESTATE']._serialized_start=2300
-  _globals['_NODESTATE']._serialized_end=2364
-  _globals['_NODEAVAILABILITY']._serialized_start=2366
-  _globals['_NODEAVAILABILITY']._serialized_end=2457
+  _globals['_DESIREDSTATE']._serialized_start=2065
+  _globals['_DESIREDSTATE']._serialized_end=2146
+  _globals['_CONTAINERSTATE']._serialized_start=2149
+  _globals['_CONTAINERSTATE']._serialized_end=2319
+  _globals['_NODESTATE']._serialized_start=2321
+  _globals['_NODESTATE']._serialized_end=2385
+  _globals['_NODEAVAILABILITY']._serialized_start=2387
+  _globals['_NODEAVAILABILITY']._serialized_end=2478
   _globals['_CONTAINERSPEC']._serialized_start=37
-  _globals['_CONTAINERSPEC']._serialized_end=623
-  _globals['_CONTAINERSPEC_LABELSENTRY']._serialized_start=578
-  _globals['_CONTAINERSPEC_LABELSENTRY']._serialized_end=623
-  _globals['_CONTAINERSTATUS']._serialized_start=626
-  _globals['_CONTAINERSTATUS']._serialized_end=843
-  _globals['_CONTAINER']._serialized_start=846
-  _globals['_CONTAINER']._serialized_end=1149
-  _globals['_ASSIGNMENT']._serialized_start=1152
-  _globals['_ASSIGNMENT']._serialized_end=1318
-  _globals['_RESOURCES']._serialized_start=1320
-  _globals['_RESOURCES']._serialized_end=1372
-  _globals['_NODE']._serialized_start=1375
-  _globals['_NODE']._serialized_end=1916
-  _globals['_NODE_LABELSENTRY']._serialized_start=578
-  _globals['_NODE_LABELSENTRY']._serialized_end=623
-  _globals['_NODE_USERLABELSENTRY']._serialized_start=1867
-  _globals['_NODE_USERLABELSENTRY']._serialized_end=1916
-  _globals['_LOGENTRY']._serialized_start=1918
-  _globals['_LOGENTRY']._serialized_end=2042
-  _globals['_LOGENTRY_STREAM']._serialized_start=2010
-  _globals['_LOGENTRY_STREAM']._serialized_end=2042
+  _globals['_CONTAINERSPEC']._serialized_end=644
+  _globals['_CONTAINERSPEC_LABELSENTRY']._serialized_start=599
+  _globals['_CONTAINERSPEC_LABELSENTRY']._serialized_end=644
+  _globals['_CONTAINERSTATUS']._serialized_start=647
+  _globals['_CONTAINERSTATUS']._serialized_end=864
+  _globals['_CONTAINER']._serialized_start=867
+  _globals['_CONTAINER']._serialized_end=1170
+  _globals['_ASSIGNMENT']._serialized_start=1173
+  _globals['_ASSIGNMENT']._serialized_end=1339
+  _globals['_RESOURCES']._serialized_start=1341
+  _globals['_RESOURCES']._serialized_end=1393
+  _globals['_NODE']._serialized_start=1396
+  _globals['_NODE']._serialized_end=1937
+  _globals['_NODE_LABELSENTRY']._serialized_start=599
+  _globals['_NODE_LABELSENTRY']._serialized_end=644
+  _globals['_NODE_USERLABELSENTRY']._serialized_start=1888
+  _globals['_NODE_USERLABELSENTRY']._serialized_end=1937
+  _globals['_LOGENTRY']._serialized_start=1939
+  _globals['_LOGENTRY']._serialized_end=2063
+  _globals['_LOGENTRY_STREAM']._serialized_start=2031
+  _globals['_LOGENTRY_STREAM']._serialized_end=2063
 # @@protoc_insertion_point(module_scope)

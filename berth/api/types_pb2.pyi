@@ -173,6 +173,7 @@ class ContainerSpec(_message.Message):
     CPUSET_CPUS_FIELD_NUMBER: _builtins.int
     VOLUMES_FIELD_NUMBER: _builtins.int
     TMPFS_FIELD_NUMBER: _builtins.int
+    PULL_POLICY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     entrypoint_set: _builtins.bool
@@ -202,6 +203,8 @@ class ContainerSpec(_message.Message):
     """relative CPU weight (1024 is the default); 0: default"""
     cpuset_cpus: _builtins.str
     """e.g. 0-1 or 0,2; empty: all"""
+    pull_policy: _builtins.str
+    """issue 4: run --pull: "always", "missing" (the default when empty), "never"."""
     @_builtins.property
     def entrypoint(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Replaces the image's entrypoint when entrypoint_set is true."""
@@ -269,10 +272,11 @@ class ContainerSpec(_message.Message):
         cpuset_cpus: _builtins.str = ...,
         volumes: _abc.Iterable[_builtins.str] | None = ...,
         tmpfs: _abc.Iterable[_builtins.str] | None = ...,
+        pull_policy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "pids_limit", b"pids_limit", "privileged", b"privileged", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "pids_limit", b"pids_limit", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
