@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     nodes.register(node_sub)
 
+    from berthctl import services
+
+    services.register(sub)
     from berthctl import dev
 
     dev.register(sub)

@@ -22,6 +22,7 @@ from controller.images import ImageRoutes
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import MOVABLE_POLICIES, TERMINAL, Orchestrator
 from controller.scheduler import Constraint
+from controller.services import ServicesAPI
 from controller.store import NameInUse, NotFound, StatusEvent, Store, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ async def _abort(context: Ctx, exc: StoreError) -> NoReturn:
     raise AssertionError  # abort always raises
 
 
-class ControlAPI(ImageRoutes, control_pb2_grpc.ControlServicer):
+class ControlAPI(ImageRoutes, ServicesAPI, control_pb2_grpc.ControlServicer):
     def __init__(
         self, store: Store, orchestrator: Orchestrator, metrics: ControllerMetrics,
         clock: Callable[[], float] = time.time,

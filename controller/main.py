@@ -21,6 +21,7 @@ from controller.dispatcher import Dispatcher
 from controller.leader import Leadership
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
+from controller.services import ServiceReconciler
 from controller.store import Store, StoreError
 
 log = logging.getLogger("berth.controller")
@@ -52,6 +53,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = ControllerMetrics()
     orchestrator = Orchestrator(store, metrics)
     orchestrator.strategy, orchestrator.sample = args.strategy, args.sample
+    orchestrator.reconcilers.append(ServiceReconciler(store, orchestrator).reconcile)
     leadership = Leadership(store, args.id or f"{socket.gethostname()}:{args.listen}", args.leader_ttl,
                             orchestrator.lead)
     api = ControlAPI(store, orchestrator, metrics)

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from berth.api import types_pb2 as t
 from controller import scheduler
@@ -51,6 +52,8 @@ class Orchestrator:
         self.strategy = "spread"  # the cluster's default: spread or binpack
         self.sample = 0  # fitting hosts looked at per decision; 0: all (set for large clusters)
         self.kick: asyncio.Event | None = None  # set while leading: wakes the leader's sweep
+        # More of the leader's work, each given the sweep's snapshot (services: controller.services)
+        self.reconcilers: list[Callable[[list[Versioned]], Coroutine[Any, Any, None]]] = []
 
     async def hosts(self, containers: list[Versioned] | None = None) -> list[scheduler.HostView]:
         """The scheduler's view: nodes with what is already placed on them."""
@@ -276,9 +279,11 @@ class Orchestrator:
         while True:
             try:
                 containers = await self.store.list_containers()
-                if await self.heal(containers):
-                    containers = await self.store.list_containers()
-                await self.place_pending(containers)
+                changed = await self.heal(containers)
+                for reconcile in self.reconcilers:
+                    await reconcile(containers)
+                    changed = True
+                await self.place_pending(await self.store.list_containers() if changed else containers)
             except StoreError as exc:
                 log.warning("leader sweep: %s", exc)
             with contextlib.suppress(TimeoutError):

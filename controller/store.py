@@ -9,6 +9,8 @@ Keys (values are serialized protobuf messages from berth.api.types):
     /berth/nodes/<node-id>                 Node
     /berth/alive/<node-id>                 attached to the node's lease: present while the node is ready
     /berth/leader                          the leading controller's id, attached to its lease (issue 6)
+    /berth/services/<id>                   Service (issue 6); its containers carry its id
+    /berth/service-names/<name>            the id owning a service name
 
 Every write that changes who owns a container (placement, desired state) compares the container key's
 mod_revision, so two controllers can never both place one container: the loser gets Conflict and retries
@@ -46,6 +48,8 @@ ASSIGNMENTS = PREFIX + b"assignments/"
 NODES = PREFIX + b"nodes/"
 ALIVE = PREFIX + b"alive/"
 LEADER = PREFIX + b"leader"
+SERVICES = PREFIX + b"services/"
+SERVICE_NAMES = PREFIX + b"service-names/"
 
 M = TypeVar("M", bound=Message)
 
@@ -418,6 +422,49 @@ class Store:
 
     async def delete_node(self, node_id: str) -> None:
         await self._txn([], [self._tx.delete(node_key(node_id)), self._tx.delete(alive_key(node_id))], [])
+
+    # ---- issue 6: services -------------------------------------------------------------------------
+
+    async def create_service(self, svc: t.Service) -> None:
+        tx = self._tx
+        name = SERVICE_NAMES + svc.spec.name.encode()
+        ok, responses = await self._txn(
+            [tx.version(name) == 0],
+            [tx.put(name, svc.id.encode()), tx.put(SERVICES + svc.id.encode(), svc.SerializeToString())],
+            [tx.get(name)],
+        )
+        if not ok:
+            owner = responses[0][0][0].decode() if responses and responses[0] else "?"
+            raise NameInUse(svc.spec.name, owner)
+
+    async def get_service(self, ref: str) -> tuple[t.Service, int]:
+        """A service by name, id or unique id prefix, with its mod_revision."""
+        kv = await self._get(SERVICE_NAMES + ref.encode())
+        sid = bytes(kv.value).decode() if kv is not None else ref
+        kv = await self._get(SERVICES + sid.encode())
+        if kv is None:
+            matches = await self._get_prefix(SERVICES + ref.encode()) if ref else []
+            if len(matches) != 1:
+                raise NotFound(f"no such service: {ref}" if not matches else f"{ref!r} matches several services")
+            kv = matches[0]
+        return _parse(t.Service, kv.value), int(kv.mod_revision)
+
+    async def list_services(self) -> list[tuple[t.Service, int]]:
+        return [(_parse(t.Service, kv.value), int(kv.mod_revision)) for kv in await self._get_prefix(SERVICES)]
+
+    async def put_service(self, svc: t.Service, mod_revision: int) -> None:
+        """Write a service back if unchanged since read (else Conflict)."""
+        tx = self._tx
+        key = SERVICES + svc.id.encode()
+        ok, _ = await self._txn([tx.mod(key) == mod_revision], [tx.put(key, svc.SerializeToString())], [])
+        if not ok:
+            raise Conflict(f"service {svc.spec.name} changed concurrently; try again")
+
+    async def delete_service(self, svc: t.Service) -> None:
+        tx = self._tx
+        await self._txn([], [tx.delete(SERVICES + svc.id.encode())], [])
+        await self._txn([tx.value(SERVICE_NAMES + svc.spec.name.encode()) == svc.id.encode()],
+                        [tx.delete(SERVICE_NAMES + svc.spec.name.encode())], [])
 
     # ---- plumbing ---------------------------------------------------------------------------------
 

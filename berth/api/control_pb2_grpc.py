@@ -146,6 +146,31 @@ class ControlStub:
                 request_serializer=berth_dot_api_dot_agent__pb2.ImageRef.SerializeToString,
                 response_deserializer=berth_dot_api_dot_agent__pb2.ImageChunk.FromString,
                 _registered_method=True)
+        self.CreateService = channel.unary_unary(
+                '/berth.api.Control/CreateService',
+                request_serializer=berth_dot_api_dot_types__pb2.ServiceSpec.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Service.FromString,
+                _registered_method=True)
+        self.ListServices = channel.unary_unary(
+                '/berth.api.Control/ListServices',
+                request_serializer=berth_dot_api_dot_control__pb2.ListServicesRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_control__pb2.ListServicesResponse.FromString,
+                _registered_method=True)
+        self.InspectService = channel.unary_unary(
+                '/berth.api.Control/InspectService',
+                request_serializer=berth_dot_api_dot_control__pb2.ServiceRef.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Service.FromString,
+                _registered_method=True)
+        self.UpdateService = channel.unary_unary(
+                '/berth.api.Control/UpdateService',
+                request_serializer=berth_dot_api_dot_control__pb2.UpdateServiceRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Service.FromString,
+                _registered_method=True)
+        self.RemoveService = channel.unary_unary(
+                '/berth.api.Control/RemoveService',
+                request_serializer=berth_dot_api_dot_control__pb2.ServiceRef.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Service.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -289,6 +314,37 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateService(self, request, context):
+        """issue 6: services (replicated or global), rolling updates and rollback.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InspectService(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateService(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveService(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -401,6 +457,31 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ImageSave,
                     request_deserializer=berth_dot_api_dot_agent__pb2.ImageRef.FromString,
                     response_serializer=berth_dot_api_dot_agent__pb2.ImageChunk.SerializeToString,
+            ),
+            'CreateService': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateService,
+                    request_deserializer=berth_dot_api_dot_types__pb2.ServiceSpec.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Service.SerializeToString,
+            ),
+            'ListServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServices,
+                    request_deserializer=berth_dot_api_dot_control__pb2.ListServicesRequest.FromString,
+                    response_serializer=berth_dot_api_dot_control__pb2.ListServicesResponse.SerializeToString,
+            ),
+            'InspectService': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectService,
+                    request_deserializer=berth_dot_api_dot_control__pb2.ServiceRef.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Service.SerializeToString,
+            ),
+            'UpdateService': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateService,
+                    request_deserializer=berth_dot_api_dot_control__pb2.UpdateServiceRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Service.SerializeToString,
+            ),
+            'RemoveService': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveService,
+                    request_deserializer=berth_dot_api_dot_control__pb2.ServiceRef.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Service.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -997,6 +1078,141 @@ class Control:
             '/berth.api.Control/ImageSave',
             berth_dot_api_dot_agent__pb2.ImageRef.SerializeToString,
             berth_dot_api_dot_agent__pb2.ImageChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/CreateService',
+            berth_dot_api_dot_types__pb2.ServiceSpec.SerializeToString,
+            berth_dot_api_dot_types__pb2.Service.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/ListServices',
+            berth_dot_api_dot_control__pb2.ListServicesRequest.SerializeToString,
+            berth_dot_api_dot_control__pb2.ListServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/InspectService',
+            berth_dot_api_dot_control__pb2.ServiceRef.SerializeToString,
+            berth_dot_api_dot_types__pb2.Service.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/UpdateService',
+            berth_dot_api_dot_control__pb2.UpdateServiceRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Service.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/RemoveService',
+            berth_dot_api_dot_control__pb2.ServiceRef.SerializeToString,
+            berth_dot_api_dot_types__pb2.Service.FromString,
             options,
             channel_credentials,
             insecure,

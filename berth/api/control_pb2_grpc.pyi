@@ -62,6 +62,12 @@ class ControlStub:
     """The first chunk names the image (reference) and the host (node); data follows."""
     ImageLoad: _grpc.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageListResponse]
     ImageSave: _grpc.UnaryStreamMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageChunk]
+    CreateService: _grpc.UnaryUnaryMultiCallable[_types_pb2.ServiceSpec, _types_pb2.Service]
+    """issue 6: services (replicated or global), rolling updates and rollback."""
+    ListServices: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListServicesRequest, _control_pb2.ListServicesResponse]
+    InspectService: _grpc.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]
+    UpdateService: _grpc.UnaryUnaryMultiCallable[_control_pb2.UpdateServiceRequest, _types_pb2.Service]
+    RemoveService: _grpc.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -95,6 +101,12 @@ class ControlAsyncStub(ControlStub):
     """The first chunk names the image (reference) and the host (node); data follows."""
     ImageLoad: _aio.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageListResponse]  # type: ignore[assignment]
     ImageSave: _aio.UnaryStreamMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageChunk]  # type: ignore[assignment]
+    CreateService: _aio.UnaryUnaryMultiCallable[_types_pb2.ServiceSpec, _types_pb2.Service]  # type: ignore[assignment]
+    """issue 6: services (replicated or global), rolling updates and rollback."""
+    ListServices: _aio.UnaryUnaryMultiCallable[_control_pb2.ListServicesRequest, _control_pb2.ListServicesResponse]  # type: ignore[assignment]
+    InspectService: _aio.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]  # type: ignore[assignment]
+    UpdateService: _aio.UnaryUnaryMultiCallable[_control_pb2.UpdateServiceRequest, _types_pb2.Service]  # type: ignore[assignment]
+    RemoveService: _aio.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -257,5 +269,41 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.ImageRef,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ImageChunk], _abc.AsyncIterator[_agent_pb2.ImageChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateService(
+        self,
+        request: _types_pb2.ServiceSpec,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Service, _abc.Awaitable[_types_pb2.Service]]:
+        """issue 6: services (replicated or global), rolling updates and rollback."""
+
+    @_abc_1.abstractmethod
+    def ListServices(
+        self,
+        request: _control_pb2.ListServicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListServicesResponse, _abc.Awaitable[_control_pb2.ListServicesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def InspectService(
+        self,
+        request: _control_pb2.ServiceRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Service, _abc.Awaitable[_types_pb2.Service]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateService(
+        self,
+        request: _control_pb2.UpdateServiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Service, _abc.Awaitable[_types_pb2.Service]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveService(
+        self,
+        request: _control_pb2.ServiceRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Service, _abc.Awaitable[_types_pb2.Service]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

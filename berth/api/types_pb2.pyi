@@ -343,6 +343,9 @@ class Container(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     STOP_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     STALE_NODES_FIELD_NUMBER: _builtins.int
+    SERVICE_ID_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
+    SERVICE_VERSION_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
@@ -356,6 +359,12 @@ class Container(_message.Message):
     """Bumped by every start, so a status of an older run is told apart."""
     stop_timeout_s: _builtins.float
     """Seconds between SIGTERM and SIGKILL when it is stopped."""
+    service_id: _builtins.str
+    """The service it is a task of (issue 6): its id, its slot ("1".."N", or a node id for a global service)
+    and the service version whose template it was made from.
+    """
+    slot: _builtins.str
+    service_version: _builtins.int
     node_name: _builtins.str
     @_builtins.property
     def spec(self) -> Global___ContainerSpec: ...
@@ -382,12 +391,15 @@ class Container(_message.Message):
         generation: _builtins.int = ...,
         stop_timeout_s: _builtins.float = ...,
         stale_nodes: _abc.Iterable[_builtins.str] | None = ...,
+        service_id: _builtins.str = ...,
+        slot: _builtins.str = ...,
+        service_version: _builtins.int = ...,
         status: Global___ContainerStatus | None = ...,
         node_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "desired_state", b"desired_state", "generation", b"generation", "id", b"id", "node_id", b"node_id", "node_name", b"node_name", "pending_reason", b"pending_reason", "spec", b"spec", "stale_nodes", b"stale_nodes", "status", b"status", "stop_timeout_s", b"stop_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "desired_state", b"desired_state", "generation", b"generation", "id", b"id", "node_id", b"node_id", "node_name", b"node_name", "pending_reason", b"pending_reason", "service_id", b"service_id", "service_version", b"service_version", "slot", b"slot", "spec", b"spec", "stale_nodes", b"stale_nodes", "status", b"status", "stop_timeout_s", b"stop_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,3 +612,137 @@ class LogEntry(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogEntry: _TypeAlias = LogEntry  # noqa: Y015
+
+@_typing.final
+class UpdateConfig(_message.Message):
+    """issue 6: how a service replaces its containers when its spec changes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARALLELISM_FIELD_NUMBER: _builtins.int
+    DELAY_S_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    FAILURE_ACTION_FIELD_NUMBER: _builtins.int
+    MONITOR_S_FIELD_NUMBER: _builtins.int
+    parallelism: _builtins.int
+    """containers replaced at once (default 1)"""
+    delay_s: _builtins.float
+    """between batches, once a batch is up"""
+    order: _builtins.str
+    """stop-first (default) or start-first"""
+    failure_action: _builtins.str
+    """pause (default) or rollback"""
+    monitor_s: _builtins.float
+    """a new container must stay up this long to count (default 5)"""
+    def __init__(
+        self,
+        *,
+        parallelism: _builtins.int = ...,
+        delay_s: _builtins.float = ...,
+        order: _builtins.str = ...,
+        failure_action: _builtins.str = ...,
+        monitor_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_s", b"delay_s", "failure_action", b"failure_action", "monitor_s", b"monitor_s", "order", b"order", "parallelism", b"parallelism"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateConfig: _TypeAlias = UpdateConfig  # noqa: Y015
+
+@_typing.final
+class ServiceSpec(_message.Message):
+    """issue 6"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    GLOBAL_MODE_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    replicas: _builtins.int
+    global_mode: _builtins.bool
+    """one per host that fits"""
+    @_builtins.property
+    def template(self) -> Global___ContainerSpec: ...
+    @_builtins.property
+    def update(self) -> Global___UpdateConfig: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        template: Global___ContainerSpec | None = ...,
+        replicas: _builtins.int = ...,
+        global_mode: _builtins.bool = ...,
+        update: Global___UpdateConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["global_mode", b"global_mode", "name", b"name", "replicas", b"replicas", "template", b"template", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceSpec: _TypeAlias = ServiceSpec  # noqa: Y015
+
+@_typing.final
+class Service(_message.Message):
+    """issue 6: stored under /berth/services/<id>."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SPEC_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CREATED_AT_NS_FIELD_NUMBER: _builtins.int
+    UPDATE_STATE_FIELD_NUMBER: _builtins.int
+    UPDATE_MESSAGE_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    LAST_VERSION_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    DESIRED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    version: _builtins.int
+    """a new one for every spec change; a rollback returns to the previous one"""
+    created_at_ns: _builtins.int
+    update_state: _builtins.str
+    """"", updating, paused, rolling_back, rolled_back, completed"""
+    update_message: _builtins.str
+    previous_version: _builtins.int
+    """the version of previous_spec: its containers count as current after a rollback"""
+    last_version: _builtins.int
+    """the highest version given out"""
+    running: _builtins.int
+    """Filled on read."""
+    desired: _builtins.int
+    @_builtins.property
+    def spec(self) -> Global___ServiceSpec: ...
+    @_builtins.property
+    def previous_spec(self) -> Global___ServiceSpec:
+        """what rollback goes back to"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        spec: Global___ServiceSpec | None = ...,
+        previous_spec: Global___ServiceSpec | None = ...,
+        version: _builtins.int = ...,
+        created_at_ns: _builtins.int = ...,
+        update_state: _builtins.str = ...,
+        update_message: _builtins.str = ...,
+        previous_version: _builtins.int = ...,
+        last_version: _builtins.int = ...,
+        running: _builtins.int = ...,
+        desired: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["previous_spec", b"previous_spec", "spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "desired", b"desired", "id", b"id", "last_version", b"last_version", "previous_spec", b"previous_spec", "previous_version", b"previous_version", "running", b"running", "spec", b"spec", "update_message", b"update_message", "update_state", b"update_state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Service: _TypeAlias = Service  # noqa: Y015
