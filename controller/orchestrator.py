@@ -38,9 +38,10 @@ BATCH = 32  # containers per placement transaction: 3 operations each, under etc
 
 
 def movable(spec: t.ContainerSpec) -> bool:
-    """Whether a container may be placed elsewhere when its host dies: it has a restart policy, and (once
-    volumes exist) no named volume tying it to the host."""
-    return spec.restart_policy in MOVABLE_POLICIES
+    """Whether a container may be placed elsewhere when its host dies: it has a restart policy, and no named
+    volume (-v NAME:/path, kept on its host) ties it to the host."""
+    named = any(not v.split(":", 1)[0].startswith("/") for v in spec.volumes)
+    return spec.restart_policy in MOVABLE_POLICIES and not named
 
 
 class Orchestrator:

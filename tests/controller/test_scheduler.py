@@ -102,3 +102,12 @@ def test_sampling_looks_at_few_hosts_but_still_explains_over_all() -> None:
     assert all(h is not None and h.containers < 1000 for h in chosen)
     demand = Demand(0, 0, (scheduler.Constraint.parse("node.labels.x==y"),))
     assert scheduler.place("c", demand, hosts, sample=10).reason == "0/1000 hosts: 1000 not matching node.labels.x==y"
+
+
+def test_only_containers_with_a_restart_policy_and_no_named_volume_move() -> None:
+    from controller.orchestrator import movable
+
+    assert movable(t.ContainerSpec(restart_policy="always", volumes=["/srv/data:/data"]))
+    assert not movable(t.ContainerSpec(restart_policy="always", volumes=["pgdata:/var/lib/pg"]))
+    assert not movable(t.ContainerSpec(restart_policy="no"))
+    assert not movable(t.ContainerSpec())
