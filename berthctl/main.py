@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     from berthctl import services
 
     services.register(sub)
+    from berthctl import events
+
+    events.register(sub)
     from berthctl import dev
 
     dev.register(sub)

@@ -18,6 +18,7 @@ import grpc.aio
 from berth.api import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
 from berth.rpc import aio_channel
+from controller.events import EventsAPI
 from controller.images import ImageRoutes
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import MOVABLE_POLICIES, TERMINAL, Orchestrator
@@ -171,7 +172,7 @@ async def _abort(context: Ctx, exc: StoreError) -> NoReturn:
     raise AssertionError  # abort always raises
 
 
-class ControlAPI(ImageRoutes, ServicesAPI, control_pb2_grpc.ControlServicer):
+class ControlAPI(ImageRoutes, ServicesAPI, EventsAPI, control_pb2_grpc.ControlServicer):
     def __init__(
         self, store: Store, orchestrator: Orchestrator, metrics: ControllerMetrics,
         clock: Callable[[], float] = time.time,

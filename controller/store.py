@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
+import grpc
+import grpc.aio
 from google.protobuf.message import Message
 
 from berth.api import types_pb2 as t
@@ -130,6 +132,18 @@ class AssignmentEvent:
 class StatusEvent:
     revision: int
     status: t.ContainerStatus | None  # None: deleted
+
+
+@dataclass(frozen=True)
+class Change:
+    """One key's change (issue 6's events)."""
+
+    revision: int
+    put: bool  # False: deleted
+    key: bytes
+    value: bytes
+    previous: bytes  # the value before, empty if none
+    version: int  # 1 for a key's creation
 
 
 def _translate(exc: Exception) -> StoreError:
@@ -466,6 +480,40 @@ class Store:
         await self._txn([tx.value(SERVICE_NAMES + svc.spec.name.encode()) == svc.id.encode()],
                         [tx.delete(SERVICE_NAMES + svc.spec.name.encode())], [])
 
+    # ---- issue 6: events ---------------------------------------------------------------------------
+
+    async def container_at(self, cid: str, revision: int) -> t.Container | None:
+        """A container as it was at a revision (None if it did not exist then or was compacted away)."""
+        request = self._client._build_get_range_request(container_key(cid))
+        request.revision = revision
+        try:
+            reply = await self._client.kvstub.Range(request, timeout=10, metadata=self._client.metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable(f"etcd is unreachable: {exc.details()}") from exc
+            return None  # compacted
+        return _parse(t.Container, reply.kvs[0].value) if reply.kvs else None
+
+    async def watch_changes(self, after_revision: int) -> AsyncIterator[Change]:
+        """Every change under /berth/ after a revision, with the value before it."""
+        queue: asyncio.Queue[tuple[str, Any] | BaseException] = asyncio.Queue()
+        watch = await self._call(self._client.watch_prefix, PREFIX, start_revision=after_revision + 1,
+                                 prev_kv=True)
+        pump = asyncio.create_task(_pump_events(watch, queue))
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise _translate(item) if isinstance(item, Exception) else item
+                kind, event = item
+                kv, prev = event.kv, event.prev_kv
+                yield Change(int(kv.mod_revision), kind == "PUT", bytes(kv.key), bytes(kv.value or b""),
+                             bytes(prev.value) if prev is not None else b"", int(kv.version))
+        finally:
+            pump.cancel()
+            with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
+                await watch.cancel()
+
     # ---- plumbing ---------------------------------------------------------------------------------
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -528,6 +576,17 @@ async def _drain(watch: Any) -> AsyncIterator[tuple[str, Any]]:
         pump.cancel()
         with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
             await watch.cancel()
+
+
+async def _pump_events(watch: Any, queue: asyncio.Queue[tuple[str, Any] | BaseException]) -> None:
+    try:
+        async for event in watch:
+            await queue.put((str(event.kind), event))
+        await queue.put(StoreError("etcd watch ended"))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+        await queue.put(exc)
 
 
 async def _pump(watch: Any, queue: asyncio.Queue[tuple[str, Any] | BaseException]) -> None:

@@ -171,6 +171,11 @@ class ControlStub:
                 request_serializer=berth_dot_api_dot_control__pb2.ServiceRef.SerializeToString,
                 response_deserializer=berth_dot_api_dot_types__pb2.Service.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/berth.api.Control/Events',
+                request_serializer=berth_dot_api_dot_control__pb2.EventsRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_control__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -345,6 +350,13 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """issue 6: container, service, node and controller events from etcd revisions; resumable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -482,6 +494,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.RemoveService,
                     request_deserializer=berth_dot_api_dot_control__pb2.ServiceRef.FromString,
                     response_serializer=berth_dot_api_dot_types__pb2.Service.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=berth_dot_api_dot_control__pb2.EventsRequest.FromString,
+                    response_serializer=berth_dot_api_dot_control__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1213,6 +1230,33 @@ class Control:
             '/berth.api.Control/RemoveService',
             berth_dot_api_dot_control__pb2.ServiceRef.SerializeToString,
             berth_dot_api_dot_types__pb2.Service.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/berth.api.Control/Events',
+            berth_dot_api_dot_control__pb2.EventsRequest.SerializeToString,
+            berth_dot_api_dot_control__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

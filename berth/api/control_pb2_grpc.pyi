@@ -68,6 +68,8 @@ class ControlStub:
     InspectService: _grpc.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]
     UpdateService: _grpc.UnaryUnaryMultiCallable[_control_pb2.UpdateServiceRequest, _types_pb2.Service]
     RemoveService: _grpc.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]
+    Events: _grpc.UnaryStreamMultiCallable[_control_pb2.EventsRequest, _control_pb2.Event]
+    """issue 6: container, service, node and controller events from etcd revisions; resumable."""
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -107,6 +109,8 @@ class ControlAsyncStub(ControlStub):
     InspectService: _aio.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]  # type: ignore[assignment]
     UpdateService: _aio.UnaryUnaryMultiCallable[_control_pb2.UpdateServiceRequest, _types_pb2.Service]  # type: ignore[assignment]
     RemoveService: _aio.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]  # type: ignore[assignment]
+    Events: _aio.UnaryStreamMultiCallable[_control_pb2.EventsRequest, _control_pb2.Event]  # type: ignore[assignment]
+    """issue 6: container, service, node and controller events from etcd revisions; resumable."""
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -305,5 +309,13 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.ServiceRef,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.Service, _abc.Awaitable[_types_pb2.Service]]: ...
+
+    @_abc_1.abstractmethod
+    def Events(
+        self,
+        request: _control_pb2.EventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.Event], _abc.AsyncIterator[_control_pb2.Event]]:
+        """issue 6: container, service, node and controller events from etcd revisions; resumable."""
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
