@@ -62,7 +62,7 @@ async def serve(args: argparse.Namespace) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-    from agent.api import AgentAPI
+    from agent.api import AgentAPI3b
     from agent.images.registry import RegistryConfig
     from agent.images.store import ImageStore
     from agent.metrics import AgentMetrics
@@ -104,7 +104,7 @@ async def serve(args: argparse.Namespace) -> None:
     session = Session(args.controller.split(","), join, worker, reporter, metrics)
 
     server = rpc.aio_server()
-    api = AgentAPI(executor, worker)
+    api = AgentAPI3b(executor, worker)  # issue 3b: + exec, volumes
     api.image_store, api.state_dir = images, state_dir  # issue 4: the image RPCs
     agent_pb2_grpc.add_AgentServicer_to_server(api, server)
     health_servicer = health_aio.HealthServicer()

@@ -108,12 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     from berthctl import events
 
     events.register(sub)
-    from berthctl import dev
+    from berthctl import dev, exec_volumes
 
     dev.register(sub)
     from berthctl import images as image_verbs  # issue 4: pull, push, images, tag, rmi, save, load, ...
 
     image_verbs.register(sub)
+    exec_volumes.register(sub)  # issue 3b: exec, volume
     return parser
 
 

@@ -19,6 +19,7 @@ from berth.api import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
 from berth.rpc import aio_channel
 from controller.events import EventsAPI
+from controller.exec_volumes import ExecVolumesMixin
 from controller.images import ImageRoutes
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import MOVABLE_POLICIES, TERMINAL, Orchestrator
@@ -172,7 +173,9 @@ async def _abort(context: Ctx, exc: StoreError) -> NoReturn:
     raise AssertionError  # abort always raises
 
 
-class ControlAPI(ImageRoutes, ServicesAPI, EventsAPI, control_pb2_grpc.ControlServicer):
+class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes)
+    ImageRoutes, ServicesAPI, EventsAPI, ExecVolumesMixin, control_pb2_grpc.ControlServicer
+):
     def __init__(
         self, store: Store, orchestrator: Orchestrator, metrics: ControllerMetrics,
         clock: Callable[[], float] = time.time,
@@ -244,6 +247,7 @@ class ControlAPI(ImageRoutes, ServicesAPI, EventsAPI, control_pb2_grpc.ControlSe
         if problem:
             self._count("Run", grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await self.pin_to_volumes(spec, context)  # issue 3b
         c = t.Container(
             id=secrets.token_hex(32), spec=spec, created_at_ns=int(self.clock() * 1e9),
             desired_state=t.DESIRED_RUNNING, generation=1, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S,

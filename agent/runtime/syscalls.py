@@ -44,6 +44,7 @@ MNT_DETACH = 0x2
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
@@ -97,6 +98,13 @@ def unshare(flags: int) -> None:
     container's cgroups first. CLONE_NEWNS copies the mount table; mounts made afterwards still propagate
     to the host through shared mounts until / is made MS_PRIVATE|MS_REC. Needs CAP_SYS_ADMIN."""
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """setns(2): join the namespace that fd (an open /proc/<pid>/ns/<kind>) names. CLONE_NEWPID applies to
+    the caller's next child only; CLONE_NEWNS needs a single-threaded caller and resets its root and
+    working directory to the namespace's root. Needs CAP_SYS_ADMIN (and CAP_SYS_CHROOT for mnt)."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns {nstype:#x}")
 
 
 def sethostname(name: str) -> None:

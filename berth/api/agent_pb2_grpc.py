@@ -95,6 +95,31 @@ class AgentStub:
                 request_serializer=berth_dot_api_dot_agent__pb2.ImageRef.SerializeToString,
                 response_deserializer=berth_dot_api_dot_agent__pb2.ImageChunk.FromString,
                 _registered_method=True)
+        self.Exec = channel.stream_stream(
+                '/berth.api.Agent/Exec',
+                request_serializer=berth_dot_api_dot_types__pb2.ExecInput.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.ExecOutput.FromString,
+                _registered_method=True)
+        self.VolumeCreate = channel.unary_unary(
+                '/berth.api.Agent/VolumeCreate',
+                request_serializer=berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Volume.FromString,
+                _registered_method=True)
+        self.VolumeInspect = channel.unary_unary(
+                '/berth.api.Agent/VolumeInspect',
+                request_serializer=berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Volume.FromString,
+                _registered_method=True)
+        self.VolumeList = channel.unary_unary(
+                '/berth.api.Agent/VolumeList',
+                request_serializer=berth_dot_api_dot_types__pb2.VolumeListRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.VolumeListResponse.FromString,
+                _registered_method=True)
+        self.VolumeRemove = channel.unary_unary(
+                '/berth.api.Agent/VolumeRemove',
+                request_serializer=berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Volume.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -174,6 +199,37 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exec(self, request_iterator, context):
+        """issue 3b: exec into a running container; named volumes of this host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VolumeCreate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VolumeInspect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VolumeList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VolumeRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -236,6 +292,31 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ImageSave,
                     request_deserializer=berth_dot_api_dot_agent__pb2.ImageRef.FromString,
                     response_serializer=berth_dot_api_dot_agent__pb2.ImageChunk.SerializeToString,
+            ),
+            'Exec': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=berth_dot_api_dot_types__pb2.ExecInput.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.ExecOutput.SerializeToString,
+            ),
+            'VolumeCreate': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeCreate,
+                    request_deserializer=berth_dot_api_dot_types__pb2.VolumeRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Volume.SerializeToString,
+            ),
+            'VolumeInspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeInspect,
+                    request_deserializer=berth_dot_api_dot_types__pb2.VolumeRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Volume.SerializeToString,
+            ),
+            'VolumeList': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeList,
+                    request_deserializer=berth_dot_api_dot_types__pb2.VolumeListRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.VolumeListResponse.SerializeToString,
+            ),
+            'VolumeRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeRemove,
+                    request_deserializer=berth_dot_api_dot_types__pb2.VolumeRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Volume.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -562,6 +643,141 @@ class Agent:
             '/berth.api.Agent/ImageSave',
             berth_dot_api_dot_agent__pb2.ImageRef.SerializeToString,
             berth_dot_api_dot_agent__pb2.ImageChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/berth.api.Agent/Exec',
+            berth_dot_api_dot_types__pb2.ExecInput.SerializeToString,
+            berth_dot_api_dot_types__pb2.ExecOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeCreate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Agent/VolumeCreate',
+            berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeInspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Agent/VolumeInspect',
+            berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Agent/VolumeList',
+            berth_dot_api_dot_types__pb2.VolumeListRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.VolumeListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Agent/VolumeRemove',
+            berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Volume.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,12 @@ class AgentStub:
     """The first chunk names the image (reference) and the host (node); data follows."""
     ImageLoad: _grpc.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageListResponse]
     ImageSave: _grpc.UnaryStreamMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageChunk]
+    Exec: _grpc.StreamStreamMultiCallable[_types_pb2.ExecInput, _types_pb2.ExecOutput]
+    """issue 3b: exec into a running container; named volumes of this host."""
+    VolumeCreate: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
+    VolumeInspect: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
+    VolumeList: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeListRequest, _types_pb2.VolumeListResponse]
+    VolumeRemove: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
@@ -66,6 +72,12 @@ class AgentAsyncStub(AgentStub):
     """The first chunk names the image (reference) and the host (node); data follows."""
     ImageLoad: _aio.StreamUnaryMultiCallable[_agent_pb2.ImageChunk, _agent_pb2.ImageListResponse]  # type: ignore[assignment]
     ImageSave: _aio.UnaryStreamMultiCallable[_agent_pb2.ImageRef, _agent_pb2.ImageChunk]  # type: ignore[assignment]
+    Exec: _aio.StreamStreamMultiCallable[_types_pb2.ExecInput, _types_pb2.ExecOutput]  # type: ignore[assignment]
+    """issue 3b: exec into a running container; named volumes of this host."""
+    VolumeCreate: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
+    VolumeInspect: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
+    VolumeList: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeListRequest, _types_pb2.VolumeListResponse]  # type: ignore[assignment]
+    VolumeRemove: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -153,5 +165,41 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.ImageRef,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ImageChunk], _abc.AsyncIterator[_agent_pb2.ImageChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def Exec(
+        self,
+        request_iterator: _MaybeAsyncIterator[_types_pb2.ExecInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_types_pb2.ExecOutput], _abc.AsyncIterator[_types_pb2.ExecOutput]]:
+        """issue 3b: exec into a running container; named volumes of this host."""
+
+    @_abc_1.abstractmethod
+    def VolumeCreate(
+        self,
+        request: _types_pb2.VolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Volume, _abc.Awaitable[_types_pb2.Volume]]: ...
+
+    @_abc_1.abstractmethod
+    def VolumeInspect(
+        self,
+        request: _types_pb2.VolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Volume, _abc.Awaitable[_types_pb2.Volume]]: ...
+
+    @_abc_1.abstractmethod
+    def VolumeList(
+        self,
+        request: _types_pb2.VolumeListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.VolumeListResponse, _abc.Awaitable[_types_pb2.VolumeListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def VolumeRemove(
+        self,
+        request: _types_pb2.VolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Volume, _abc.Awaitable[_types_pb2.Volume]]: ...
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

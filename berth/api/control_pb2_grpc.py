@@ -176,6 +176,31 @@ class ControlStub:
                 request_serializer=berth_dot_api_dot_control__pb2.EventsRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_control__pb2.Event.FromString,
                 _registered_method=True)
+        self.Exec = channel.stream_stream(
+                '/berth.api.Control/Exec',
+                request_serializer=berth_dot_api_dot_types__pb2.ExecInput.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.ExecOutput.FromString,
+                _registered_method=True)
+        self.VolumeCreate = channel.unary_unary(
+                '/berth.api.Control/VolumeCreate',
+                request_serializer=berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Volume.FromString,
+                _registered_method=True)
+        self.VolumeInspect = channel.unary_unary(
+                '/berth.api.Control/VolumeInspect',
+                request_serializer=berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Volume.FromString,
+                _registered_method=True)
+        self.VolumeList = channel.unary_unary(
+                '/berth.api.Control/VolumeList',
+                request_serializer=berth_dot_api_dot_types__pb2.VolumeListRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.VolumeListResponse.FromString,
+                _registered_method=True)
+        self.VolumeRemove = channel.unary_unary(
+                '/berth.api.Control/VolumeRemove',
+                request_serializer=berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Volume.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -357,6 +382,37 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exec(self, request_iterator, context):
+        """issue 3b: exec through the controller to the container's host; named volumes, one host each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VolumeCreate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VolumeInspect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VolumeList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VolumeRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -499,6 +555,31 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=berth_dot_api_dot_control__pb2.EventsRequest.FromString,
                     response_serializer=berth_dot_api_dot_control__pb2.Event.SerializeToString,
+            ),
+            'Exec': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=berth_dot_api_dot_types__pb2.ExecInput.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.ExecOutput.SerializeToString,
+            ),
+            'VolumeCreate': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeCreate,
+                    request_deserializer=berth_dot_api_dot_types__pb2.VolumeRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Volume.SerializeToString,
+            ),
+            'VolumeInspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeInspect,
+                    request_deserializer=berth_dot_api_dot_types__pb2.VolumeRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Volume.SerializeToString,
+            ),
+            'VolumeList': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeList,
+                    request_deserializer=berth_dot_api_dot_types__pb2.VolumeListRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.VolumeListResponse.SerializeToString,
+            ),
+            'VolumeRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeRemove,
+                    request_deserializer=berth_dot_api_dot_types__pb2.VolumeRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Volume.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1257,6 +1338,141 @@ class Control:
             '/berth.api.Control/Events',
             berth_dot_api_dot_control__pb2.EventsRequest.SerializeToString,
             berth_dot_api_dot_control__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/berth.api.Control/Exec',
+            berth_dot_api_dot_types__pb2.ExecInput.SerializeToString,
+            berth_dot_api_dot_types__pb2.ExecOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeCreate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/VolumeCreate',
+            berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeInspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/VolumeInspect',
+            berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/VolumeList',
+            berth_dot_api_dot_types__pb2.VolumeListRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.VolumeListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/VolumeRemove',
+            berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Volume.FromString,
             options,
             channel_credentials,
             insecure,

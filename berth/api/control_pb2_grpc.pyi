@@ -70,6 +70,12 @@ class ControlStub:
     RemoveService: _grpc.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]
     Events: _grpc.UnaryStreamMultiCallable[_control_pb2.EventsRequest, _control_pb2.Event]
     """issue 6: container, service, node and controller events from etcd revisions; resumable."""
+    Exec: _grpc.StreamStreamMultiCallable[_types_pb2.ExecInput, _types_pb2.ExecOutput]
+    """issue 3b: exec through the controller to the container's host; named volumes, one host each."""
+    VolumeCreate: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
+    VolumeInspect: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
+    VolumeList: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeListRequest, _types_pb2.VolumeListResponse]
+    VolumeRemove: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -111,6 +117,12 @@ class ControlAsyncStub(ControlStub):
     RemoveService: _aio.UnaryUnaryMultiCallable[_control_pb2.ServiceRef, _types_pb2.Service]  # type: ignore[assignment]
     Events: _aio.UnaryStreamMultiCallable[_control_pb2.EventsRequest, _control_pb2.Event]  # type: ignore[assignment]
     """issue 6: container, service, node and controller events from etcd revisions; resumable."""
+    Exec: _aio.StreamStreamMultiCallable[_types_pb2.ExecInput, _types_pb2.ExecOutput]  # type: ignore[assignment]
+    """issue 3b: exec through the controller to the container's host; named volumes, one host each."""
+    VolumeCreate: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
+    VolumeInspect: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
+    VolumeList: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeListRequest, _types_pb2.VolumeListResponse]  # type: ignore[assignment]
+    VolumeRemove: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -317,5 +329,41 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_control_pb2.Event], _abc.AsyncIterator[_control_pb2.Event]]:
         """issue 6: container, service, node and controller events from etcd revisions; resumable."""
+
+    @_abc_1.abstractmethod
+    def Exec(
+        self,
+        request_iterator: _MaybeAsyncIterator[_types_pb2.ExecInput],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_types_pb2.ExecOutput], _abc.AsyncIterator[_types_pb2.ExecOutput]]:
+        """issue 3b: exec through the controller to the container's host; named volumes, one host each."""
+
+    @_abc_1.abstractmethod
+    def VolumeCreate(
+        self,
+        request: _types_pb2.VolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Volume, _abc.Awaitable[_types_pb2.Volume]]: ...
+
+    @_abc_1.abstractmethod
+    def VolumeInspect(
+        self,
+        request: _types_pb2.VolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Volume, _abc.Awaitable[_types_pb2.Volume]]: ...
+
+    @_abc_1.abstractmethod
+    def VolumeList(
+        self,
+        request: _types_pb2.VolumeListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.VolumeListResponse, _abc.Awaitable[_types_pb2.VolumeListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def VolumeRemove(
+        self,
+        request: _types_pb2.VolumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Volume, _abc.Awaitable[_types_pb2.Volume]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
