@@ -47,7 +47,7 @@ def in_use_layers(state_dir: Path) -> set[str]:
             layers = json.loads(config.read_text()).get("layers", [])
         except (OSError, ValueError):
             continue
-        used |= {"sha256:" + Path(p).name for p in layers}
+        used |= {"sha256:" + Path(os.path.realpath(p)).name for p in layers}  # l/<short> links resolved
     return used
 
 
@@ -194,7 +194,7 @@ class ImageAPI:
             layers = json.loads((cdir / "config.json").read_text())["layers"]
         except (OSError, ValueError, KeyError):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no container {request.container_id[:12]} on this host")
-        wanted = ["sha256:" + Path(p).name for p in layers]
+        wanted = ["sha256:" + Path(os.path.realpath(p)).name for p in layers]
         base = next((r["reference"] for r in self.image_store.records() if r["diff_ids"] == wanted), None)
         if base is None:
             await context.abort(

@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
 
 from agent.images import (
@@ -73,6 +74,12 @@ _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|([^,\s]*))')
 
 EventHook = Callable[..., Awaitable[None]]
+
+# httpcore reads a response body 64 KiB at a time, with a few Python layers per read: for a 200 MB layer that
+# is ~3,200 trips through h11/anyio, a third of a pull's CPU. 1 MiB reads cut the pull's CPU by ~30 %
+# (bench/pull.py). A class attribute of httpcore's HTTP/1.1 connection, set for this process.
+if isinstance(getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", None), int):
+    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,9 @@ class ImageStore:
         self._blobs = root / "blobs" / "sha256"
         self._layers = root / "layers" / "sha256"
         self._refs = root / "refs"
+        self._links = root / "l"
         try:
-            for directory in (self._blobs, self._layers, self._refs):
+            for directory in (self._blobs, self._layers, self._refs, self._links):
                 directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StoreError(f"cannot create the image store in {root}: {err}") from err
@@ -155,7 +156,7 @@ class ImageStore:
         """Drop what a crashed pull left: temporaries are never used again. (One store object per root: the
         agent's; a second one opened while a pull runs would delete that pull's temporaries.)"""
         try:
-            for directory in (self._blobs, self._layers, self._refs):
+            for directory in (self._blobs, self._layers, self._refs, self._links):
                 for leftover in directory.glob(".*"):
                     if leftover.name.startswith((".download-", ".unpack-", ".tmp-")):
                         if leftover.is_dir() and not leftover.is_symlink():
@@ -172,6 +173,18 @@ class ImageStore:
 
     def layer_path(self, diff_id: str) -> Path:
         return self._layers / _hex(diff_id)
+
+    def layer_link(self, diff_id: str) -> Path:
+        """A short name for the layer (l/<12 hex>, a symlink to its directory), made when missing. Images
+        hand these to the runtime: overlayfs's mount options fit in one page, and with full layer paths
+        only ~38 layers would fit; with these, over 100."""
+        link = self._links / _hex(diff_id)[:12]
+        if not link.is_symlink():
+            tmp = self._links / f".tmp-{_hex(diff_id)[:12]}-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            os.symlink(self.layer_path(diff_id), tmp)
+            os.rename(tmp, link)
+        return link
 
     def _record_path(self, reference: str) -> Path:
         return self._refs / hashlib.sha256(reference.encode()).hexdigest()
@@ -201,7 +214,7 @@ class ImageStore:
                 reference=record["reference"],
                 digest=record["digest"],
                 config=config,
-                layers=tuple(self.layer_path(d) for d in record["diff_ids"]),
+                layers=tuple(self.layer_link(d) for d in record["diff_ids"]),
             )
         except FileNotFoundError:
             return None
@@ -295,13 +308,12 @@ class ImageStore:
             downloads = asyncio.Semaphore(self._max_downloads)
             try:
                 async with asyncio.TaskGroup() as group:
-                    tasks = [
+                    for desc, diff_id in zip(manifest.layers, diff_ids, strict=True):
                         group.create_task(self._layer(client, resolved, desc, diff_id, downloads, progress))
-                        for desc, diff_id in zip(manifest.layers, diff_ids, strict=True)
-                    ]
             except BaseExceptionGroup as failed:
                 raise _first_leaf(failed) from None
-        image = Image(str(ref), resolved.digest, image_config, tuple(t.result() for t in tasks))
+        links = tuple(self.layer_link(d) for d in diff_ids)
+        image = Image(str(ref), resolved.digest, image_config, links)
         record = {
             "reference": image.reference,
             "digest": image.digest,
@@ -516,6 +528,9 @@ class ImageStore:
         for path in self._layers.iterdir():
             if not path.name.startswith(".") and path.name not in layers:
                 shutil.rmtree(path)
+        for link in self._links.iterdir():
+            if not link.name.startswith(".") and not link.exists():
+                link.unlink()
         return removed, freed
 
     async def enforce_high_water(self, limit_bytes: int, in_use: set[str]) -> builtins.list[str]:
@@ -578,7 +593,7 @@ class ImageStore:
         }
         for name in {str(ref), pinned}:
             await asyncio.to_thread(self._put_record, {**record, "reference": name})
-        return Image(str(ref), manifest_digest, image_config, tuple(self.layer_path(d) for d in diff_ids))
+        return Image(str(ref), manifest_digest, image_config, tuple(self.layer_link(d) for d in diff_ids))
 
     async def push(self, ref: str, target: str | None = None, progress: Progress | None = None) -> str:
         """Push the local image `ref` to its registry (or as `target`), blobs the registry lacks first,

@@ -152,7 +152,8 @@ def test_pull_busybox_through_mirror(registry: RegistryHandle, tmp_path: Path) -
     assert image.config.env == ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",)
     assert len(image.layers) == 1
     base = image.layers[0]
-    assert base.parent == tmp_path / "store" / "layers" / "sha256"
+    assert base.parent == tmp_path / "store" / "l"  # a short link (overlay options fit in a page)
+    assert base.resolve().parent == tmp_path / "store" / "layers" / "sha256"
     busybox = base / "bin" / "busybox"
     assert stat.S_ISREG(busybox.lstat().st_mode) and busybox.stat().st_mode & 0o111
     assert busybox.read_bytes() == Path("/bin/busybox").read_bytes()

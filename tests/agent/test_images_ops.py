@@ -9,10 +9,12 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,7 +255,7 @@ def test_tag_remove_and_collect(registry: RegistryHandle, tmp_path: Path) -> Non
     image = asyncio.run(store.pull("busybox"))
     assert store.tag("busybox", "mine/bb:2") == "docker.io/mine/bb:2"
     assert store.get("mine/bb:2") is not None
-    diff_ids = {f"sha256:{p.name}" for p in image.layers}
+    diff_ids = {f"sha256:{p.resolve().name}" for p in image.layers}
 
     with pytest.raises(StoreError, match="used by a container"):
         store.remove("busybox", diff_ids)
@@ -323,3 +325,30 @@ def test_pull_killed_half_way_leaves_no_visible_layer(registry: RegistryHandle, 
     assert (image.layers[0] / "blob").stat().st_size == 8 << 20
     assert [p for p in (root / "blobs/sha256").iterdir() if p.name.startswith(".")] == []
 
+
+
+def test_many_layers_fit_in_overlay_options(
+    registry: RegistryHandle, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from agent.runtime.rootfs import overlay_options
+
+    count = 60
+    registry.push("many/layers", "v1", [[Entry(f"layer{i}.txt", data=f"{i}\n".encode())] for i in range(count)])
+    short = Path(tempfile.mkdtemp(prefix="bi", dir="/tmp"))  # a root as short as /var/lib/berth/images
+    request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
+    store = ImageStore(short, RegistryConfig())
+    image = asyncio.run(store.pull(f"{registry.address}/many/layers:v1"))
+    assert len(image.layers) == count
+    merged, work, upper = short / "m", short / "w", short / "u"
+    for d in (merged, work, upper):
+        d.mkdir()
+    full = overlay_options(tuple(str(p.resolve()) for p in image.layers), str(upper), str(work))
+    assert len(full) > 4096  # full layer paths would not fit in the one page the kernel reads
+    options = overlay_options(tuple(str(p) for p in image.layers), str(upper), str(work))
+    assert len(options) < 4096
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], check=True)
+    try:
+        assert (merged / "layer0.txt").read_text() == "0\n"
+        assert (merged / f"layer{count - 1}.txt").read_text() == f"{count - 1}\n"
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
