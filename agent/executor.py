@@ -59,6 +59,9 @@ class ContainerConfig:
     cpu_shares: int = 0  # 0: the kernel's default weight
     cpuset_cpus: str = ""  # "": every CPU
     mounts: tuple[Mount, ...] = ()
+    # issue 3a: size-capped log rotation by the supervisor; 0: no cap. max_files counts the current file.
+    log_max_size_bytes: int = 0
+    log_max_files: int = 1
 
 
 class ProcessState(enum.Enum):
@@ -76,6 +79,8 @@ class ContainerInfo:
     started_at_ns: int = 0
     finished_at_ns: int = 0
     oom_killed: bool = False
+    signal: int = 0  # issue 3a: the signal that ended the process (0: it exited by itself)
+    paused: bool = False  # issue 3a: running, with its cgroup frozen
 
 
 class Executor(Protocol):

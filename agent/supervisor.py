@@ -20,14 +20,16 @@ when the event happens).
     list                                   -> {"containers": [info, ...]}  every dir with a config.json
     remove    {"container"}                -> {}  after killing it (if running) and removing its cgroup;
                                               the caller deletes the state dir
+    freeze    {"container", "frozen"}      -> {"info"}  pause (frozen true) or unpause its cgroup (issue 3a)
     subscribe                              -> {} then, on that connection, `{"event": "exit", "info": info}`
                                               for every exit from then on
 
 info is agent.runtime.state.info_to_json(ContainerInfo). Logs go to `<state-dir>/containers/<id>/container.log`
-in CRI format; exits to exit.json, the running pid to state.json (see agent.runtime.state). On start the
-supervisor reloads state.json files: a container whose process still runs is adopted (watched through a
-pidfd; its exit code is then unknown and recorded as 255; its output FIFOs are reopened, so its log goes on),
-one whose process is gone gets an exit recorded.
+in CRI format, rotated when the config caps its size (container.log -> container.log.1 -> ... up to
+log_max_files files in all, the oldest dropped); exits to exit.json, the running pid to state.json (see
+agent.runtime.state). On start the supervisor reloads state.json files: a container whose process still runs
+is adopted (watched through a pidfd; its exit code is then unknown and recorded as 255; its output FIFOs are
+reopened, so its log goes on), one whose process is gone gets an exit recorded.
 
 Run: `python -m agent.supervisor --state-dir DIR --cgroup-parent PATH [--detach]`.
 """
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.executor import ContainerInfo, ProcessState
+from agent.runtime import freezer
 from agent.runtime import rootfs as rfs
 from agent.runtime import spawn as sp
 from agent.runtime import syscalls as sc
@@ -91,6 +94,11 @@ def exit_code_of(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def signal_of(status: int) -> int:
+    """The signal that killed the process, 0 if it exited by itself."""
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+
+
 class RequestError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -125,6 +133,10 @@ class Container:
     reaped_status: int | None = None
     pipes: dict[int, str] = field(default_factory=dict)  # fd -> "stdout" | "stderr"
     log_fd: int = -1
+    log_size: int = 0
+    log_max_size: int = 0  # 0: no rotation
+    log_max_files: int = 1
+    paused: bool = False
     pidfd: int = -1  # adopted after a supervisor restart
     start_waiters: list[Waiter] = field(default_factory=list)
     exit_waiters: list[Waiter] = field(default_factory=list)
@@ -189,6 +201,10 @@ class Supervisor:
             c = Container(id=cid, cgroup=self.hier.cgroup(self.cgroup_parent, cid), phase="running")
             c.pid = st["pid"]
             c.started_at_ns = st["started_at_ns"]
+            raw = read_json(paths.config)
+            if raw is not None:
+                c.log_max_size = int(raw.get("log_max_size_bytes", 0))
+                c.log_max_files = max(1, int(raw.get("log_max_files", 1)))
             self.containers[cid] = c
             if sc.proc_start_time(c.pid) == st.get("pid_start_time"):
                 try:
@@ -270,7 +286,7 @@ class Supervisor:
             if c.phase == "starting":
                 c.reaped_status = status
             else:
-                self._on_exit(c, exit_code_of(status))
+                self._on_exit(c, exit_code_of(status), signal_of(status))
 
     # ----- connections -----
 
@@ -412,6 +428,8 @@ class Supervisor:
                 sent = True
             if req.get("all") and c.cgroup is not None:
                 sent = c.cgroup.signal_all(sig) > 0 or sent
+            if sig == signal.SIGKILL:
+                self._thaw(c)
         return {"info": info_to_json(self._info(cid)), "sent": sent}
 
     def _op_wait(self, w: Waiter, req: dict[str, Any]) -> dict[str, Any] | None:
@@ -436,9 +454,32 @@ class Supervisor:
                 os.kill(c.pid, signal.SIGKILL)
             if c.cgroup is not None:
                 c.cgroup.signal_all(signal.SIGKILL)
+            self._thaw(c)
             return None
         self._forget(cid)
         return {}
+
+    def _op_freeze(self, w: Waiter, req: dict[str, Any]) -> dict[str, Any]:
+        cid = self._container_id(req)
+        frozen = bool(req["frozen"])
+        c = self.containers.get(cid)
+        if c is None or c.phase != "running" or c.cgroup is None:
+            raise RequestError("bad_request", f"container {cid} is not running")
+        try:
+            freezer.set_frozen(c.cgroup, frozen)
+        except OSError as e:
+            raise RequestError("internal", f"{'pause' if frozen else 'unpause'}: {rfs.describe(e)}") from e
+        c.paused = frozen
+        return {"info": info_to_json(self._info(cid))}
+
+    def _thaw(self, c: Container) -> None:
+        """Unfreeze a paused container (a frozen task does not act on SIGKILL until thawed)."""
+        if c.paused and c.cgroup is not None:
+            try:
+                freezer.set_frozen(c.cgroup, False)
+                c.paused = False
+            except OSError as e:
+                log.warning("container %s: thaw: %s", c.id, e)
 
     def _forget(self, cid: str) -> None:
         c = self.containers.pop(cid, None)
@@ -512,6 +553,7 @@ class Supervisor:
             cg.remove()
             raise RequestError("start", f"fork: {rfs.describe(e)}") from e
         c = Container(id=cid, cgroup=cg, pid=spawned.pid, started_at_ns=started, error_fd=spawned.error_fd)
+        c.log_max_size, c.log_max_files = cfg.log_max_size_bytes, max(1, cfg.log_max_files)
         c.start_waiters.append(w)
         if cid in self.containers:
             self._forget_fds(self.containers[cid])
@@ -588,7 +630,7 @@ class Supervisor:
             self._reply(w, {"info": info})
         c.start_waiters.clear()
         if c.reaped_status is not None:
-            self._on_exit(c, exit_code_of(c.reaped_status))
+            self._on_exit(c, exit_code_of(c.reaped_status), signal_of(c.reaped_status))
 
     def _on_pidfd(self, c: Container) -> None:
         if c.pidfd < 0:
@@ -634,24 +676,49 @@ class Supervisor:
             c.log_fd = -1
 
     def _write_log(self, c: Container, stream: str, data: bytes) -> None:
+        paths = self.sd.container(c.id)
+        lines = cri_lines(time.time_ns(), stream, data)
+        if c.log_max_size > 0 and c.log_fd >= 0 and c.log_size > 0 and c.log_size + len(lines) > c.log_max_size:
+            self._rotate_log(c)
         if c.log_fd < 0:
-            path = self.sd.container(c.id).log
-            c.log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            c.log_fd = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            c.log_size = os.fstat(c.log_fd).st_size
         try:
-            os.write(c.log_fd, cri_lines(time.time_ns(), stream, data))
+            os.write(c.log_fd, lines)
+            c.log_size += len(lines)
         except OSError as e:
             log.warning("container %s: write log: %s", c.id, e)
 
-    def _on_exit(self, c: Container, code: int) -> None:
+    def _rotate_log(self, c: Container) -> None:
+        """container.log becomes container.log.1, .1 becomes .2 and so on; the part beyond log_max_files
+        goes. Whole lines only: a chunk is never split across two files."""
+        paths = self.sd.container(c.id)
+        os.close(c.log_fd)
+        c.log_fd = -1
+        c.log_size = 0
+        try:
+            for n in range(c.log_max_files - 1, 0, -1):
+                src = paths.log if n == 1 else paths.rotated_log(n - 1)
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(src, paths.rotated_log(n))
+            if c.log_max_files == 1:
+                paths.log.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("container %s: rotate log: %s", c.id, e)
+
+    def _on_exit(self, c: Container, code: int, sig: int = 0) -> None:
         self._drain(c)
         self.by_pid.pop(c.pid, None)
         oom = False
         if c.cgroup is not None:
             try:
                 oom = c.cgroup.oom_killed()
+                if c.paused:  # a frozen cgroup holds its killed tasks; thaw so that rmdir succeeds
+                    freezer.set_frozen(c.cgroup, False)
                 c.cgroup.remove()
             except OSError as e:
                 log.warning("container %s: cgroup cleanup: %s", c.id, e)
+        c.paused = False
         c.phase = "exited"
         paths = self.sd.container(c.id)
         finished = time.time_ns()
@@ -664,6 +731,7 @@ class Supervisor:
                     "started_at_ns": c.started_at_ns,
                     "finished_at_ns": finished,
                     "oom_killed": oom,
+                    "signal": sig,
                 },
             )
             paths.state.unlink(missing_ok=True)
@@ -678,6 +746,7 @@ class Supervisor:
             started_at_ns=c.started_at_ns,
             finished_at_ns=finished,
             oom_killed=oom,
+            signal=sig,
         )
         log.info("container %s: exited with %d%s", c.id, code, " (oom killed)" if oom else "")
         event = {"event": "exit", "info": info_to_json(info)}
@@ -696,7 +765,9 @@ class Supervisor:
     def _info(self, cid: str) -> ContainerInfo:
         c = self.containers.get(cid)
         if c is not None and c.phase == "running":
-            return ContainerInfo(id=cid, state=ProcessState.RUNNING, pid=c.pid, started_at_ns=c.started_at_ns)
+            return ContainerInfo(
+                id=cid, state=ProcessState.RUNNING, pid=c.pid, started_at_ns=c.started_at_ns, paused=c.paused
+            )
         ex = read_json(self.sd.container(cid).exit)
         if ex is not None:
             return ContainerInfo(
@@ -707,6 +778,7 @@ class Supervisor:
                 started_at_ns=ex["started_at_ns"],
                 finished_at_ns=ex["finished_at_ns"],
                 oom_killed=ex["oom_killed"],
+                signal=ex.get("signal", 0),
             )
         return ContainerInfo(id=cid, state=ProcessState.CREATED)
 

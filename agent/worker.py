@@ -5,6 +5,10 @@ Each assigned container has an actor task that serialises its operations (pull, 
 remove); a change of assignment only pokes the actor, which compares desired with actual and acts. The
 generation of the last run each container started is kept on disk, so that after an agent restart a
 container that already ran (and exited) is not started again, and a running one is adopted as is.
+
+Restart policies (agent.restart decides, this module acts): when a run of a container desired running
+exits, or is found exited at load (the agent or the host restarted meanwhile), its policy may start it again
+after a back-off; the wait goes through the injected `sleep`, so tests drive it without sleeping.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Protocol
 from agent.executor import ContainerConfig, ContainerInfo, Executor, ExecutorError, ProcessState
 from agent.images import Image, ImageError, ImageNotFound
 from agent.metrics import AgentMetrics
+from agent.restart import RestartPolicy, RestartPolicyError, RestartTracker
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
 
@@ -141,6 +146,7 @@ class Worker:
         metrics: AgentMetrics,
         state_dir: Path,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.executor = executor
         self.images = images
@@ -156,6 +162,12 @@ class Worker:
         self._actors: dict[str, asyncio.Task[None]] = {}
         self._synced = False
         self._changed = asyncio.Event()
+        # restart policies (issue 3a)
+        self._sleep = sleep
+        self._restarts: dict[str, RestartTracker] = {}
+        self._restart_due: set[str] = set()
+        self._decided: dict[str, int] = {}  # finished_at_ns of the exit whose restart was decided
+        self._restart_tasks: dict[str, asyncio.Task[None]] = {}
 
     async def load(self) -> None:
         """Adopt what this host already runs (after an agent restart): nothing is started or stopped here."""
@@ -200,14 +212,18 @@ class Worker:
         return self._status_of(info, gen)
 
     def _status_of(self, info: ContainerInfo, generation: int) -> t.ContainerStatus:
+        tracker = self._restarts.get(info.id)
+        restarts = tracker.restart_count if tracker is not None else 0
         if info.state == ProcessState.RUNNING:
             return t.ContainerStatus(
-                state=t.STATE_RUNNING, pid=info.pid, started_at_ns=info.started_at_ns, generation=generation
+                state=t.STATE_RUNNING, pid=info.pid, started_at_ns=info.started_at_ns, generation=generation,
+                restart_count=restarts, message="paused" if info.paused else "",
             )
         return t.ContainerStatus(
             state=t.STATE_EXITED, exit_code=info.exit_code, started_at_ns=info.started_at_ns,
             finished_at_ns=info.finished_at_ns, oom_killed=info.oom_killed, generation=generation,
-            message="OOM-killed" if info.oom_killed else "",
+            message="OOM-killed" if info.oom_killed else (f"killed by signal {info.signal}" if info.signal else ""),
+            restart_count=restarts, signal=info.signal,
         )
 
     def _poke(self, cid: str) -> None:
@@ -242,6 +258,7 @@ class Worker:
         """One step towards the desired state. True when the container is gone for good."""
         a = self.assignments.get(cid)
         if a is None:
+            self._forget_restarts(cid)
             await self.executor.remove(cid)
             self.info.pop(cid, None)
             self._started.pop(cid, None)
@@ -251,10 +268,22 @@ class Worker:
         info = self.info.get(cid)
         running = info is not None and info.state == ProcessState.RUNNING
         if a.desired_state == t.DESIRED_RUNNING:
-            if running or self._started.get(cid, 0) >= a.generation:
+            if running:
                 return False
+            if cid in self._restart_due:
+                self._restart_due.discard(cid)
+                await self._start(cid, a)
+                return False
+            if self._started.get(cid, 0) >= a.generation:
+                self._consider_restart(cid)  # an exit found at load: the agent or the host restarted
+                return False
+            tracker = self._restarts.get(cid)
+            if tracker is not None:
+                tracker.reset()  # a user's start
             await self._start(cid, a)
-        elif running:
+            return False
+        self._restart_due.discard(cid)
+        if running:
             stopped = await self.executor.stop(cid, a.stop_timeout_s if a.stop_timeout_s > 0 else 10.0)
             self._on_exit(stopped)
         return False
@@ -310,6 +339,51 @@ class Worker:
             return
         self.reporter.report(info.id, self._status_of(info, self._started.get(info.id, a.generation)))
         self._changed.set()
+        self._consider_restart(info.id)
+
+    # ---- restart policies (issue 3a) ----------------------------------------------------------------
+
+    def _consider_restart(self, cid: str) -> None:
+        """Apply the container's restart policy to its latest exit, once per exit."""
+        a = self.assignments.get(cid)
+        info = self.info.get(cid)
+        if a is None or info is None or a.desired_state != t.DESIRED_RUNNING or info.state != ProcessState.EXITED:
+            return
+        if self._started.get(cid, 0) < a.generation or self._decided.get(cid) == info.finished_at_ns:
+            return
+        self._decided[cid] = info.finished_at_ns
+        try:
+            policy = RestartPolicy.parse(a.spec.restart_policy)
+        except RestartPolicyError as exc:
+            log.warning("container %s: %s; not restarting it", cid[:12], exc)
+            return
+        tracker = self._restarts.setdefault(cid, RestartTracker(policy))
+        tracker.policy = policy
+        ran_s = max(0, info.finished_at_ns - info.started_at_ns) / 1e9
+        delay = tracker.next_delay(info.exit_code, ran_s)
+        if delay is None:
+            return
+        log.info("container %s exited (%d): restart %d in %.1fs (%s)", cid[:12], info.exit_code,
+                 tracker.restart_count, delay, policy)
+        old = self._restart_tasks.pop(cid, None)
+        if old is not None:
+            old.cancel()
+        self._restart_tasks[cid] = asyncio.create_task(self._restart_after(cid, delay))
+
+    async def _restart_after(self, cid: str, delay_s: float) -> None:
+        await self._sleep(delay_s)
+        if self._restart_tasks.get(cid) is asyncio.current_task():
+            del self._restart_tasks[cid]
+        self._restart_due.add(cid)
+        self._poke(cid)
+
+    def _forget_restarts(self, cid: str) -> None:
+        task = self._restart_tasks.pop(cid, None)
+        if task is not None:
+            task.cancel()
+        self._restarts.pop(cid, None)
+        self._restart_due.discard(cid)
+        self._decided.pop(cid, None)
 
     async def watch_exits(self) -> None:
         async for info in self.executor.exits():

@@ -222,6 +222,21 @@ class LinuxExecutor:
             reply = await self._request("wait", container=container_id, timeout_s=None)
         return info_from_json(reply["info"])
 
+    async def signal(self, container_id: str, sig: int) -> ContainerInfo:
+        """Send sig to the container's first process (docker kill -s); issue 3a."""
+        reply = await self._request("signal", container=container_id, signal=int(sig), all=False)
+        return info_from_json(reply["info"])
+
+    async def pause(self, container_id: str, paused: bool = True) -> ContainerInfo:
+        """Freeze (paused) or thaw every process of the container's cgroup; issue 3a."""
+        reply = await self._request("freeze", container=container_id, frozen=paused)
+        return info_from_json(reply["info"])
+
+    async def wait(self, container_id: str, timeout_s: float | None = None) -> ContainerInfo:
+        """The container's info once it is not running (or at the timeout); issue 3a."""
+        reply = await self._request("wait", container=container_id, timeout_s=timeout_s)
+        return info_from_json(reply["info"])
+
     async def remove(self, container_id: str) -> None:
         paths = self._paths(container_id)
         if not paths.dir.exists():

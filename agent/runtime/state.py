@@ -8,10 +8,11 @@ LinuxExecutor (writer of config and writable layer). One place for the layout:
         config.json                   ContainerConfig (written by create)
         upper/ work/                  overlayfs writable layer and its work dir (kept until remove)
         rootfs/                       mount point of the overlay, inside the container's mount ns only
-        container.log                 CRI-format log
+        container.log                 CRI-format log; container.log.1 .. .N-1 its rotated older parts
         stdout.fifo stderr.fifo       the container's output, read by the supervisor (survive its restart)
         state.json                    {"pid", "started_at_ns", "pid_start_time"} while running
-        exit.json                     {"pid", "exit_code", "started_at_ns", "finished_at_ns", "oom_killed"}
+        exit.json                     {"pid", "exit_code", "started_at_ns", "finished_at_ns", "oom_killed",
+                                       "signal"}
     <state-dir>/volumes/<name>/       named volumes (agent.runtime.volumes)
 
 JSON files are written to a temporary name and renamed, so a reader never sees half a file.
@@ -61,6 +62,10 @@ class ContainerPaths:
     @property
     def stderr_fifo(self) -> Path:
         return self.dir / "stderr.fifo"
+
+    def rotated_log(self, n: int) -> Path:
+        """The n-th older part of the log (1: the most recent one)."""
+        return self.dir / f"container.log.{n}"
 
     @property
     def state(self) -> Path:
@@ -142,6 +147,8 @@ def config_to_json(c: ContainerConfig) -> dict[str, Any]:
         "cpu_shares": c.cpu_shares,
         "cpuset_cpus": c.cpuset_cpus,
         "mounts": [asdict(m) for m in c.mounts],
+        "log_max_size_bytes": c.log_max_size_bytes,
+        "log_max_files": c.log_max_files,
     }
 
 
@@ -163,6 +170,8 @@ def config_from_json(d: dict[str, Any]) -> ContainerConfig:
         cpu_shares=d.get("cpu_shares", 0),
         cpuset_cpus=d.get("cpuset_cpus", ""),
         mounts=tuple(Mount(**m) for m in d.get("mounts", ())),
+        log_max_size_bytes=d.get("log_max_size_bytes", 0),
+        log_max_files=d.get("log_max_files", 1),
     )
 
 
@@ -187,6 +196,8 @@ def info_to_json(i: ContainerInfo) -> dict[str, Any]:
         "started_at_ns": i.started_at_ns,
         "finished_at_ns": i.finished_at_ns,
         "oom_killed": i.oom_killed,
+        "signal": i.signal,
+        "paused": i.paused,
     }
 
 
@@ -199,4 +210,6 @@ def info_from_json(d: dict[str, Any]) -> ContainerInfo:
         started_at_ns=d["started_at_ns"],
         finished_at_ns=d["finished_at_ns"],
         oom_killed=d["oom_killed"],
+        signal=d.get("signal", 0),
+        paused=d.get("paused", False),
     )

@@ -174,6 +174,8 @@ class ContainerSpec(_message.Message):
     VOLUMES_FIELD_NUMBER: _builtins.int
     TMPFS_FIELD_NUMBER: _builtins.int
     PULL_POLICY_FIELD_NUMBER: _builtins.int
+    LOG_MAX_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    LOG_MAX_FILES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     entrypoint_set: _builtins.bool
@@ -205,6 +207,9 @@ class ContainerSpec(_message.Message):
     """e.g. 0-1 or 0,2; empty: all"""
     pull_policy: _builtins.str
     """issue 4: run --pull: "always", "missing" (the default when empty), "never"."""
+    log_max_size_bytes: _builtins.int
+    """issue 3a: log rotation (--log-opt max-size, max-file); 0: no rotation / Docker's default of 1 file"""
+    log_max_files: _builtins.int
     @_builtins.property
     def entrypoint(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Replaces the image's entrypoint when entrypoint_set is true."""
@@ -273,10 +278,12 @@ class ContainerSpec(_message.Message):
         volumes: _abc.Iterable[_builtins.str] | None = ...,
         tmpfs: _abc.Iterable[_builtins.str] | None = ...,
         pull_policy: _builtins.str = ...,
+        log_max_size_bytes: _builtins.int = ...,
+        log_max_files: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "pids_limit", b"pids_limit", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "log_max_files", b"log_max_files", "log_max_size_bytes", b"log_max_size_bytes", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "pids_limit", b"pids_limit", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -297,6 +304,8 @@ class ContainerStatus(_message.Message):
     OOM_KILLED_FIELD_NUMBER: _builtins.int
     IMAGE_DIGEST_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    RESTART_COUNT_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
     state: Global___ContainerState.ValueType
     exit_code: _builtins.int
     message: _builtins.str
@@ -307,6 +316,10 @@ class ContainerStatus(_message.Message):
     image_digest: _builtins.str
     generation: _builtins.int
     """the `run` generation of the container this status belongs to"""
+    restart_count: _builtins.int
+    """issue 3a: times the restart policy restarted this run"""
+    signal: _builtins.int
+    """issue 3a: the signal that killed the process (0: it exited by itself)"""
     def __init__(
         self,
         *,
@@ -319,10 +332,12 @@ class ContainerStatus(_message.Message):
         oom_killed: _builtins.bool = ...,
         image_digest: _builtins.str = ...,
         generation: _builtins.int = ...,
+        restart_count: _builtins.int = ...,
+        signal: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "image_digest", b"image_digest", "message", b"message", "oom_killed", b"oom_killed", "pid", b"pid", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "image_digest", b"image_digest", "message", b"message", "oom_killed", b"oom_killed", "pid", b"pid", "restart_count", b"restart_count", "signal", b"signal", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
