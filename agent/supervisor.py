@@ -55,11 +55,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.executor import ContainerInfo, ProcessState
-from agent.runtime import freezer
+from agent.runtime import freezer, volumes
 from agent.runtime import rootfs as rfs
 from agent.runtime import spawn as sp
 from agent.runtime import syscalls as sc
-from agent.runtime import volumes
 from agent.runtime.cgroups import Cgroup, Hierarchy, Limits
 from agent.runtime.state import StateDir, config_from_json, info_to_json, read_json, write_json
 

@@ -113,6 +113,8 @@ def build_config(cid: str, spec: t.ContainerSpec, image: Image) -> ContainerConf
         pids_limit=spec.pids_limit,
         labels=dict(spec.labels),
         **run_options(spec, image.config.user),
+        log_max_size_bytes=spec.log_max_size_bytes,  # issue 3a
+        log_max_files=spec.log_max_files or 1,
     )
 
 

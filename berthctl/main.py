@@ -48,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", default="", help="the container's host name (default: its name)")
     p.add_argument("-w", "--workdir", default="", help="working directory inside the container")
     p.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE", help="set a label")
-    p.add_argument("--restart", default="", choices=("no", "always", "on-failure", "unless-stopped"),
-                   help="with always, on-failure or unless-stopped it moves to another host when its host dies")
+    p.add_argument("--restart", default="", metavar="POLICY",
+                   help="no, on-failure[:N], always or unless-stopped: restart it on exit (back-off 100 ms doubling "
+                   "to 1 min), and, but for no, move it to another host when its host dies")
+    p.add_argument("--log-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="max-size=SIZE (rotate the log at this size), max-file=N (keep N files in all)")  # issue 3a
     p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
                    help="where it may run: node.labels.KEY==VALUE, node.name!=NAME, node.platform==OS/ARCH")
     runopts.add_arguments(p)  # issue 3b
@@ -121,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- helpers --------------------------------------------------------------------------------------
 
 
+def _parse_log_opts(spec: types_pb2.ContainerSpec, opts: list[str]) -> None:
+    """issue 3a: --log-opt max-size=10m, --log-opt max-file=3 (Docker's json-file options)."""
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        try:
+            if key == "max-size" and sep:
+                spec.log_max_size_bytes = parse_size(value, "--log-opt max-size")
+            elif key == "max-file" and sep and value.isdigit() and int(value) >= 1:
+                spec.log_max_files = int(value)
+            else:
+                raise CLIError(f"invalid --log-opt {opt!r}: write max-size=SIZE (e.g. 10m) or max-file=N (N >= 1)")
+        except UnitError as exc:
+            raise CLIError(str(exc)) from None
+
+
 def _parse_spec(args: argparse.Namespace) -> types_pb2.ContainerSpec:
     from berth.api import types_pb2 as t
 
@@ -131,6 +149,7 @@ def _parse_spec(args: argparse.Namespace) -> types_pb2.ContainerSpec:
     )
     if getattr(args, "pull", "missing") != "missing":
         spec.pull_policy = args.pull
+    _parse_log_opts(spec, getattr(args, "log_opt", []))  # issue 3a
     try:
         if args.memory is not None:
             spec.memory_bytes = parse_size(args.memory, "--memory")

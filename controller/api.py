@@ -22,13 +22,14 @@ from controller.events import EventsAPI
 from controller.exec_volumes import ExecVolumesMixin
 from controller.images import ImageRoutes
 from controller.metrics import ControllerMetrics
-from controller.orchestrator import MOVABLE_POLICIES, TERMINAL, Orchestrator
+from controller.orchestrator import TERMINAL, Orchestrator
 from controller.scheduler import Constraint
 from controller.services import ServicesAPI
 from controller.store import NameInUse, NotFound, StatusEvent, Store, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
+RESTART_POLICY_RE = re.compile(r"^(|no|always|unless-stopped|on-failure(:\d+)?)$")  # issue 3a
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 MIN_MEMORY = 6 << 20  # Docker's minimum
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -134,8 +135,11 @@ def validate(spec: t.ContainerSpec) -> str | None:
     for env in spec.env:
         if "=" not in env or env.startswith("="):
             return f"invalid environment variable {env!r}: write -e KEY=VALUE"
-    if spec.restart_policy not in ("", "no", *MOVABLE_POLICIES):  # issue 6
-        return f"invalid restart policy {spec.restart_policy!r}: use no, always, on-failure or unless-stopped"
+    if not RESTART_POLICY_RE.match(spec.restart_policy):  # issue 6, on-failure:N issue 3a
+        return (f"invalid restart policy {spec.restart_policy!r}: "
+                "use no, always, on-failure[:N] or unless-stopped")
+    if spec.log_max_size_bytes < 0 or spec.log_max_files < 0:  # issue 3a
+        return "--log-opt max-size and max-file must not be negative"
     for constraint in spec.constraints:
         try:
             Constraint.parse(constraint)

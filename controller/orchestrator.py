@@ -41,7 +41,7 @@ def movable(spec: t.ContainerSpec) -> bool:
     """Whether a container may be placed elsewhere when its host dies: it has a restart policy, and no named
     volume (-v NAME:/path, kept on its host) ties it to the host."""
     named = any(not v.split(":", 1)[0].startswith("/") for v in spec.volumes)
-    return spec.restart_policy in MOVABLE_POLICIES and not named
+    return spec.restart_policy.partition(":")[0] in MOVABLE_POLICIES and not named  # on-failure:N (3a)
 
 
 class Orchestrator:
