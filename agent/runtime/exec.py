@@ -6,10 +6,11 @@ session's stdio (a pseudo-terminal's slave for -t, else pipes):
 
     helper: open /proc/<pid 1>/ns/{ipc,uts,net,pid,cgroup,mnt} -> join the container's cgroups -> setns
             each (mnt last: it moves the helper's root into the container's rootfs) -> fork
-      └── child (a process of the container's pid namespace): die with the helper (PDEATHSIG), with -t a
-          new session whose controlling terminal is stdin; the user (-u, else the container's) looked up
-          in the container's /etc/passwd; the container's capabilities, ulimits and no_new_privs
-          (agent.runtime.security); chdir; PATH lookup; execve
+      └── child (a process of the container's pid namespace): with -t a new session whose controlling
+          terminal is stdin; the user (-u, else the container's) looked up in the container's /etc/passwd;
+          chdir; PATH lookup; the container's capabilities, ulimits and no_new_privs
+          (agent.runtime.security); die with the helper (PDEATHSIG, set after setuid, which clears it);
+          execve
     helper: forwards SIGTERM/SIGINT/SIGHUP to the child, exits with its exit code (128+N for signal N)
 
 A failure before exec is one line on stderr, `berth exec: <reason>`, and exit code 127 when the executable
@@ -105,7 +106,6 @@ def _enter(spec: ExecSpec) -> None:
 
 def _child(spec: ExecSpec) -> None:
     """In the container's namespaces: become the exec'd program (never returns)."""
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     if spec.tty:
@@ -122,6 +122,12 @@ def _child(spec: ExecSpec) -> None:
         raise sp.SpawnError(f"chdir to {spec.workdir}: {e.strerror}") from e
     exe = sp.find_executable(spec.args[0], env["PATH"])
     sec.enter(spec.security, ident)
+    # After setuid: a change of credentials clears the parent-death signal. The helper lives outside the
+    # container's pid namespace, so while it lives the parent pid reads 0; once it is gone, the
+    # namespace's PID 1 (1) has adopted this process.
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != 0:
+        raise sp.SpawnError("the exec session ended before its command started")
     try:
         os.execve(exe, list(spec.args), env)
     except OSError as e:

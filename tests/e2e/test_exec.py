@@ -9,6 +9,7 @@ import os
 import pty
 import select
 import struct
+import subprocess
 import sys
 import termios
 import time
@@ -19,6 +20,7 @@ import pytest
 from berthctl.dev.cluster import ClusterInfo
 from tests.conftest import RunBerthctl
 from tests.e2e.test_spine import by_name
+from tests.support import wait_for
 
 
 @pytest.fixture
@@ -130,3 +132,28 @@ def with_kill(pid: int) -> None:
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
         pass
+
+
+def test_a_dropped_exec_session_kills_its_command(cluster: ClusterInfo, berthctl: RunBerthctl, sleeper: str) -> None:
+    """berthctl killed mid-session: the controller and agent see the stream end; the command goes too, also
+    without a tty (no hangup to kill it) and as another user (a change of uid clears the parent-death
+    signal, so the helper sets it after)."""
+    env = {**os.environ, "BERTH_CONTROLLER": cluster.controller}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "berthctl", "exec", "-u", "nobody", sleeper, "sh", "-c", "echo ready; exec sleep 4242"],
+        env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        assert "sleep 4242" in berthctl("exec", sleeper, "ps", "-o", "args").stdout
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def gone() -> bool:
+        return "sleep 4242" not in berthctl("exec", sleeper, "ps", "-o", "args").stdout
+
+    wait_for(gone, timeout=20, what="the exec'd command to be killed")
