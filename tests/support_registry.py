@@ -126,6 +126,7 @@ class TokenServer:
         ).stdout
         self._x5c = base64.b64encode(der).decode()
         self.scopes: list[str] = []
+        self.authorizations: list[str] = []  # the Authorization header of each token request ("" if none)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -133,6 +134,7 @@ class TokenServer:
                 query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
                 scopes = query.get("scope", [])
                 server.scopes.extend(scopes)
+                server.authorizations.append(self.headers.get("Authorization", ""))
                 body = json.dumps({"token": server.token(scopes), "expires_in": 300}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

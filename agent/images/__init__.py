@@ -4,7 +4,10 @@ layer once into a content-addressed directory that overlayfs can stack.
     reference.py   parse and normalise references as Docker does (busybox -> docker.io/library/busybox:latest)
     registry.py    async distribution client: mirrors, bearer tokens, manifests, indexes, verified blobs
     unpack.py      layer tar -> directory, safely, with OCI whiteouts turned into overlayfs whiteouts
-    store.py       ImageStore: pull / get / ensure, the on-disk layout under the store root
+    store.py       ImageStore: pull / get / ensure / push, tags, removal, garbage collection and the
+                   high-water mark, the on-disk layout under the store root
+    archive.py     OCI image-layout archives (save / load), import of a rootfs tarball, commit of an
+                   overlay upper dir (overlay whiteouts back to OCI ones)
 
 Every failure the package raises derives from ImageError; the agent translates it at its boundary into a
 container status message, so each message is written for the user:
@@ -15,7 +18,7 @@ container status message, so each message is written for the user:
      +-- RegistryUnreachable      connection refused, DNS failure, timeout, TLS failure
      +-- RegistryError            the registry answered, but not as the protocol says (5xx, bad JSON,
      |    |                       an unexpected status), or the image is one this store cannot use
-     |    +-- AuthenticationRequired   the registry wants credentials we do not have
+     |    +-- AuthenticationRequired   the registry wants credentials we do not have (or refused ours)
      |    +-- UnsupportedImage         schema 1, foreign layers, no manifest for this platform
      +-- DigestMismatch           downloaded or unpacked content does not match its digest or size
      +-- InvalidLayer             a layer archive is not a tar we can unpack (corrupt; zstd and no decoder)

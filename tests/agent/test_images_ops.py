@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from agent.images.registry import RegistryConfig
 from agent.images.store import ImageStore
 from berthctl.dev.registry import REGISTRY_BINARY, stop_registry, write_config
 from berthctl.dev.seed import Entry, gzip_layer, tar_layer
-from tests.support_registry import RegistryHandle, free_port, running_registry
+from tests.support_registry import RegistryHandle, free_port, running_registry, running_token_registry
 
 SKOPEO = "/usr/bin/skopeo"
 
@@ -53,7 +54,7 @@ def registry_digest(ref: str) -> str:
     raw = subprocess.run(
         [SKOPEO, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"], capture_output=True, check=True
     ).stdout
-    return "sha256:" + __import__("hashlib").sha256(raw).hexdigest()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 # -- basic auth ----------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def test_pull_through_htpasswd_basic_auth(registry: RegistryHandle, tmp_path: Pa
             [SKOPEO, "inspect", "--raw", "--tls-verify=false", "--creds", "alice:s3cret-pw",
              f"docker://{address}/private/copy:2"], capture_output=True, check=True,
         )  # fmt: skip
-        assert "sha256:" + __import__("hashlib").sha256(result.stdout).hexdigest() == digest
+        assert "sha256:" + hashlib.sha256(result.stdout).hexdigest() == digest
 
 
 # -- push, save, load: round trips with skopeo ------------------------------------------------------------
@@ -352,3 +353,21 @@ def test_many_layers_fit_in_overlay_options(
         assert (merged / f"layer{count - 1}.txt").read_text() == f"{count - 1}\n"
     finally:
         subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_bearer_token_with_credentials_and_push_scope(tmp_path: Path) -> None:
+    import base64
+
+    with running_token_registry(tmp_path) as (registry, tokens):
+        host = registry.address
+        creds = RegistryConfig(credentials={host: ("carol", "t0ken-pw")})
+        store = ImageStore(tmp_path / "store", creds)
+        image = asyncio.run(store.pull(f"{host}/library/busybox:latest"))
+        basic = "Basic " + base64.b64encode(b"carol:t0ken-pw").decode()
+        assert tokens.authorizations[-1] == basic  # the credentials went to the token service only
+        assert tokens.scopes[-1] == "repository:library/busybox:pull"
+
+        digest = asyncio.run(store.push(f"{host}/library/busybox:latest", f"{host}/team/copy:1"))
+        assert digest == image.digest
+        assert "repository:team/copy:pull,push" in tokens.scopes
+        assert registry_digest(f"{host}/team/copy:1") == digest

@@ -138,3 +138,33 @@ def test_login_keeps_credentials_private(verb: list[str], berthctl: RunBerthctl,
     assert "reg.example:5000" in json.loads(auth.read_text())["auths"]
     ok(berthctl("logout", "reg.example:5000"))
     assert json.loads(auth.read_text())["auths"] == {}
+
+
+def test_pull_draws_progress_bars_in_a_terminal(cluster: ClusterInfo) -> None:
+    import os
+    import pty
+    import sys
+
+    main, child = pty.openpty()
+    env = {**os.environ, "BERTH_CONTROLLER": cluster.controller}
+    proc = subprocess.Popen([sys.executable, "-m", "berthctl", "pull", "--node", first_host(cluster), "busybox"],
+                            stdout=child, stderr=child, env=env)  # fmt: skip
+    os.close(child)
+    output = b""
+    try:
+        while True:
+            try:
+                data = os.read(main, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            output += data
+    finally:
+        os.close(main)
+        code = proc.wait(timeout=60)
+    text = output.decode(errors="replace")
+    assert code == 0, text
+    assert "\x1b[2K" in text  # lines redrawn in place
+    assert "[" + "=" * 30 + "]" in text  # a full bar per layer
+    assert "Pulled docker.io/library/busybox:latest" in text
