@@ -31,6 +31,9 @@ _TMPFS_FLAGS = {
 }
 _TMPFS_DATA = ("size", "mode", "uid", "gid", "nr_inodes")
 _TMPFS_DEFAULT_FLAGS = sc.MS_NOEXEC | sc.MS_NOSUID | sc.MS_NODEV  # Docker's --tmpfs defaults
+# Mount.options of a bind made from a named volume (agent.runtime.volumes.resolve): an empty volume first
+# gets what the image has at the mount point (copy_up).
+COPY_UP = "volume-copy-up"
 
 
 class MountError(Exception):
@@ -44,7 +47,8 @@ class Mount:
     # bind: absolute host path; volume: the volume's name (its host path comes from VolumeStore); tmpfs: "".
     source: str = ""
     read_only: bool = False
-    options: str = ""  # tmpfs only: mount options as the user wrote them, e.g. "size=64m,mode=1777"
+    # tmpfs: mount options as the user wrote them, e.g. "size=64m,mode=1777"; a resolved volume: COPY_UP.
+    options: str = ""
 
 
 def _target(text: str, what: str) -> str:
@@ -151,9 +155,41 @@ def mount_all(root: str, mounts: tuple[Mount, ...]) -> None:
         except FileNotFoundError:
             raise OSError(errno.ENOENT, f"bind source {m.source} does not exist on the host", m.source) from None
         dst = make_target(root, m.target, is_dir)
+        if m.options == COPY_UP and is_dir and not os.listdir(m.source):
+            copy_up(dst, m.source)
         sc.mount(m.source, dst, None, sc.MS_BIND | sc.MS_REC)
         if m.read_only:
             sc.mount(None, dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+
+
+def copy_up(src: str, dst: str) -> None:
+    """Docker's copy of the image's files into a new, empty named volume: what the image has at the mount
+    point (files, directories, symlinks, with modes, owners and times) lands in the volume, and the volume's
+    directory takes the mode and owner of the image's. Symlinks are copied, never followed; other special
+    files are skipped."""
+    top = os.lstat(src)
+    os.chown(dst, top.st_uid, top.st_gid)
+    os.chmod(dst, stat.S_IMODE(top.st_mode))
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        out_dir = dst if rel == "." else os.path.join(dst, rel)
+        for name in [*dirnames, *filenames]:
+            s, d = os.path.join(dirpath, name), os.path.join(out_dir, name)
+            st = os.lstat(s)
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(s), d)
+            elif stat.S_ISDIR(st.st_mode):
+                os.mkdir(d, 0o700)
+            elif stat.S_ISREG(st.st_mode):
+                with open(s, "rb") as fin, open(d, "xb") as fout:
+                    while chunk := fin.read(1 << 20):
+                        fout.write(chunk)
+            else:
+                continue
+            os.chown(d, st.st_uid, st.st_gid, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(d, stat.S_IMODE(st.st_mode))
+                os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def make_root_read_only(root: str) -> None:

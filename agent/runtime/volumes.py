@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.runtime.mounts import VOLUME_NAME_RE, Mount
+from agent.runtime.mounts import COPY_UP, VOLUME_NAME_RE, Mount
 
 
 class VolumeError(Exception):
@@ -103,7 +103,8 @@ def resolve(store: VolumeStore, mounts: tuple[Mount, ...]) -> tuple[Mount, ...]:
     out = []
     for m in mounts:
         if m.kind == "volume":
-            out.append(Mount("bind", m.target, str(store.create(m.source).mountpoint), m.read_only))
+            path = str(store.create(m.source).mountpoint)
+            out.append(Mount("bind", m.target, path, m.read_only, options=COPY_UP))
         else:
             out.append(m)
     return tuple(out)

@@ -261,3 +261,17 @@ def test_cgroup_swap_shares_cpuset(supervised: Host) -> None:
             await ex.close()
 
     run(body())
+
+
+def test_new_named_volume_gets_the_image_files(supervised: Host) -> None:
+    """Docker's copy-up: an empty volume mounted where the image has files starts with them (modes and
+    owners kept); a volume with data is left as it is."""
+    code, lines = run_script(supervised, "cu1", "ls /etc; stat -c %a /root; echo mine > /etc/passwd",
+                             mounts=(Mount("volume", "/etc", "etcvol"), Mount("volume", "/root", "rootvol")))
+    assert code == 0, supervised.log_text("cu1")
+    assert "passwd" in lines and "group" in lines and lines[-1] == "700"
+    store = VolumeStore(supervised.state_dir / "volumes")
+    assert (store.get("etcvol").mountpoint / "group").read_text() == (supervised.rootfs / "etc/group").read_text()
+    assert oct(store.get("rootvol").mountpoint.stat().st_mode & 0o7777) == "0o700"
+    code, lines = run_script(supervised, "cu2", "cat /etc/passwd", mounts=(Mount("volume", "/etc", "etcvol"),))
+    assert (code, lines) == (0, ["mine"])  # not copied again over the volume's own data
