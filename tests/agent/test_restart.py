@@ -117,8 +117,14 @@ async def worker_on(host: Host, sleep: FakeSleep) -> AsyncIterator[tuple[Worker,
     ex = host.executor()
     w = Worker(ex, _Images(host.rootfs), Reporter(), AgentMetrics(), host.state_dir, sleep=sleep)
     await w.load()
+    before = (await ex._request("ping"))["subscribers"]
     exits = asyncio.create_task(w.watch_exits())
+
+    async def subscribed() -> bool:
+        return bool((await ex._request("ping"))["subscribers"] > before)
+
     try:
+        await async_wait_for(subscribed, what="the worker's exit subscription")
         yield w, ex
     finally:
         exits.cancel()
