@@ -371,3 +371,30 @@ def test_bearer_token_with_credentials_and_push_scope(tmp_path: Path) -> None:
         assert digest == image.digest
         assert "repository:team/copy:pull,push" in tokens.scopes
         assert registry_digest(f"{host}/team/copy:1") == digest
+
+
+def test_hostile_archive_touches_nothing_outside_the_store(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    archive = tmp_path / "hostile.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in [("../victim/escaped", b"x"), ("/tmp/absolute-escape-berth", b"x"),
+                           ("blobs/sha256/../../../victim/dotdot", b"x")]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("blobs")
+        link.type, link.linkname = tarfile.SYMTYPE, str(victim)
+        tar.addfile(link)
+        info = tarfile.TarInfo("blobs/sha256/" + "0" * 64)
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"y"))  # through the symlink, if it were followed; and a wrong digest
+    store = ImageStore(tmp_path / "store", RegistryConfig())
+    with open(archive, "rb") as source, pytest.raises(InvalidLayer, match="the archive is corrupt"):
+        asyncio.run(load_archive(store, source))
+    assert list(victim.iterdir()) == []
+    assert not Path("/tmp/absolute-escape-berth").exists()
+    assert [p for p in (tmp_path / "store" / "blobs" / "sha256").iterdir()] == []
