@@ -10,6 +10,7 @@ import platform
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--netns", default="", help="enter this named network namespace first (test hosts)")
     p.add_argument("--allow-privileged", action="store_true",
                    help="let containers on this host run with --privileged (refused otherwise)")
+    p.add_argument("--executor", choices=("linux", "hollow"), default="linux",
+                   help="hollow: start nothing (scale tests only, agent.hollow)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -87,7 +90,13 @@ async def serve(args: argparse.Namespace) -> None:
     images = ImageStore(state_dir / "images", RegistryConfig(
         mirrors=mirrors, insecure=set(args.insecure_registry), credentials=load_credentials(state_dir / "images"),
     ))
-    executor = LinuxExecutor(state_dir, args.cgroup_parent, allow_privileged=args.allow_privileged)
+    executor: Any
+    if args.executor == "hollow":  # issue 6: scale tests only
+        from agent.hollow import HollowExecutor
+
+        executor = HollowExecutor(state_dir)
+    else:
+        executor = LinuxExecutor(state_dir, args.cgroup_parent, allow_privileged=args.allow_privileged)
     metrics = AgentMetrics()
     reporter = Reporter()
     worker = Worker(executor, images, reporter, metrics, state_dir)

@@ -202,8 +202,8 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes)
         """A container as a user sees it: with status, host name, and lost when its host is down."""
         v = await self.store.get_container(cid)
         status, _ = await self.store.get_status(cid)
-        nodes = {n.id: n for n in await self.store.list_nodes()}
-        return self._decorate(v.container, status, nodes)
+        node = await self.store.node_state(v.container.node_id) if v.container.node_id else None
+        return self._decorate(v.container, status, {node.id: node} if node is not None else {})
 
     @staticmethod
     def _decorate(c: t.Container, status: t.ContainerStatus | None, nodes: dict[str, t.Node]) -> t.Container:

@@ -53,8 +53,13 @@ class Orchestrator:
         self.strategy = "spread"  # the cluster's default: spread or binpack
         self.sample = 0  # fitting hosts looked at per decision; 0: all (set for large clusters)
         self.kick: asyncio.Event | None = None  # set while leading: wakes the leader's sweep
-        # More of the leader's work, each given the sweep's snapshot (services: controller.services)
-        self.reconcilers: list[Callable[[list[Versioned]], Coroutine[Any, Any, None]]] = []
+        self._waiting: dict[str, list[asyncio.Future[t.Container]]] = {}  # schedule() calls for the sweep
+        self._tries: dict[str, int] = {}
+        self._alone: dict[str, list[asyncio.Future[t.Container]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # More of the leader's work, each given the sweep's snapshot (services: controller.services); each
+        # returns whether it may have changed containers
+        self.reconcilers: list[Callable[[list[Versioned]], Coroutine[Any, Any, bool]]] = []
 
     async def hosts(self, containers: list[Versioned] | None = None) -> list[scheduler.HostView]:
         """The scheduler's view: nodes with what is already placed on them."""
@@ -81,7 +86,40 @@ class Orchestrator:
         ]
 
     async def schedule(self, cid: str) -> t.Container:
-        """Place one pending container; returns it as stored (placed, or pending with the reason)."""
+        """Place one pending container; returns it as stored (placed, or pending with the reason). On the
+        leader, the decision joins the next batched sweep (one snapshot for all that wait)."""
+        if self.kick is None:
+            return await self.schedule_now(cid)
+        waiter: asyncio.Future[t.Container] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(cid, []).append(waiter)
+        self.kick.set()
+        return await waiter
+
+    def _resolve(self, containers: list[Versioned], outcome: dict[str, t.Container]) -> list[str]:
+        """Answer the schedule() calls the sweep decided; returns those it did not see (to place alone)."""
+        seen = {v.container.id: v.container for v in containers}
+        alone = []
+        for cid in list(self._waiting):
+            c = outcome.get(cid) or seen.get(cid)
+            tries = self._tries.get(cid, 0)
+            if c is None and tries < 3:  # created after the snapshot: the next sweep sees it
+                self._tries[cid] = tries + 1
+                continue
+            waiters = self._waiting.pop(cid)
+            self._tries.pop(cid, None)
+            if c is None:
+                alone.append(cid)
+                self._alone[cid] = waiters
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(c)
+        if self._waiting and self.kick is not None:
+            self.kick.set()
+        return alone
+
+    async def schedule_now(self, cid: str) -> t.Container:
+        """Place one pending container at once, on a fresh read."""
         async with self._placing:  # decisions of this controller see each other's allocations
             for _ in range(10):
                 v = await self.store.get_container(cid)
@@ -136,7 +174,7 @@ class Orchestrator:
             except Conflict:
                 continue
             if desired == t.DESIRED_RUNNING and not new.node_id:
-                return await self.schedule(cid)
+                return await self.schedule_now(cid)
             return new
         raise StoreError(f"container {cid[:12]} kept changing; try again")
 
@@ -163,6 +201,33 @@ class Orchestrator:
         """One sweep over containers that wait for a host: decided on one snapshot, committed in batched
         transactions with a compare on each container (a batch that loses a race is retried one by one).
         Returns how many were placed."""
+        outcome: dict[str, t.Container] = {}
+        try:
+            return await self._place_pending(containers, outcome)
+        finally:
+            if self._waiting:
+                for cid in self._resolve(containers or [], outcome):
+                    self._background(self._place_alone(cid))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _place_alone(self, cid: str) -> None:
+        waiters = self._alone.pop(cid, [])
+        try:
+            c = await self.schedule_now(cid)
+        except StoreError as exc:
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(exc)
+            return
+        for w in waiters:
+            if not w.done():
+                w.set_result(c)
+
+    async def _place_pending(self, containers: list[Versioned] | None, outcome: dict[str, t.Container]) -> int:
         async with self._placing:
             if containers is None:
                 containers = await self.store.list_containers()
@@ -188,13 +253,16 @@ class Orchestrator:
                                t.ContainerStatus(state=t.STATE_ASSIGNED, generation=new.generation)))
             placed = 0
             retry: list[str] = []
-            for start in range(0, len(writes), BATCH):
-                batch = writes[start:start + BATCH]
-                if await self.store.update_containers(batch):
+            batches = [writes[start:start + BATCH] for start in range(0, len(writes), BATCH)]
+            # Committed together: etcd folds concurrent transactions into one disk write.
+            results = await asyncio.gather(*(self.store.update_containers(b) for b in batches))
+            for batch, committed in zip(batches, results, strict=True):
+                if committed:
                     placed += len(batch)
                     now = self.clock()
-                    for old, _, _, _ in batch:
+                    for old, placed_c, _, _ in batch:
                         self.metrics.scheduling_latency.observe(max(0.0, now - old.container.created_at_ns / 1e9))
+                        outcome[placed_c.id] = placed_c
                 else:
                     retry += [old.container.id for old, _, _, _ in batch]
             for v, reason in unplaced:
@@ -206,9 +274,14 @@ class Orchestrator:
                         await self.store.update_container(v, new)
                     except Conflict:
                         retry.append(v.container.id)
+                        continue
+                    outcome[new.id] = new
+                else:
+                    outcome[v.container.id] = v.container
         for cid in retry:  # lost a race in a batch: decide again on a fresh read, one at a time
             try:
-                if (await self.schedule(cid)).node_id:
+                c = outcome[cid] = await self.schedule_now(cid)
+                if c.node_id:
                     placed += 1
             except (NotFound, StoreError) as exc:
                 log.warning("placing %s: %s", cid[:12], exc)
@@ -262,6 +335,11 @@ class Orchestrator:
         finally:
             watcher.cancel()
             self.kick = None
+            for cid, waiters in self._waiting.items():  # no longer leading: place them alone
+                self._alone.setdefault(cid, []).extend(waiters)
+                self._background(self._place_alone(cid))
+            self._waiting.clear()
+            self._tries.clear()
 
     async def _watch_hosts(self, kick: asyncio.Event) -> None:
         while True:
@@ -282,8 +360,7 @@ class Orchestrator:
                 containers = await self.store.list_containers()
                 changed = await self.heal(containers)
                 for reconcile in self.reconcilers:
-                    await reconcile(containers)
-                    changed = True
+                    changed = await reconcile(containers) or changed
                 await self.place_pending(await self.store.list_containers() if changed else containers)
             except StoreError as exc:
                 log.warning("leader sweep: %s", exc)

@@ -74,12 +74,15 @@ class ServiceReconciler:
         self.orchestrator = orchestrator
         self.clock = clock
 
-    async def reconcile(self, containers: list[Versioned]) -> None:
+    async def reconcile(self, containers: list[Versioned]) -> bool:
+        """One step for every service; False when there was nothing to do."""
         services = await self.store.list_services()
         known = {svc.id for svc, _ in services}
-        for v in containers:  # tasks of removed services
-            if v.container.service_id and v.container.service_id not in known:
-                await self.orchestrator.remove(v.container.id)
+        orphans = [v.container.id for v in containers if v.container.service_id and v.container.service_id not in known]
+        for cid in orphans:  # tasks of removed services
+            await self.orchestrator.remove(cid)
+        if not services:
+            return bool(orphans)
         hosts = None
         for svc, rev in services:
             tasks = [v.container for v in containers if v.container.service_id == svc.id]
@@ -91,6 +94,7 @@ class ServiceReconciler:
                 continue  # changed meanwhile: next sweep
             except StoreError as exc:
                 log.warning("service %s: %s", svc.spec.name, exc)
+        return True
 
     def _slots(self, svc: t.Service, hosts: list[scheduler.HostView]) -> list[str]:
         if not svc.spec.global_mode:

@@ -1,0 +1,163 @@
+"""Scheduling throughput: a real etcd, the real controller, 1,000 hollow agents (the real agent session, worker
+and reporter over agent.hollow's executor that starts nothing, many agents per process), 10,000 containers
+submitted through the API's Run (which returns once the agent reports the container running).
+
+Measures the time from the first submission until every container is placed and reported running, the Run
+latency (p50, p99) and the controller's peak resident memory. Prints one last line:
+
+    RESULT {"containers": 10000, "agents": 1000, "per_second": ..., "api_p50_ms": ..., "api_p99_ms": ...,
+            "controller_peak_mib": ...}
+
+    sudo .venv/bin/python bench/schedule.py [--containers 10000] [--agents 1000] [--processes 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from berth import rpc  # noqa: E402
+from berth.api import control_pb2, control_pb2_grpc  # noqa: E402
+from berth.api import types_pb2 as t  # noqa: E402
+from berthctl.dev import cluster as dev  # noqa: E402
+from tests.conftest import slot_name, slot_subnet  # noqa: E402
+
+NAME, SUBNET = slot_name("bsched"), slot_subnet("10.77.72.0/24")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def peak_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def ready_nodes(stub: control_pb2_grpc.ControlAsyncStub) -> int:
+    try:
+        reply = await stub.ListNodes(control_pb2.ListNodesRequest(), timeout=60)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return 0  # the controller is still starting
+        raise
+    return sum(1 for n in reply.nodes if n.state == t.NODE_READY)
+
+
+async def run_one(stub: control_pb2_grpc.ControlAsyncStub, spec: t.ContainerSpec) -> float:
+    t0 = time.perf_counter()
+    async for event in stub.Run(control_pb2.RunRequest(spec=spec), timeout=600):
+        if event.HasField("started"):
+            if event.started.status.state != t.STATE_RUNNING:
+                raise RuntimeError(f"{spec.name}: {event.started.status.state} {event.started.pending_reason}")
+            break
+    return (time.perf_counter() - t0) * 1000
+
+
+async def bench(controller: str, containers: int, agents: int, processes: int, concurrency: int,
+                hollow_procs: list[subprocess.Popen[bytes]]) -> tuple[float, list[float]]:
+    channel = rpc.aio_channel(controller)
+    stub = control_pb2_grpc.ControlStub(channel)
+    deadline = time.monotonic() + 600
+    while (n := await ready_nodes(stub)) < agents:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in hollow_procs):
+            raise SystemExit(f"only {n}/{agents} hollow agents joined")
+        await asyncio.sleep(1)
+    print(f"{agents} hollow agents ready", file=sys.stderr)
+    # Warm up: one container per hollow process pulls the image into that process's shared store.
+    await asyncio.gather(*(run_one(stub, t.ContainerSpec(
+        name=f"warm{i}", image="busybox", command=["sleep", "1"], constraints=[f"node.name==hollow-p{i}-0"]))
+        for i in range(processes)))
+    for i in range(processes):
+        await stub.Remove(control_pb2.RemoveRequest(ref=f"warm{i}", force=True))
+    latencies: list[float] = []
+    next_index = 0
+
+    async def submitter() -> None:
+        nonlocal next_index
+        while next_index < containers:
+            i = next_index
+            next_index += 1
+            spec = t.ContainerSpec(name=f"c{i}", image="busybox", command=["sleep", "1000"])
+            latencies.append(await run_one(stub, spec))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(submitter() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    await channel.close()
+    return elapsed, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--containers", type=int, default=10_000)
+    parser.add_argument("--agents", type=int, default=1_000)
+    parser.add_argument("--processes", type=int, default=4, help="processes the hollow agents share")
+    parser.add_argument("--concurrency", type=int, default=200, help="Run calls in flight")
+    parser.add_argument("--sample", type=int, default=10, help="controller --sample")
+    args = parser.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="berth-bench-schedule-"))
+    dev.down(NAME, state)
+    info = dev.up(NAME, 1, SUBNET, state, infra_only=True, write_config=False)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        controller = f"{info.gateway}:7070"
+        with (state / "controller.log").open("wb") as log:
+            ctl = subprocess.Popen(
+                [sys.executable, *(["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if os.environ.get(
+                    "BENCH_PROFILE") else []), "-m", "controller", "--etcd", info.etcd, "--listen", controller,
+                 "--metrics-listen", f"{info.gateway}:7071", "--sample", str(args.sample), "--log-level", "WARNING"],
+                stdout=log, stderr=subprocess.STDOUT)
+        procs.append(ctl)
+        per = args.agents // args.processes
+        hollow = []
+        for i in range(args.processes):
+            count = per if i < args.processes - 1 else args.agents - per * (args.processes - 1)
+            with (state / f"hollow{i}.log").open("wb") as log:
+                hollow.append(subprocess.Popen(
+                    [sys.executable, "-m", "agent.hollow", "--controller", controller, "--count", str(count),
+                     "--prefix", f"hollow-p{i}-", "--state-dir", str(state / f"hollow{i}"),
+                     "--registry", info.registry], stdout=log, stderr=subprocess.STDOUT))
+        procs += hollow
+        elapsed, latencies = asyncio.run(
+            bench(controller, args.containers, args.agents, args.processes, args.concurrency, hollow))
+        result = {
+            "containers": args.containers, "agents": args.agents,
+            "per_second": round(args.containers / elapsed, 1),
+            "api_p50_ms": round(percentile(latencies, 50), 1), "api_p99_ms": round(percentile(latencies, 99), 1),
+            "controller_peak_mib": round(peak_mib(ctl.pid), 1),
+        }
+        print(f"{args.containers} containers running after {elapsed:.1f} s", file=sys.stderr)
+        print("RESULT " + json.dumps(result))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        dev.down(NAME, state)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
