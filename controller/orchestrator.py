@@ -35,6 +35,7 @@ def assignment_of(c: t.Container) -> t.Assignment:
 # Restart policies under which a container is moved off a dead host (issue 6).
 MOVABLE_POLICIES = ("always", "on-failure", "unless-stopped")
 BATCH = 32  # containers per placement transaction: 3 operations each, under etcd's 128
+SWEEP_GAP_S = 0.1
 
 
 def movable(spec: t.ContainerSpec) -> bool:
@@ -364,6 +365,9 @@ class Orchestrator:
                 await self.place_pending(await self.store.list_containers() if changed else containers)
             except StoreError as exc:
                 log.warning("leader sweep: %s", exc)
+            # A sweep reads every container: at most one per SWEEP_GAP_S, so that under a stream of Run calls
+            # each sweep places many at once instead of the controller sweeping back to back.
+            await asyncio.sleep(SWEEP_GAP_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(kick.wait(), period_s)
             kick.clear()
