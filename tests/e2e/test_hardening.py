@@ -3,7 +3,10 @@ run options reach the container, and bad ones fail with one clear line and leave
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from berthctl.dev.cluster import ClusterInfo
+from berthctl.dev.seed import PATH_ENV, Entry, busybox_entries, push_layout, tar_layer, write_image
 from tests.conftest import RunBerthctl
 from tests.e2e.test_spine import assert_nothing_left
 
@@ -55,3 +58,28 @@ def test_user_unknown_to_the_image(cluster: ClusterInfo, berthctl: RunBerthctl) 
     assert out.returncode == 125
     assert "unable to find user ghost: no matching entries in the image's /etc/passwd" in out.stderr
     assert_nothing_left(cluster, berthctl, "ghost")
+
+
+def test_image_user_and_a_volume_owned_by_it(cluster: ClusterInfo, berthctl: RunBerthctl, tmp_path: Path) -> None:
+    """An image with USER app runs as app (from the image's /etc/passwd) unless --user says otherwise; a new
+    named volume over the image's /data keeps /data's owner, so app can write there (a database's case)."""
+    entries = [e for e in busybox_entries() if e.name not in ("etc/passwd", "etc/group")] + [
+        Entry("etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"),
+        Entry("etc/group", data=b"root:x:0:\napp:x:1000:\n"),
+        Entry("home/", "dir", mode=0o755),
+        Entry("home/app/", "dir", mode=0o700, uid=1000, gid=1000),
+        Entry("data/", "dir", mode=0o700, uid=1000, gid=1000),
+        Entry("data/seed", data=b"from the image\n", uid=1000, gid=1000),
+    ]
+    layout = tmp_path / "appuser"
+    write_image(layout, "latest", [tar_layer(entries)], {"Cmd": ["sh"], "Env": [PATH_ENV], "User": "app"})
+    push_layout(layout, "latest", cluster.registry, "library/appuser")
+    try:
+        out = berthctl("run", "--rm", "-v", "appdata:/data", "appuser", "sh", "-c",
+                       "id -u; id -g; echo $HOME; cat /data/seed; echo mine > /data/own && echo wrote")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split("\n")[:5] == ["1000", "1000", "/home/app", "from the image", "wrote"]
+        out = berthctl("run", "--rm", "--user", "root", "appuser", "id", "-u")
+        assert (out.returncode, out.stdout) == (0, "0\n"), out.stderr
+    finally:
+        berthctl("volume", "rm", "appdata")
