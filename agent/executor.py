@@ -62,6 +62,9 @@ class ContainerConfig:
     # issue 3a: size-capped log rotation by the supervisor; 0: no cap. max_files counts the current file.
     log_max_size_bytes: int = 0
     log_max_files: int = 1
+    # The network namespace (issue 5): "" a new one with only lo; "host" the host's own; else the path of a
+    # namespace the agent has set up (agent.network) that the container joins instead of making its own.
+    netns: str = ""
 
 
 class ProcessState(enum.Enum):

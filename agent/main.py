@@ -69,6 +69,8 @@ async def serve(args: argparse.Namespace) -> None:
     from agent.images.registry import RegistryConfig
     from agent.images.store import ImageStore
     from agent.metrics import AgentMetrics
+    from agent.network import NetworkError
+    from agent.network.host import HostNetwork
     from agent.runtime.linux import LinuxExecutor
     from agent.session import Session
     from agent.worker import Reporter, Worker
@@ -99,8 +101,17 @@ async def serve(args: argparse.Namespace) -> None:
         executor = LinuxExecutor(state_dir, args.cgroup_parent, allow_privileged=args.allow_privileged)
     metrics = AgentMetrics()
     reporter = Reporter()
-    worker = Worker(executor, images, reporter, metrics, state_dir)
+    network = HostNetwork(state_dir)
+    worker = Worker(executor, images, reporter, metrics, state_dir, network=network)
     await worker.load()
+
+    async def on_join(reply: d.JoinResponse) -> None:
+        if not reply.subnet:
+            return
+        try:
+            await network.configure(reply.subnet, keep=set(worker.info) | set(worker.assignments))
+        except NetworkError as exc:
+            logging.getLogger("berth.agent").error("container network: %s", exc)
 
     host = args.address or "127.0.0.1"
     memory, cpus = capacity()
@@ -110,7 +121,7 @@ async def serve(args: argparse.Namespace) -> None:
         metrics_address=args.metrics_listen.replace("0.0.0.0", host),
         capacity=t.Resources(memory_bytes=memory, nano_cpus=cpus), platform=platform_name(),
     )
-    session = Session(args.controller.split(","), join, worker, reporter, metrics)
+    session = Session(args.controller.split(","), join, worker, reporter, metrics, on_join=on_join)
 
     server = rpc.aio_server()
     api = AgentAPI3b(executor, worker)  # issue 3b: + exec, volumes

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 import grpc.aio
@@ -28,7 +29,9 @@ class Session:
     def __init__(
         self, controllers: list[str], join: d.JoinRequest, worker: Worker, reporter: Reporter,
         metrics: AgentMetrics,
+        on_join: Callable[[d.JoinResponse], Awaitable[None]] | None = None,
     ) -> None:
+        self.on_join = on_join  # issue 5: set up the host's container network before any assignment
         if not controllers:
             raise ValueError("no controller address given")
         self.controllers = controllers
@@ -74,6 +77,8 @@ class Session:
         heartbeat: asyncio.Task[None] | None = None
         try:
             reply = await stub.Join(self.join, timeout=5)
+            if self.on_join is not None:
+                await self.on_join(reply)
             self.node_id = reply.node_id
             self._stub = stub
             self.metrics.connected.set(1)

@@ -541,6 +541,7 @@ class Supervisor:
             cgroup_procs=tuple(cg.procs_files()),
             stdout_fifo=str(paths.stdout_fifo),
             stderr_fifo=str(paths.stderr_fifo),
+            netns=cfg.netns,
         )
         started = time.time_ns()
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,9 @@ from typing import Any, Protocol
 from agent.executor import ContainerConfig, ContainerInfo, Executor, ExecutorError, ProcessState
 from agent.images import Image, ImageError, ImageNotFound
 from agent.metrics import AgentMetrics
+from agent.network import NetworkError
+from agent.network.host import HostNetwork
+from agent.network.ipam import Port
 from agent.restart import RestartPolicy, RestartPolicyError, RestartTracker
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
@@ -149,7 +153,9 @@ class Worker:
         state_dir: Path,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        network: HostNetwork | None = None,
     ) -> None:
+        self.network = network
         self.executor = executor
         self.images = images
         self.reporter = reporter
@@ -217,10 +223,12 @@ class Worker:
         tracker = self._restarts.get(info.id)
         restarts = tracker.restart_count if tracker is not None else 0
         if info.state == ProcessState.RUNNING:
-            return t.ContainerStatus(
+            status = t.ContainerStatus(
                 state=t.STATE_RUNNING, pid=info.pid, started_at_ns=info.started_at_ns, generation=generation,
                 restart_count=restarts, message="paused" if info.paused else "",
             )
+            self._add_network(info.id, status)
+            return status
         return t.ContainerStatus(
             state=t.STATE_EXITED, exit_code=info.exit_code, started_at_ns=info.started_at_ns,
             finished_at_ns=info.finished_at_ns, oom_killed=info.oom_killed, generation=generation,
@@ -262,6 +270,8 @@ class Worker:
         if a is None:
             self._forget_restarts(cid)
             await self.executor.remove(cid)
+            if self.network is not None:
+                await self.network.detach(cid)
             self.info.pop(cid, None)
             self._started.pop(cid, None)
             (self._gen_dir / cid).unlink(missing_ok=True)
@@ -296,9 +306,10 @@ class Worker:
         try:
             image = await self._image(a.spec)
             config = build_config(cid, a.spec, image)
+            config = dataclasses.replace(config, netns=await self._netns(cid, a.spec))
             await self.executor.create(config)
             info = await self.executor.start(cid)
-        except (ImageError, ExecutorError) as exc:
+        except (ImageError, ExecutorError, NetworkError) as exc:
             self._mark_started(cid, a.generation)
             self.reporter.report(
                 cid, t.ContainerStatus(state=t.STATE_FAILED, message=str(exc), generation=a.generation)
@@ -327,6 +338,31 @@ class Worker:
                 )
             return image
         return await self.images.ensure(spec.image)
+    async def _netns(self, cid: str, spec: t.ContainerSpec) -> str:
+        """The network namespace for ContainerConfig.netns (issue 5), set up before the container starts."""
+        mode = spec.network or "bridge"
+        if mode == "none":
+            return ""
+        if mode == "host":
+            if spec.ports:
+                raise NetworkError("published ports (-p) make no sense with --network host; drop -p")
+            return "host"
+        if mode != "bridge":
+            raise NetworkError(f"network {mode!r} is not available on this host")
+        if self.network is None or not self.network.configured:
+            raise NetworkError("this host has no container network: the controller gave it no subnet")
+        ports = [Port(p.host_ip, p.host_port, p.container_port, p.protocol or "tcp") for p in spec.ports]
+        return (await self.network.attach(cid, ports)).netns
+
+    def _add_network(self, cid: str, status: t.ContainerStatus) -> None:
+        a = self.network.allocation(cid) if self.network is not None else None
+        if a is None:
+            return
+        status.ip_address = a.address
+        for p in a.ports:
+            status.ports.add(
+                host_ip=p.host_ip, host_port=p.host_port, container_port=p.container_port, protocol=p.protocol
+            )
 
     def _mark_started(self, cid: str, generation: int) -> None:
         self._started[cid] = generation

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from berth.units import UnitError, parse_cpus, parse_size
+from berthctl import network as berthctl_network
 from berthctl import runopts
 from berthctl.client import CLIError, Connection, controller_address
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     runopts.add_arguments(p)  # issue 3b
     p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
                    help="pull the image before the container starts: always, when missing, or never")
+    berthctl_network.add_run_flags(p)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="COMMAND")
     p.set_defaults(func=cmd_run)
@@ -95,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("wait", help="wait for a container to exit and print its exit code")
     p.add_argument("container", metavar="CONTAINER")
     p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("port", help="list a container's published ports")
+    p.add_argument("container", metavar="CONTAINER")
+    p.set_defaults(func=cmd_port)
 
     p = sub.add_parser("node", help="manage the cluster's hosts")
     node_sub = p.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
@@ -172,6 +178,7 @@ def _parse_spec(args: argparse.Namespace) -> types_pb2.ContainerSpec:
         if args.entrypoint:
             spec.entrypoint.append(args.entrypoint)
     runopts.fill_spec(args, spec)
+    berthctl_network.apply_run_flags(spec, args)
     return spec
 
 
@@ -223,6 +230,8 @@ def container_json(c: types_pb2.Container) -> dict[str, Any]:
         "nano_cpus": c.spec.nano_cpus,
         "image_digest": c.status.image_digest,
         "pid": c.status.pid,
+        "ip_address": c.status.ip_address,
+        "ports": berthctl_network.ports_of(c),
     }
 
 
@@ -282,13 +291,14 @@ def cmd_ps(args: argparse.Namespace, conn: Connection) -> int:
             print(c.id[:12])
         return 0
     now = time.time_ns()
-    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "HOST", "NAMES")]
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "HOST", "NAMES")]
     for c in reply.containers:
         command = " ".join([*c.spec.entrypoint, *c.spec.command])
         if len(command) > 22:
             command = command[:19] + "..."
         rows.append((c.id[:12], c.spec.image, json.dumps(command) if command else "",
-                     f"{_ago(c.created_at_ns, now)} ago", _status_text(c, now), c.node_name, c.spec.name))
+                     f"{_ago(c.created_at_ns, now)} ago", _status_text(c, now),
+                     ", ".join(berthctl_network.ports_of(c)), c.node_name, c.spec.name))
     print(_table(rows))
     return 0
 
@@ -349,6 +359,15 @@ def cmd_inspect(args: argparse.Namespace, conn: Connection) -> int:
         doc["State"] = container_json(c)
         out.append(doc)
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_port(args: argparse.Namespace, conn: Connection) -> int:
+    from berth.api import control_pb2
+
+    c = conn.control.Inspect(control_pb2.ContainerRef(ref=args.container), timeout=CALL_TIMEOUT_S)
+    for line in berthctl_network.port_lines(c):
+        print(line)
     return 0
 
 

@@ -19,6 +19,7 @@ from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
 from controller.metrics import ControllerMetrics
+from controller.network import SubnetAllocator
 from controller.orchestrator import Orchestrator
 from controller.store import Store, StoreError, Unavailable
 
@@ -34,6 +35,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self.metrics = metrics
         self.lease_ttl_s = lease_ttl_s
         self._leases: dict[str, int] = {}
+        self.subnets: SubnetAllocator | None = None  # issue 5: set by main; None gives no container network
 
     async def Join(self, request: d.JoinRequest, context: grpc.aio.ServicerContext[d.JoinRequest, d.JoinResponse]) -> d.JoinResponse:  # noqa: E501
         if not request.name:
@@ -41,12 +43,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         node_id = request.name
         try:
             old = await self.store.get_node(node_id)
+            subnet = await self.subnets.subnet_for(node_id) if self.subnets is not None else ""
             lease = await self.store.grant_lease(self.lease_ttl_s)
             node = t.Node(
                 id=node_id, name=request.name, address=request.address,
                 agent_address=request.agent_address, metrics_address=request.metrics_address,
                 capacity=request.capacity, labels=request.labels, platform=request.platform,
-                joined_at_ns=time.time_ns(), lease_id=lease,
+                joined_at_ns=time.time_ns(), lease_id=lease, subnet=subnet,
             )
             if old is not None:  # what `node update` set outlives a rejoin
                 node.availability = old.availability
@@ -59,7 +62,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._leases[node_id] = lease
         log.info("node %s joined from %s (lease %x)", node_id, request.address, lease)
         return d.JoinResponse(
-            node_id=node_id, lease_ttl_s=self.lease_ttl_s, heartbeat_period_s=max(0.5, self.lease_ttl_s / 4)
+            node_id=node_id, lease_ttl_s=self.lease_ttl_s, heartbeat_period_s=max(0.5, self.lease_ttl_s / 4),
+            subnet=subnet,
         )
 
     async def Heartbeat(self, request: d.HeartbeatRequest, context: grpc.aio.ServicerContext[d.HeartbeatRequest, d.HeartbeatResponse]) -> d.HeartbeatResponse:  # noqa: E501

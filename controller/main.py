@@ -20,6 +20,7 @@ from controller.api import ControlAPI
 from controller.dispatcher import Dispatcher
 from controller.leader import Leadership
 from controller.metrics import ControllerMetrics
+from controller.network import NetworkConfigError, SubnetAllocator
 from controller.orchestrator import Orchestrator
 from controller.services import ServiceReconciler
 from controller.store import Store, StoreError
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="how hosts are chosen (default %(default)s)")
     p.add_argument("--sample", type=int, default=0,
                    help="fitting hosts looked at per placement, 0 for all (large clusters: 10)")
+    p.add_argument("--container-cidr", default="10.88.0.0/16",
+                   help="addresses of containers, cut into one subnet per host (default %(default)s)")
+    p.add_argument("--node-subnet-size", type=int, default=24, help="prefix length of each host's subnet")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -59,9 +63,12 @@ async def serve(args: argparse.Namespace) -> None:
     api = ControlAPI(store, orchestrator, metrics)
     server = rpc.aio_server()
     control_pb2_grpc.add_ControlServicer_to_server(api, server)
-    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(
-        Dispatcher(store, orchestrator, metrics, args.lease_ttl), server
-    )
+    dispatcher = Dispatcher(store, orchestrator, metrics, args.lease_ttl)
+    try:
+        dispatcher.subnets = SubnetAllocator(store, args.container_cidr, args.node_subnet_size)
+    except NetworkConfigError as exc:
+        raise SystemExit(f"berth-controller: {exc}") from None
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(dispatcher, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

@@ -68,8 +68,11 @@ class Orchestrator:
         if containers is None:
             containers = await self.store.list_containers()
         used: dict[str, list[int]] = {}
+        ports: dict[str, frozenset[tuple[str, int]]] = {}
         for v in containers:
             c = v.container
+            if c.node_id and c.spec.ports:  # issue 5: a placed container holds its host ports until rm
+                ports[c.node_id] = ports.get(c.node_id, frozenset()) | scheduler.host_ports(c.spec)
             if c.node_id and c.desired_state == t.DESIRED_RUNNING:
                 u = used.setdefault(c.node_id, [0, 0, 0])
                 u[0] += c.spec.memory_bytes
@@ -82,6 +85,7 @@ class Orchestrator:
                 used.get(n.id, zero)[0], used.get(n.id, zero)[1], used.get(n.id, zero)[2],
                 labels=tuple(sorted({**n.labels, **n.user_labels}.items())), platform=n.platform,
                 schedulable=n.availability == t.AVAILABILITY_ACTIVE,
+                ports=ports.get(n.id, frozenset()),
             )
             for n in nodes
         ]

@@ -37,6 +37,8 @@ class HostView:
     labels: tuple[tuple[str, str], ...] = ()
     platform: str = ""
     schedulable: bool = True  # availability active (not paused or drained)
+    # issue 5: (protocol, host port) published by containers placed on the host.
+    ports: frozenset[tuple[str, int]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,12 @@ class Demand:
     memory_bytes: int
     nano_cpus: int
     constraints: tuple[Constraint, ...] = ()
+    ports: frozenset[tuple[str, int]] = frozenset()  # issue 5: fixed host ports asked for
 
     @staticmethod
     def of(spec: t.ContainerSpec) -> Demand:
-        return Demand(spec.memory_bytes, spec.nano_cpus, tuple(Constraint.parse(c) for c in spec.constraints))
+        return Demand(spec.memory_bytes, spec.nano_cpus, tuple(Constraint.parse(c) for c in spec.constraints),
+                      host_ports(spec))
 
 
 # A filter returns None when the host fits, else the reason it does not (counted across hosts).
@@ -120,6 +124,22 @@ def constraints(host: HostView, demand: Demand) -> str | None:
 FILTERS: tuple[Filter, ...] = (host_ready, schedulable, constraints, enough_memory, enough_cpu)
 
 STRATEGIES = ("spread", "binpack")
+
+
+def host_ports(spec: t.ContainerSpec) -> frozenset[tuple[str, int]]:
+    """(protocol, host port) of the spec's -p flags with a fixed host port (issue 5)."""
+    return frozenset((p.protocol or "tcp", p.host_port) for p in spec.ports if p.host_port)
+
+
+def ports_free(host: HostView, demand: Demand) -> str | None:
+    """issue 5: a host port can be published by one container per host only."""
+    taken = sorted(demand.ports & host.ports)
+    if taken:
+        return f"port {taken[0][1]} in use"
+    return None
+
+
+FILTERS += (ports_free,)
 
 
 @dataclass(frozen=True)
@@ -173,5 +193,5 @@ def with_container(host: HostView, demand: Demand) -> HostView:
     return HostView(
         host.id, host.name, host.ready, host.memory_bytes, host.nano_cpus,
         host.allocated_memory + demand.memory_bytes, host.allocated_cpus + demand.nano_cpus,
-        host.containers + 1, host.labels, host.platform, host.schedulable,
+        host.containers + 1, host.labels, host.platform, host.schedulable, host.ports | demand.ports,
     )

@@ -11,6 +11,8 @@ Keys (values are serialized protobuf messages from berth.api.types):
     /berth/leader                          the leading controller's id, attached to its lease (issue 6)
     /berth/services/<id>                   Service (issue 6); its containers carry its id
     /berth/service-names/<name>            the id owning a service name
+    /berth/subnets/<net>_<len>             the node id a container subnet belongs to (issue 5; claimed by txn
+                                           create-only, so two nodes never share one; kept across restarts)
 
 Every write that changes who owns a container (placement, desired state) compares the container key's
 mod_revision, so two controllers can never both place one container: the loser gets Conflict and retries
@@ -52,6 +54,7 @@ ALIVE = PREFIX + b"alive/"
 LEADER = PREFIX + b"leader"
 SERVICES = PREFIX + b"services/"
 SERVICE_NAMES = PREFIX + b"service-names/"
+SUBNETS = PREFIX + b"subnets/"
 
 M = TypeVar("M", bound=Message)
 
@@ -520,6 +523,21 @@ class Store:
             pump.cancel()
             with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
                 await watch.cancel()
+
+    # ---- container subnets (issue 5) ---------------------------------------------------------------
+
+    async def subnet_claims(self) -> dict[str, str]:
+        """subnet (e.g. 10.88.3.0/24) -> the node id that owns it."""
+        out: dict[str, str] = {}
+        for kv in await self._get_prefix(SUBNETS):
+            out[kv.key[len(SUBNETS) :].decode().replace("_", "/")] = kv.value.decode()
+        return out
+
+    async def claim_subnet(self, subnet: str, node_id: str) -> bool:
+        """Give `subnet` to `node_id` unless another node already has it; True when claimed."""
+        key = SUBNETS + subnet.replace("/", "_").encode()
+        ok, _ = await self._txn([self._tx.version(key) == 0], [self._tx.put(key, node_id.encode())], [])
+        return ok
 
     # ---- plumbing ---------------------------------------------------------------------------------
 

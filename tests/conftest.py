@@ -44,6 +44,8 @@ def slot_subnet(subnet: str) -> str:
 CLUSTER_NAME = slot_name("btest")
 CLUSTER_SUBNET = slot_subnet("10.77.9.0/24")
 CLUSTER_HOSTS = 3
+# Containers' addresses (issue 5): 10.(88+2*SLOT).0.0/16, apart from other slots' clusters.
+CONTAINER_CIDR = f"10.{88 + 2 * SLOT}.0.0/16"
 LOCK_DIR = Path(tempfile.gettempdir()) / "berth-test-locks"
 
 RunBerthctl = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -94,7 +96,8 @@ def cluster(cluster_state_dir: Path) -> Iterator[dev_cluster.ClusterInfo]:
         # Holding the lock, any cluster of this name was left by a session that died: remove it.
         dev_cluster.down(CLUSTER_NAME, cluster_state_dir)
         # A failed up removes what it made itself and keeps its logs in <state-dir>/btest.failed.
-        info = dev_cluster.up(CLUSTER_NAME, CLUSTER_HOSTS, CLUSTER_SUBNET, cluster_state_dir, write_config=False)
+        info = dev_cluster.up(CLUSTER_NAME, CLUSTER_HOSTS, CLUSTER_SUBNET, cluster_state_dir, write_config=False,
+                              container_cidr=CONTAINER_CIDR)
         try:
             yield info
         finally:

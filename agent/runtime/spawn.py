@@ -1,7 +1,7 @@
 """Fork a container process: join cgroups, new namespaces, rootfs, exec. Runs inside the supervisor.
 
     supervisor ──fork──▶ intermediate: join cgroups, unshare(NEWNS|UTS|IPC|NET|PID|CGROUP), fork, send the
-                         grandchild's pid over a pipe, _exit
+                         grandchild's pid over a pipe, _exit (with a netns given: setns into it, no NEWNET)
                            └──fork──▶ PID 1 of the new pid namespace: rootfs (agent.runtime.rootfs),
                                       hostname, lo up, capabilities, chdir, PATH lookup, execve
 
@@ -54,6 +54,8 @@ class SpawnSpec:
     stderr_fifo: str
     # issue 3b: capabilities, user, ulimits, no_new_privs (agent.runtime.security).
     security: sec.Security = field(default_factory=sec.Security)
+    # "" : a new network namespace; "host": stay in the supervisor's; else a namespace file to join (setns).
+    netns: str = ""
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,20 @@ def _intermediate(spec: SpawnSpec, devnull: int, out_w: int, err_w: int, fail_w:
                 f.write("0")
     except OSError as e:
         raise SpawnError(f"join cgroup: {rfs.describe(e)}") from e
+    flags = NAMESPACES
+    if spec.netns:
+        flags &= ~sc.CLONE_NEWNET
+    if spec.netns and spec.netns != "host":
+        try:
+            fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                sc.setns(fd, sc.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise SpawnError(f"join network namespace {spec.netns}: {rfs.describe(e)}") from e
     try:
-        sc.unshare(NAMESPACES)
+        sc.unshare(flags)
     except OSError as e:
         raise SpawnError(f"create namespaces: {rfs.describe(e)}") from e
     try:

@@ -149,6 +149,7 @@ def config_to_json(c: ContainerConfig) -> dict[str, Any]:
         "mounts": [asdict(m) for m in c.mounts],
         "log_max_size_bytes": c.log_max_size_bytes,
         "log_max_files": c.log_max_files,
+        "netns": c.netns,
     }
 
 
@@ -172,6 +173,7 @@ def config_from_json(d: dict[str, Any]) -> ContainerConfig:
         mounts=tuple(Mount(**m) for m in d.get("mounts", ())),
         log_max_size_bytes=d.get("log_max_size_bytes", 0),
         log_max_files=d.get("log_max_files", 1),
+        netns=d.get("netns", ""),
     )
 
 

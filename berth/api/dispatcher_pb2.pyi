@@ -88,19 +88,25 @@ class JoinResponse(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     LEASE_TTL_S_FIELD_NUMBER: _builtins.int
     HEARTBEAT_PERIOD_S_FIELD_NUMBER: _builtins.int
+    SUBNET_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     lease_ttl_s: _builtins.int
     heartbeat_period_s: _builtins.float
+    subnet: _builtins.str
+    """issue 5 (networking), fields 10-19.
+    the host's container subnet, e.g. 10.88.3.0/24 ("" : no container network)
+    """
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         lease_ttl_s: _builtins.int = ...,
         heartbeat_period_s: _builtins.float = ...,
+        subnet: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_period_s", b"heartbeat_period_s", "lease_ttl_s", b"lease_ttl_s", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_period_s", b"heartbeat_period_s", "lease_ttl_s", b"lease_ttl_s", "node_id", b"node_id", "subnet", b"subnet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -176,6 +176,8 @@ class ContainerSpec(_message.Message):
     PULL_POLICY_FIELD_NUMBER: _builtins.int
     LOG_MAX_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     LOG_MAX_FILES_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     entrypoint_set: _builtins.bool
@@ -210,6 +212,10 @@ class ContainerSpec(_message.Message):
     log_max_size_bytes: _builtins.int
     """issue 3a: log rotation (--log-opt max-size, max-file); 0: no rotation / Docker's default of 1 file"""
     log_max_files: _builtins.int
+    network: _builtins.str
+    """issue 5 (networking), fields 55-69.
+    "" or "bridge": the host's container network; "none": only lo; "host": the host's own network.
+    """
     @_builtins.property
     def entrypoint(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Replaces the image's entrypoint when entrypoint_set is true."""
@@ -248,6 +254,10 @@ class ContainerSpec(_message.Message):
     def tmpfs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """--tmpfs DST[:OPTIONS]"""
 
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortMapping]:
+        """-p"""
+
     def __init__(
         self,
         *,
@@ -280,10 +290,12 @@ class ContainerSpec(_message.Message):
         pull_policy: _builtins.str = ...,
         log_max_size_bytes: _builtins.int = ...,
         log_max_files: _builtins.int = ...,
+        network: _builtins.str = ...,
+        ports: _abc.Iterable[Global___PortMapping] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "log_max_files", b"log_max_files", "log_max_size_bytes", b"log_max_size_bytes", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "pids_limit", b"pids_limit", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "log_max_files", b"log_max_files", "log_max_size_bytes", b"log_max_size_bytes", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "network", b"network", "pids_limit", b"pids_limit", "ports", b"ports", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -306,6 +318,8 @@ class ContainerStatus(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     RESTART_COUNT_FIELD_NUMBER: _builtins.int
     SIGNAL_FIELD_NUMBER: _builtins.int
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
     state: Global___ContainerState.ValueType
     exit_code: _builtins.int
     message: _builtins.str
@@ -320,6 +334,14 @@ class ContainerStatus(_message.Message):
     """issue 3a: times the restart policy restarted this run"""
     signal: _builtins.int
     """issue 3a: the signal that killed the process (0: it exited by itself)"""
+    ip_address: _builtins.str
+    """issue 5 (networking), fields 35-44.
+    the container's address on its network
+    """
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortMapping]:
+        """published ports as bound (host port chosen when 0 was asked)"""
+
     def __init__(
         self,
         *,
@@ -334,10 +356,12 @@ class ContainerStatus(_message.Message):
         generation: _builtins.int = ...,
         restart_count: _builtins.int = ...,
         signal: _builtins.int = ...,
+        ip_address: _builtins.str = ...,
+        ports: _abc.Iterable[Global___PortMapping] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "image_digest", b"image_digest", "message", b"message", "oom_killed", b"oom_killed", "pid", b"pid", "restart_count", b"restart_count", "signal", b"signal", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "image_digest", b"image_digest", "ip_address", b"ip_address", "message", b"message", "oom_killed", b"oom_killed", "pid", b"pid", "ports", b"ports", "restart_count", b"restart_count", "signal", b"signal", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -534,6 +558,7 @@ class Node(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     AVAILABILITY_FIELD_NUMBER: _builtins.int
     USER_LABELS_FIELD_NUMBER: _builtins.int
+    SUBNET_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CONTAINERS_FIELD_NUMBER: _builtins.int
     ALLOCATED_FIELD_NUMBER: _builtins.int
@@ -550,6 +575,10 @@ class Node(_message.Message):
     lease_id: _builtins.int
     availability: Global___NodeAvailability.ValueType
     """issue 6 (40-49). Set by `node update`; kept across rejoins."""
+    subnet: _builtins.str
+    """issue 5 (networking), fields 30-39.
+    this host's container subnet, given by the controller at join
+    """
     state: Global___NodeState.ValueType
     """Filled on read, never stored."""
     containers: _builtins.int
@@ -578,13 +607,14 @@ class Node(_message.Message):
         lease_id: _builtins.int = ...,
         availability: Global___NodeAvailability.ValueType = ...,
         user_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        subnet: _builtins.str = ...,
         state: Global___NodeState.ValueType = ...,
         containers: _builtins.int = ...,
         allocated: Global___Resources | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_address", b"agent_address", "allocated", b"allocated", "availability", b"availability", "capacity", b"capacity", "containers", b"containers", "id", b"id", "joined_at_ns", b"joined_at_ns", "labels", b"labels", "lease_id", b"lease_id", "metrics_address", b"metrics_address", "name", b"name", "platform", b"platform", "state", b"state", "user_labels", b"user_labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_address", b"agent_address", "allocated", b"allocated", "availability", b"availability", "capacity", b"capacity", "containers", b"containers", "id", b"id", "joined_at_ns", b"joined_at_ns", "labels", b"labels", "lease_id", b"lease_id", "metrics_address", b"metrics_address", "name", b"name", "platform", b"platform", "state", b"state", "subnet", b"subnet", "user_labels", b"user_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1046,3 +1076,36 @@ class VolumeListResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VolumeListResponse: _TypeAlias = VolumeListResponse  # noqa: Y015
+
+@_typing.final
+class PortMapping(_message.Message):
+    """issue 5: one published port (-p [HOSTIP:]HOSTPORT:CONTAINERPORT[/PROTO])."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_IP_FIELD_NUMBER: _builtins.int
+    HOST_PORT_FIELD_NUMBER: _builtins.int
+    CONTAINER_PORT_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    host_ip: _builtins.str
+    """"" : every address of the host"""
+    host_port: _builtins.int
+    """0: the agent chooses a free one"""
+    container_port: _builtins.int
+    protocol: _builtins.str
+    """"tcp" (default) or "udp" """
+    def __init__(
+        self,
+        *,
+        host_ip: _builtins.str = ...,
+        host_port: _builtins.int = ...,
+        container_port: _builtins.int = ...,
+        protocol: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_port", b"container_port", "host_ip", b"host_ip", "host_port", b"host_port", "protocol", b"protocol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PortMapping: _TypeAlias = PortMapping  # noqa: Y015

@@ -419,6 +419,7 @@ def up(
     progress: Progress | None = None,
     timeout: float = 90.0,
     controllers: int = 1,
+    container_cidr: str = "",
 ) -> ClusterInfo:
     """Create and start dev cluster `name`; returns once every host is NODE_READY (see module doc)."""
     say: Progress = progress or (lambda _msg: None)
@@ -454,7 +455,7 @@ def up(
     try:
         cdir.mkdir(parents=True)
         _save(info)
-        info = _bring_up(info, net, write_config, say, timeout)
+        info = _bring_up(info, net, write_config, say, timeout, container_cidr=container_cidr)
     except BaseException as e:
         say(f"start failed; removing what was made for dev cluster {name!r}")
         _teardown_after_failure(e, name, state, cdir)
@@ -465,7 +466,8 @@ def up(
 
 
 def _bring_up(
-    info: ClusterInfo, net: ipaddress.IPv4Network, write_config: bool, say: Progress, timeout: float
+    info: ClusterInfo, net: ipaddress.IPv4Network, write_config: bool, say: Progress, timeout: float,
+    container_cidr: str = "",
 ) -> ClusterInfo:
     from berthctl.dev.registry import start_registry
     from berthctl.dev.seed import seed_registry
@@ -518,11 +520,15 @@ def _bring_up(
             "--listen", info.controller,
             "--metrics-listen", info.controller_metrics,
         ]  # fmt: skip
+        if container_cidr:  # issue 5: the containers' addresses (tests give each checkout its own)
+            controller_cmd += ["--container-cidr", container_cidr]
         add(*_spawn("controller", controller_cmd, log, env, cdir))
         for i, address in enumerate(info.controller_list.split(",")[1:], start=2):
             port = int(address.rsplit(":", 1)[1])
             extra_cmd = [sys.executable, "-m", "controller", "--etcd", info.etcd, "--listen", address,
                          "--metrics-listen", f"{info.gateway}:{port + 1}"]
+            if container_cidr:  # issue 5: every controller hands out subnets of the same CIDR
+                extra_cmd += ["--container-cidr", container_cidr]
             add(*_spawn(f"controller{i}", extra_cmd, cdir / f"controller{i}.log", env, cdir))
         # Agents started before the controller answers would only sit in their reconnect back-off.
         _wait_controller(info, running, time.monotonic() + timeout)
@@ -898,6 +904,17 @@ def down(
             attempt(f"unmount {m}", lambda m=m: _umount_lazy(m))  # type: ignore[misc]
     else:
         problems.append(f"mounts remain under {cdir}: {mounts_under(cdir)}")
+
+    # 5b. Containers' network namespaces (issue 5), bind-mounted outside the state dir by each agent.
+    from agent.network.host import netns_dir, remove_netns
+
+    for hdir in sorted(cdir.glob("hosts/*")):
+        nsdir = netns_dir(hdir)
+        if nsdir.is_dir():
+            say(f"removing container network namespaces in {nsdir}")
+            for f in nsdir.iterdir():
+                attempt(f"remove {f}", lambda f=f: remove_netns(f))  # type: ignore[misc]
+            attempt(f"remove {nsdir}", nsdir.rmdir)
 
     # 6. Network: namespaces, veths, bridge.
     if namespaces or netns.cluster_links(name):

@@ -1,0 +1,317 @@
+"""The container network of one host: bridge `berth0` holding the subnet's first address, and per container
+a network namespace bind-mounted at `/run/berth/netns/<agent>/<id>` (<agent>: a hash of the agent's state
+dir, so several agents of a dev cluster never share one; outside the state dir, as Docker's
+/var/run/docker/netns, so that the namespaces are not mounts under it) with `eth0` (a veth whose host end
+`bv<id[:12]>` is on the bridge), an address from the host's subnet and a default route via the bridge.
+
+    configure(subnet)  at join: bridge, ip_forward, NAT table; removes links and namespaces that belong to
+                       no allocation (left by a crash), so a restart neither loses nor duplicates anything
+    attach(id, ports)  before start: the namespace, ready, and its path for ContainerConfig.netns
+    detach(id)         after remove: veth, namespace, address, published ports and their rules are gone
+
+Every method is idempotent. Netlink work is pyroute2's, run in a thread so the agent's loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from pyroute2 import IPRoute, NetlinkError
+
+from agent.network import NetworkError, nat
+from agent.network.ipam import Allocation, Ipam, Port
+from agent.runtime import syscalls as sc
+
+log = logging.getLogger(__name__)
+
+BRIDGE = "berth0"
+NETNS_ROOT = Path("/run/berth/netns")
+T = TypeVar("T")
+HOST_VETH_PREFIX = "bv"
+PEER_PREFIX = "bc"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    netns: str  # path of the bind-mounted namespace
+    address: str
+    ports: tuple[Port, ...]
+
+
+def netns_dir(state_dir: Path) -> Path:
+    """Where the agent with this state dir keeps its containers' namespaces."""
+    return NETNS_ROOT / hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+
+
+def create_netns(path: Path) -> None:
+    """A new, empty network namespace kept alive by a bind mount on `path`.
+
+    A short-lived thread unshares its own network namespace (CLONE_NEWNET moves one thread only) and binds
+    it; no fork of the (multi-threaded) agent, and no thread of the agent's pool ever changes namespace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o444)
+    os.close(fd)
+    failure: list[OSError] = []
+
+    def run() -> None:
+        try:
+            sc.unshare(sc.CLONE_NEWNET)
+            sc.mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", str(path), None, sc.MS_BIND)
+        except OSError as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="berth-netns")
+    thread.start()
+    thread.join()
+    if failure:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        raise failure[0]
+
+
+def in_netns(path: Path, fn: Callable[[], T]) -> T:
+    """fn() run in a short-lived thread that has joined the namespace at `path` (setns moves one thread).
+
+    pyroute2's IPRoute(netns=...) forks a helper to open its socket, and a fork of the multi-threaded agent
+    (gRPC) can crash; a netlink socket opened by a thread inside the namespace stays bound to it."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                sc.setns(fd, sc.CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="berth-netns")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def remove_netns(path: Path) -> None:
+    """Unmount (its last reference gone, the namespace dies with its links) and delete the file."""
+    if os.path.ismount(path):
+        with contextlib.suppress(OSError):
+            sc.umount2(str(path), sc.MNT_DETACH)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def host_veth(cid: str) -> str:
+    return HOST_VETH_PREFIX + cid[:12]
+
+
+def _lookup(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, NetlinkError):
+        return os.strerror(e.code)
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e)
+
+
+class HostNetwork:
+    def __init__(self, state_dir: Path, bridge: str = BRIDGE) -> None:
+        self.bridge = bridge
+        self.ipam = Ipam(state_dir)
+        self.ns_dir = netns_dir(state_dir)
+        self._lock = asyncio.Lock()
+        self.configured = False
+
+    # ---- host ---------------------------------------------------------------------------------------
+
+    async def configure(self, subnet: str, keep: set[str] | None = None) -> None:
+        """Set up the host for `subnet`; forget allocations of containers not in `keep` (when given)."""
+        async with self._lock:
+            await asyncio.to_thread(self._configure, subnet, keep)
+            self.configured = True
+
+    def _configure(self, subnet: str, keep: set[str] | None) -> None:
+        self.ipam.set_subnet(subnet)
+        gw = self.ipam.gateway
+        try:
+            with IPRoute() as ipr:
+                idx = _lookup(ipr, self.bridge)
+                if idx is None:
+                    ipr.link("add", ifname=self.bridge, kind="bridge")
+                    idx = _lookup(ipr, self.bridge)
+                assert idx is not None
+                have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=2)}
+                for address, prefixlen in have - {(str(gw.ip), gw.network.prefixlen)}:
+                    ipr.addr("del", index=idx, address=address, prefixlen=prefixlen)
+                if (str(gw.ip), gw.network.prefixlen) not in have:
+                    ipr.addr("add", index=idx, address=str(gw.ip), prefixlen=gw.network.prefixlen)
+                ipr.link("set", index=idx, state="up")
+        except NetlinkError as e:
+            raise NetworkError(f"cannot set up bridge {self.bridge}: {_why(e)}") from e
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+            f.write("1")
+        if keep is not None:
+            for cid in set(self.ipam.containers) - keep:
+                self.ipam.release(cid)
+        self._prune()
+        self._apply_nat()
+
+    def _prune(self) -> None:
+        """Remove veths and namespaces that belong to no allocation."""
+        ours = {host_veth(cid) for cid in self.ipam.containers}
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                name = link.get("ifname") or ""
+                if (name.startswith(HOST_VETH_PREFIX) and len(name) == 14 and name not in ours) or (
+                    name.startswith(PEER_PREFIX) and len(name) == 14
+                ):
+                    with contextlib.suppress(NetlinkError):
+                        ipr.link("del", index=link["index"])
+        if self.ns_dir.is_dir():
+            for path in self.ns_dir.iterdir():
+                if path.name not in self.ipam.containers:
+                    self._remove_ns(path)
+
+    def _apply_nat(self) -> None:
+        published = [(a.address, p) for a in self.ipam.containers.values() for p in a.ports]
+        nat.apply(nat.ruleset(self.bridge, str(self.ipam.subnet) if self.ipam.subnet else None, published))
+
+    async def teardown(self) -> None:
+        """Remove the bridge and the NAT table (when the host leaves container networking)."""
+        async with self._lock:
+            await asyncio.to_thread(self._teardown)
+
+    def _teardown(self) -> None:
+        for cid in list(self.ipam.containers):
+            self._detach(cid, apply=False)
+        with IPRoute() as ipr:
+            idx = _lookup(ipr, self.bridge)
+            if idx is not None:
+                ipr.link("del", index=idx)
+        nat.remove()
+        with contextlib.suppress(OSError):
+            self.ns_dir.rmdir()
+        self.configured = False
+
+    # ---- containers ---------------------------------------------------------------------------------
+
+    async def attach(self, cid: str, ports: list[Port]) -> Attachment:
+        async with self._lock:
+            return await asyncio.to_thread(self._attach, cid, ports)
+
+    def _attach(self, cid: str, ports: list[Port]) -> Attachment:
+        if not self.configured:
+            raise NetworkError("this host has no container network yet (not joined to a controller)")
+        new = cid not in self.ipam.containers
+        a = self.ipam.allocate(cid, ports)
+        path = self.ns_dir / cid
+        try:
+            if not self._wired(cid, path, a):
+                self._unwire(cid, path)
+                self._wire(cid, path, a)
+            if new:
+                self._apply_nat()
+        except BaseException:
+            self._unwire(cid, path)
+            if new:
+                self.ipam.release(cid)
+                with contextlib.suppress(NetworkError):
+                    self._apply_nat()
+            raise
+        return Attachment(str(path), a.address, tuple(a.ports))
+
+    def _wired(self, cid: str, path: Path, a: Allocation) -> bool:
+        if not os.path.ismount(path):
+            return False
+        with IPRoute() as ipr:
+            if _lookup(ipr, host_veth(cid)) is None:
+                return False
+
+        def check() -> bool:
+            with IPRoute() as ns:
+                eth0 = _lookup(ns, "eth0")
+                if eth0 is None:
+                    return False
+                return any(x.get("address") == a.address for x in ns.get_addr(index=eth0, family=2))
+
+        try:
+            return in_netns(path, check)
+        except (NetlinkError, OSError):
+            return False
+
+    def _wire(self, cid: str, path: Path, a: Allocation) -> None:
+        gw = self.ipam.gateway
+        veth, peer = host_veth(cid), PEER_PREFIX + cid[:12]
+        step = "create its network namespace"
+        try:
+            create_netns(path)
+            step = f"create veth {veth}"
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=veth, kind="veth", peer={"ifname": peer})
+                v, p, br = _lookup(ipr, veth), _lookup(ipr, peer), _lookup(ipr, self.bridge)
+                if v is None or p is None or br is None:
+                    raise NetworkError(f"veth {veth} or bridge {self.bridge} vanished")
+                ipr.link("set", index=v, master=br)
+                ipr.link("set", index=v, state="up")
+                step = "move the veth into its namespace"
+                ipr.link("set", index=p, net_ns_fd=str(path))
+            step = "configure eth0"
+
+            def inside() -> None:
+                with IPRoute() as ns:
+                    p = _lookup(ns, peer)
+                    lo = _lookup(ns, "lo")
+                    if p is None or lo is None:
+                        raise NetworkError(f"{peer} did not arrive in the namespace")
+                    ns.link("set", index=p, ifname="eth0")
+                    ns.addr("add", index=p, address=a.address, prefixlen=gw.network.prefixlen)
+                    ns.link("set", index=p, state="up")
+                    ns.link("set", index=lo, state="up")
+                    ns.route("add", dst="default", gateway=str(gw.ip))
+
+            in_netns(path, inside)
+        except (NetlinkError, OSError) as e:
+            raise NetworkError(f"container {cid[:12]}: cannot {step}: {_why(e)}") from e
+
+    def _unwire(self, cid: str, path: Path) -> None:
+        with IPRoute() as ipr:
+            for name in (host_veth(cid), PEER_PREFIX + cid[:12]):
+                idx = _lookup(ipr, name)
+                if idx is not None:
+                    with contextlib.suppress(NetlinkError):
+                        ipr.link("del", index=idx)
+        self._remove_ns(path)
+
+    def _remove_ns(self, path: Path) -> None:
+        remove_netns(path)
+
+    async def detach(self, cid: str) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._detach, cid)
+
+    def _detach(self, cid: str, apply: bool = True) -> None:
+        self._unwire(cid, self.ns_dir / cid)
+        if cid in self.ipam.containers:
+            self.ipam.release(cid)
+            if apply and self.configured:
+                self._apply_nat()
+
+    def allocation(self, cid: str) -> Allocation | None:
+        return self.ipam.containers.get(cid)

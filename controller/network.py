@@ -1,0 +1,53 @@
+"""Container networking, the controller's side (issue 5): each node gets its own subnet of the cluster's
+container CIDR at join, claimed in etcd (controller.store, /berth/subnets/) so that no two nodes ever share
+one and a node that joins again (agent or controller restart) gets the same one back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from controller.store import Store, StoreError
+
+DEFAULT_CIDR = "10.88.0.0/16"
+DEFAULT_PREFIXLEN = 24
+
+
+class NetworkConfigError(ValueError):
+    """A bad --container-cidr / --node-subnet-size."""
+
+
+class SubnetsExhausted(StoreError):
+    """Every subnet of the container CIDR is taken."""
+
+
+class SubnetAllocator:
+    def __init__(self, store: Store, cidr: str = DEFAULT_CIDR, prefixlen: int = DEFAULT_PREFIXLEN) -> None:
+        try:
+            self.cidr = ipaddress.IPv4Network(cidr, strict=True)
+        except ValueError as e:
+            raise NetworkConfigError(f"invalid container CIDR {cidr!r}: {e}; give e.g. 10.88.0.0/16") from e
+        if not self.cidr.prefixlen <= prefixlen <= 29:
+            raise NetworkConfigError(
+                f"node subnet size /{prefixlen} does not fit in {self.cidr}; give /{self.cidr.prefixlen}../29"
+            )
+        self.prefixlen = prefixlen
+        self.store = store
+
+    async def subnet_for(self, node_id: str) -> str:
+        """The node's subnet: the one it has, else the first free one (claimed atomically)."""
+        for _ in range(5):
+            claims = await self.store.subnet_claims()
+            for subnet, owner in sorted(claims.items()):
+                if owner == node_id and ipaddress.IPv4Network(subnet).subnet_of(self.cidr):
+                    return subnet
+            for net in self.cidr.subnets(new_prefix=self.prefixlen):
+                subnet = str(net)
+                if subnet in claims or any(net.overlaps(ipaddress.IPv4Network(c)) for c in claims):
+                    continue
+                if await self.store.claim_subnet(subnet, node_id):
+                    return subnet
+                break  # someone claimed it at the same time: read again
+            else:
+                raise SubnetsExhausted(f"no free /{self.prefixlen} left in container CIDR {self.cidr}")
+        raise StoreError("could not claim a container subnet (too many concurrent joins); the agent will retry")
