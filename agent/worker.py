@@ -349,6 +349,8 @@ class Worker:
             return "host"
         if mode != "bridge":
             raise NetworkError(f"network {mode!r} is not available on this host")
+        if self.network is None and not spec.ports:
+            return ""  # a worker without container networking (tests of other parts): only lo
         if self.network is None or not self.network.configured:
             raise NetworkError("this host has no container network: the controller gave it no subnet")
         ports = [Port(p.host_ip, p.host_port, p.container_port, p.protocol or "tcp") for p in spec.ports]
