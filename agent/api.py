@@ -46,10 +46,53 @@ class AgentAPI(ImageAPI, agent_pb2_grpc.AgentServicer):
             path,
             follow=request.follow,
             tail=request.tail,
+            since_ns=request.since_ns,
             finished=lambda: self.worker.finished(cid),
             changed=self.worker.changed,
         ):
             yield entry
+
+
+    # ---- issue 3a: kill -s, pause, unpause ----------------------------------------------------------
+
+    async def _lifecycle(self, context: grpc.aio.ServicerContext[Any, Any], cid: str) -> LinuxExecutor:
+        if not isinstance(self.executor, LinuxExecutor):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this host's runtime cannot signal or pause")
+        if cid not in self.worker.assignments:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no container {cid[:12]} on this host")
+        return self.executor
+
+    async def Signal(
+        self, request: agent_pb2.AgentSignalRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> t.ContainerStatus:
+        import signal as signals
+
+        from agent.executor import ExecutorError, ProcessState
+
+        ex = await self._lifecycle(context, request.container_id)
+        info = self.worker.info.get(request.container_id)
+        if info is None or info.state != ProcessState.RUNNING:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"container {request.container_id[:12]} is not running")
+        if request.signal in (signals.SIGKILL, signals.SIGTERM):
+            self.worker.manual_stop(request.container_id)
+        try:
+            info = await ex.signal(request.container_id, request.signal)
+        except ExecutorError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return self.worker.observe(info) or t.ContainerStatus()
+
+    async def Pause(
+        self, request: agent_pb2.AgentPauseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> t.ContainerStatus:
+        from agent.executor import ExecutorError
+
+        ex = await self._lifecycle(context, request.container_id)
+        try:
+            info = await ex.pause(request.container_id, request.paused)
+        except ExecutorError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return self.worker.observe(info) or t.ContainerStatus()
 
 
 class AgentAPI3b(AgentAPI):

@@ -176,6 +176,7 @@ class Worker:
         self._restart_due: set[str] = set()
         self._decided: dict[str, int] = {}  # finished_at_ns of the exit whose restart was decided
         self._restart_tasks: dict[str, asyncio.Task[None]] = {}
+        self._manually_stopped: set[str] = set()  # killed by a user: no policy restarts it
 
     async def load(self) -> None:
         """Adopt what this host already runs (after an agent restart): nothing is started or stopped here."""
@@ -292,6 +293,7 @@ class Worker:
             tracker = self._restarts.get(cid)
             if tracker is not None:
                 tracker.reset()  # a user's start
+            self._manually_stopped.discard(cid)
             await self._start(cid, a)
             return False
         self._restart_due.discard(cid)
@@ -391,6 +393,8 @@ class Worker:
             return
         if self._started.get(cid, 0) < a.generation or self._decided.get(cid) == info.finished_at_ns:
             return
+        if cid in self._manually_stopped:
+            return
         self._decided[cid] = info.finished_at_ns
         try:
             policy = RestartPolicy.parse(a.spec.restart_policy)
@@ -417,6 +421,27 @@ class Worker:
         self._restart_due.add(cid)
         self._poke(cid)
 
+    def manual_stop(self, cid: str) -> None:
+        """A user is killing the container (berthctl kill): its restart policy does not bring it back, as
+        with docker kill; a pending restart is called off."""
+        self._manually_stopped.add(cid)
+        task = self._restart_tasks.pop(cid, None)
+        if task is not None:
+            task.cancel()
+        self._restart_due.discard(cid)
+
+    def observe(self, info: ContainerInfo) -> t.ContainerStatus | None:
+        """Record and report a container's state learnt outside the exit stream (pause, unpause)."""
+        a = self.assignments.get(info.id)
+        known = self.info.get(info.id)
+        if a is None or (known is not None and known.pid != info.pid):
+            return None
+        self.info[info.id] = info
+        status = self._status_of(info, self._started.get(info.id, a.generation))
+        self.reporter.report(info.id, status)
+        self._changed.set()
+        return status
+
     def _forget_restarts(self, cid: str) -> None:
         task = self._restart_tasks.pop(cid, None)
         if task is not None:
@@ -424,6 +449,7 @@ class Worker:
         self._restarts.pop(cid, None)
         self._restart_due.discard(cid)
         self._decided.pop(cid, None)
+        self._manually_stopped.discard(cid)
 
     async def watch_exits(self) -> None:
         async for info in self.executor.exits():

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="print a container's output")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     p.add_argument("-n", "--tail", type=int, default=0, help="only the last N lines")
+    p.add_argument("--since", help="only output since a time (RFC 3339, Unix seconds) or a duration ago (10m)")
+    p.add_argument("-t", "--timestamps", action="store_true", help="prefix each line with its time")
     p.add_argument("container", metavar="CONTAINER")
     p.set_defaults(func=cmd_logs)
 
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     image_verbs.register(sub)
     exec_volumes.register(sub)  # issue 3b: exec, volume
+    from berthctl import lifecycle
+
+    lifecycle.register(sub)  # issue 3a: create, kill, restart, pause, unpause
     return parser
 
 
@@ -232,6 +237,21 @@ def container_json(c: types_pb2.Container) -> dict[str, Any]:
         "pid": c.status.pid,
         "ip_address": c.status.ip_address,
         "ports": berthctl_network.ports_of(c),
+        **_lifecycle_json(c),
+    }
+
+
+def _lifecycle_json(c: types_pb2.Container) -> dict[str, Any]:
+    """issue 3a: how the last run ended, restarts, pause, restart policy."""
+    from berthctl.lifecycle import exit_reason
+
+    return {
+        "exit_reason": exit_reason(c.status),
+        "signal": c.status.signal,
+        "oom_killed": c.status.oom_killed,
+        "restart_count": c.status.restart_count,
+        "restart_policy": c.spec.restart_policy or "no",
+        "paused": c.status.state == 4 and c.status.message == "paused",
     }
 
 
@@ -304,10 +324,15 @@ def cmd_ps(args: argparse.Namespace, conn: Connection) -> int:
 
 
 def cmd_logs(args: argparse.Namespace, conn: Connection) -> int:
-    from berth.api import control_pb2
+    import time
 
-    for entry in conn.control.Logs(control_pb2.LogsRequest(ref=args.container, follow=args.follow, tail=args.tail)):
-        _write_log(entry)
+    from berth.api import control_pb2
+    from berthctl.lifecycle import parse_since, write_entry  # issue 3a: --since, --timestamps
+
+    since = parse_since(args.since, time.time()) if args.since else 0
+    request = control_pb2.LogsRequest(ref=args.container, follow=args.follow, tail=args.tail, since_ns=since)
+    for entry in conn.control.Logs(request):
+        write_entry(entry, args.timestamps)
     return 0
 
 

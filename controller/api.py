@@ -21,6 +21,7 @@ from berth.rpc import aio_channel
 from controller.events import EventsAPI
 from controller.exec_volumes import ExecVolumesMixin
 from controller.images import ImageRoutes
+from controller.lifecycle import LifecycleMixin
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import TERMINAL, Orchestrator
 from controller.scheduler import Constraint
@@ -177,8 +178,8 @@ async def _abort(context: Ctx, exc: StoreError) -> NoReturn:
     raise AssertionError  # abort always raises
 
 
-class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes)
-    ImageRoutes, ServicesAPI, EventsAPI, ExecVolumesMixin, control_pb2_grpc.ControlServicer
+class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (create, kill, pause)
+    ImageRoutes, ServicesAPI, EventsAPI, ExecVolumesMixin, LifecycleMixin, control_pb2_grpc.ControlServicer
 ):
     def __init__(
         self, store: Store, orchestrator: Orchestrator, metrics: ControllerMetrics,
@@ -213,6 +214,8 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes)
             out.status.CopyFrom(status)
         if not out.status.state:
             out.status.state = t.STATE_PENDING
+        if c.generation == 0 and out.status.state == t.STATE_PENDING:  # issue 3a: made by create
+            out.status.state = t.STATE_CREATED
         node = nodes.get(c.node_id)
         if node is not None:
             out.node_name = node.name
@@ -231,12 +234,14 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes)
         finally:
             tracker.close()
 
-    async def _agent_logs(self, c: t.Container, follow: bool, tail: int) -> AsyncIterator[t.LogEntry]:
+    async def _agent_logs(
+        self, c: t.Container, follow: bool, tail: int, since_ns: int = 0
+    ) -> AsyncIterator[t.LogEntry]:
         node = await self.store.get_node(c.node_id) if c.node_id else None
         if node is None:
             return
         stub = self.links.agent(node.agent_address)
-        call = stub.Logs(agent_pb2.AgentLogsRequest(container_id=c.id, follow=follow, tail=tail))
+        call = stub.Logs(agent_pb2.AgentLogsRequest(container_id=c.id, follow=follow, tail=tail, since_ns=since_ns))
         async for entry in call:
             yield entry
 
@@ -411,7 +416,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes)
         if not v.container.node_id:
             return
         try:
-            async for entry in self._agent_logs(v.container, request.follow, request.tail):
+            async for entry in self._agent_logs(v.container, request.follow, request.tail, request.since_ns):
                 yield entry
         except grpc.aio.AioRpcError as exc:
             await context.abort(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from berth.api import types_pb2 as berth_dot_api_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x65rth/api/agent.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\"F\n\x10\x41gentLogsRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0c\n\x04tail\x18\x03 \x01(\x03\"J\n\x12RegistryCredential\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"\x97\x01\n\tImageInfo\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x12\n\ncreated_ns\x18\x05 \x01(\x03\x12\x10\n\x08\x64iff_ids\x18\x06 \x03(\t\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x12\x0c\n\x04node\x18\x08 \x01(\t\"g\n\x10ImagePullRequest\x12\x11\n\treference\x18\x01 \x01(\t\x12\x32\n\x0b\x63redentials\x18\x02 \x03(\x0b\x32\x1d.berth.api.RegistryCredential\x12\x0c\n\x04node\x18\x03 \x01(\t\"g\n\x10ImagePushRequest\x12\x11\n\treference\x18\x01 \x01(\t\x12\x32\n\x0b\x63redentials\x18\x02 \x03(\x0b\x32\x1d.berth.api.RegistryCredential\x12\x0c\n\x04node\x18\x03 \x01(\t\"}\n\rImageProgress\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x03\x12\r\n\x05total\x18\x04 \x01(\x03\x12#\n\x05image\x18\x05 \x01(\x0b\x32\x14.berth.api.ImageInfo\x12\x0c\n\x04node\x18\x06 \x01(\t\" \n\x10ImageListRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"9\n\x11ImageListResponse\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.berth.api.ImageInfo\"+\n\x08ImageRef\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"?\n\x0fImageTagRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\"D\n\x12ImageRemoveRequest\x12\x11\n\treference\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x0c\n\x04node\x18\x03 \x01(\t\".\n\x11ImagePruneRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\x12\x0c\n\x04node\x18\x02 \x01(\t\";\n\x0cImageRemoved\x12\x12\n\nreferences\x18\x01 \x03(\t\x12\x17\n\x0freclaimed_bytes\x18\x02 \x01(\x03\"K\n\x12ImageCommitRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\";\n\nImageChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\treference\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t2\xd9\x08\n\x05\x41gent\x12:\n\x04Logs\x12\x1b.berth.api.AgentLogsRequest\x1a\x13.berth.api.LogEntry0\x01\x12\x44\n\tImagePull\x12\x1b.berth.api.ImagePullRequest\x1a\x18.berth.api.ImageProgress0\x01\x12\x44\n\tImagePush\x12\x1b.berth.api.ImagePushRequest\x1a\x18.berth.api.ImageProgress0\x01\x12\x46\n\tImageList\x12\x1b.berth.api.ImageListRequest\x1a\x1c.berth.api.ImageListResponse\x12\x39\n\x0cImageInspect\x12\x13.berth.api.ImageRef\x1a\x14.berth.api.ImageInfo\x12<\n\x08ImageTag\x12\x1a.berth.api.ImageTagRequest\x1a\x14.berth.api.ImageInfo\x12\x45\n\x0bImageRemove\x12\x1d.berth.api.ImageRemoveRequest\x1a\x17.berth.api.ImageRemoved\x12\x43\n\nImagePrune\x12\x1c.berth.api.ImagePruneRequest\x1a\x17.berth.api.ImageRemoved\x12\x42\n\x0bImageCommit\x12\x1d.berth.api.ImageCommitRequest\x1a\x14.berth.api.ImageInfo\x12<\n\x0bImageImport\x12\x15.berth.api.ImageChunk\x1a\x14.berth.api.ImageInfo(\x01\x12\x42\n\tImageLoad\x12\x15.berth.api.ImageChunk\x1a\x1c.berth.api.ImageListResponse(\x01\x12\x39\n\tImageSave\x12\x13.berth.api.ImageRef\x1a\x15.berth.api.ImageChunk0\x01\x12\x37\n\x04\x45xec\x12\x14.berth.api.ExecInput\x1a\x15.berth.api.ExecOutput(\x01\x30\x01\x12;\n\x0cVolumeCreate\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12<\n\rVolumeInspect\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12I\n\nVolumeList\x12\x1c.berth.api.VolumeListRequest\x1a\x1d.berth.api.VolumeListResponse\x12;\n\x0cVolumeRemove\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volumeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x65rth/api/agent.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\"X\n\x10\x41gentLogsRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0c\n\x04tail\x18\x03 \x01(\x03\x12\x10\n\x08since_ns\x18\x14 \x01(\x03\"J\n\x12RegistryCredential\x12\x10\n\x08registry\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"\x97\x01\n\tImageInfo\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x12\n\ncreated_ns\x18\x05 \x01(\x03\x12\x10\n\x08\x64iff_ids\x18\x06 \x03(\t\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x12\x0c\n\x04node\x18\x08 \x01(\t\"g\n\x10ImagePullRequest\x12\x11\n\treference\x18\x01 \x01(\t\x12\x32\n\x0b\x63redentials\x18\x02 \x03(\x0b\x32\x1d.berth.api.RegistryCredential\x12\x0c\n\x04node\x18\x03 \x01(\t\"g\n\x10ImagePushRequest\x12\x11\n\treference\x18\x01 \x01(\t\x12\x32\n\x0b\x63redentials\x18\x02 \x03(\x0b\x32\x1d.berth.api.RegistryCredential\x12\x0c\n\x04node\x18\x03 \x01(\t\"}\n\rImageProgress\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x03\x12\r\n\x05total\x18\x04 \x01(\x03\x12#\n\x05image\x18\x05 \x01(\x0b\x32\x14.berth.api.ImageInfo\x12\x0c\n\x04node\x18\x06 \x01(\t\" \n\x10ImageListRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"9\n\x11ImageListResponse\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.berth.api.ImageInfo\"+\n\x08ImageRef\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\"?\n\x0fImageTagRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\"D\n\x12ImageRemoveRequest\x12\x11\n\treference\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x0c\n\x04node\x18\x03 \x01(\t\".\n\x11ImagePruneRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\x12\x0c\n\x04node\x18\x02 \x01(\t\";\n\x0cImageRemoved\x12\x12\n\nreferences\x18\x01 \x03(\t\x12\x17\n\x0freclaimed_bytes\x18\x02 \x01(\x03\"K\n\x12ImageCommitRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\";\n\nImageChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\treference\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\":\n\x12\x41gentSignalRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"9\n\x11\x41gentPauseRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x32\xe1\t\n\x05\x41gent\x12:\n\x04Logs\x12\x1b.berth.api.AgentLogsRequest\x1a\x13.berth.api.LogEntry0\x01\x12\x44\n\tImagePull\x12\x1b.berth.api.ImagePullRequest\x1a\x18.berth.api.ImageProgress0\x01\x12\x44\n\tImagePush\x12\x1b.berth.api.ImagePushRequest\x1a\x18.berth.api.ImageProgress0\x01\x12\x46\n\tImageList\x12\x1b.berth.api.ImageListRequest\x1a\x1c.berth.api.ImageListResponse\x12\x39\n\x0cImageInspect\x12\x13.berth.api.ImageRef\x1a\x14.berth.api.ImageInfo\x12<\n\x08ImageTag\x12\x1a.berth.api.ImageTagRequest\x1a\x14.berth.api.ImageInfo\x12\x45\n\x0bImageRemove\x12\x1d.berth.api.ImageRemoveRequest\x1a\x17.berth.api.ImageRemoved\x12\x43\n\nImagePrune\x12\x1c.berth.api.ImagePruneRequest\x1a\x17.berth.api.ImageRemoved\x12\x42\n\x0bImageCommit\x12\x1d.berth.api.ImageCommitRequest\x1a\x14.berth.api.ImageInfo\x12<\n\x0bImageImport\x12\x15.berth.api.ImageChunk\x1a\x14.berth.api.ImageInfo(\x01\x12\x42\n\tImageLoad\x12\x15.berth.api.ImageChunk\x1a\x1c.berth.api.ImageListResponse(\x01\x12\x39\n\tImageSave\x12\x13.berth.api.ImageRef\x1a\x15.berth.api.ImageChunk0\x01\x12\x37\n\x04\x45xec\x12\x14.berth.api.ExecInput\x1a\x15.berth.api.ExecOutput(\x01\x30\x01\x12;\n\x0cVolumeCreate\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12<\n\rVolumeInspect\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12I\n\nVolumeList\x12\x1c.berth.api.VolumeListRequest\x1a\x1d.berth.api.VolumeListResponse\x12;\n\x0cVolumeRemove\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12\x43\n\x06Signal\x12\x1d.berth.api.AgentSignalRequest\x1a\x1a.berth.api.ContainerStatus\x12\x41\n\x05Pause\x12\x1c.berth.api.AgentPauseRequest\x1a\x1a.berth.api.ContainerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,35 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'berth.api.agent_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AGENTLOGSREQUEST']._serialized_start=59
-  _globals['_AGENTLOGSREQUEST']._serialized_end=129
-  _globals['_REGISTRYCREDENTIAL']._serialized_start=131
-  _globals['_REGISTRYCREDENTIAL']._serialized_end=205
-  _globals['_IMAGEINFO']._serialized_start=208
-  _globals['_IMAGEINFO']._serialized_end=359
-  _globals['_IMAGEPULLREQUEST']._serialized_start=361
-  _globals['_IMAGEPULLREQUEST']._serialized_end=464
-  _globals['_IMAGEPUSHREQUEST']._serialized_start=466
-  _globals['_IMAGEPUSHREQUEST']._serialized_end=569
-  _globals['_IMAGEPROGRESS']._serialized_start=571
-  _globals['_IMAGEPROGRESS']._serialized_end=696
-  _globals['_IMAGELISTREQUEST']._serialized_start=698
-  _globals['_IMAGELISTREQUEST']._serialized_end=730
-  _globals['_IMAGELISTRESPONSE']._serialized_start=732
-  _globals['_IMAGELISTRESPONSE']._serialized_end=789
-  _globals['_IMAGEREF']._serialized_start=791
-  _globals['_IMAGEREF']._serialized_end=834
-  _globals['_IMAGETAGREQUEST']._serialized_start=836
-  _globals['_IMAGETAGREQUEST']._serialized_end=899
-  _globals['_IMAGEREMOVEREQUEST']._serialized_start=901
-  _globals['_IMAGEREMOVEREQUEST']._serialized_end=969
-  _globals['_IMAGEPRUNEREQUEST']._serialized_start=971
-  _globals['_IMAGEPRUNEREQUEST']._serialized_end=1017
-  _globals['_IMAGEREMOVED']._serialized_start=1019
-  _globals['_IMAGEREMOVED']._serialized_end=1078
-  _globals['_IMAGECOMMITREQUEST']._serialized_start=1080
-  _globals['_IMAGECOMMITREQUEST']._serialized_end=1155
-  _globals['_IMAGECHUNK']._serialized_start=1157
-  _globals['_IMAGECHUNK']._serialized_end=1216
-  _globals['_AGENT']._serialized_start=1219
-  _globals['_AGENT']._serialized_end=2332
+  _globals['_AGENTLOGSREQUEST']._serialized_end=147
+  _globals['_REGISTRYCREDENTIAL']._serialized_start=149
+  _globals['_REGISTRYCREDENTIAL']._serialized_end=223
+  _globals['_IMAGEINFO']._serialized_start=226
+  _globals['_IMAGEINFO']._serialized_end=377
+  _globals['_IMAGEPULLREQUEST']._serialized_start=379
+  _globals['_IMAGEPULLREQUEST']._serialized_end=482
+  _globals['_IMAGEPUSHREQUEST']._serialized_start=484
+  _globals['_IMAGEPUSHREQUEST']._serialized_end=587
+  _globals['_IMAGEPROGRESS']._serialized_start=589
+  _globals['_IMAGEPROGRESS']._serialized_end=714
+  _globals['_IMAGELISTREQUEST']._serialized_start=716
+  _globals['_IMAGELISTREQUEST']._serialized_end=748
+  _globals['_IMAGELISTRESPONSE']._serialized_start=750
+  _globals['_IMAGELISTRESPONSE']._serialized_end=807
+  _globals['_IMAGEREF']._serialized_start=809
+  _globals['_IMAGEREF']._serialized_end=852
+  _globals['_IMAGETAGREQUEST']._serialized_start=854
+  _globals['_IMAGETAGREQUEST']._serialized_end=917
+  _globals['_IMAGEREMOVEREQUEST']._serialized_start=919
+  _globals['_IMAGEREMOVEREQUEST']._serialized_end=987
+  _globals['_IMAGEPRUNEREQUEST']._serialized_start=989
+  _globals['_IMAGEPRUNEREQUEST']._serialized_end=1035
+  _globals['_IMAGEREMOVED']._serialized_start=1037
+  _globals['_IMAGEREMOVED']._serialized_end=1096
+  _globals['_IMAGECOMMITREQUEST']._serialized_start=1098
+  _globals['_IMAGECOMMITREQUEST']._serialized_end=1173
+  _globals['_IMAGECHUNK']._serialized_start=1175
+  _globals['_IMAGECHUNK']._serialized_end=1234
+  _globals['_AGENTSIGNALREQUEST']._serialized_start=1236
+  _globals['_AGENTSIGNALREQUEST']._serialized_end=1294
+  _globals['_AGENTPAUSEREQUEST']._serialized_start=1296
+  _globals['_AGENTPAUSEREQUEST']._serialized_end=1353
+  _globals['_AGENT']._serialized_start=1356
+  _globals['_AGENT']._serialized_end=2605
 # @@protoc_insertion_point(module_scope)

@@ -120,6 +120,16 @@ class AgentStub:
                 request_serializer=berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_types__pb2.Volume.FromString,
                 _registered_method=True)
+        self.Signal = channel.unary_unary(
+                '/berth.api.Agent/Signal',
+                request_serializer=berth_dot_api_dot_agent__pb2.AgentSignalRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.ContainerStatus.FromString,
+                _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/berth.api.Agent/Pause',
+                request_serializer=berth_dot_api_dot_agent__pb2.AgentPauseRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.ContainerStatus.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -230,6 +240,19 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Signal(self, request, context):
+        """issue 3a: send a signal to a container's first process; pause (freeze) or unpause it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pause(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +340,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.VolumeRemove,
                     request_deserializer=berth_dot_api_dot_types__pb2.VolumeRequest.FromString,
                     response_serializer=berth_dot_api_dot_types__pb2.Volume.SerializeToString,
+            ),
+            'Signal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Signal,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.AgentSignalRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.ContainerStatus.SerializeToString,
+            ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=berth_dot_api_dot_agent__pb2.AgentPauseRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.ContainerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -778,6 +811,60 @@ class Agent:
             '/berth.api.Agent/VolumeRemove',
             berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
             berth_dot_api_dot_types__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Signal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Agent/Signal',
+            berth_dot_api_dot_agent__pb2.AgentSignalRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.ContainerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Agent/Pause',
+            berth_dot_api_dot_agent__pb2.AgentPauseRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.ContainerStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,9 @@ class AgentStub:
     VolumeInspect: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
     VolumeList: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeListRequest, _types_pb2.VolumeListResponse]
     VolumeRemove: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
+    Signal: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentSignalRequest, _types_pb2.ContainerStatus]
+    """issue 3a: send a signal to a container's first process; pause (freeze) or unpause it."""
+    Pause: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentPauseRequest, _types_pb2.ContainerStatus]
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
@@ -78,6 +81,9 @@ class AgentAsyncStub(AgentStub):
     VolumeInspect: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
     VolumeList: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeListRequest, _types_pb2.VolumeListResponse]  # type: ignore[assignment]
     VolumeRemove: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
+    Signal: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentSignalRequest, _types_pb2.ContainerStatus]  # type: ignore[assignment]
+    """issue 3a: send a signal to a container's first process; pause (freeze) or unpause it."""
+    Pause: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentPauseRequest, _types_pb2.ContainerStatus]  # type: ignore[assignment]
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -201,5 +207,20 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         request: _types_pb2.VolumeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.Volume, _abc.Awaitable[_types_pb2.Volume]]: ...
+
+    @_abc_1.abstractmethod
+    def Signal(
+        self,
+        request: _agent_pb2.AgentSignalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.ContainerStatus, _abc.Awaitable[_types_pb2.ContainerStatus]]:
+        """issue 3a: send a signal to a container's first process; pause (freeze) or unpause it."""
+
+    @_abc_1.abstractmethod
+    def Pause(
+        self,
+        request: _agent_pb2.AgentPauseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.ContainerStatus, _abc.Awaitable[_types_pb2.ContainerStatus]]: ...
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from berth.api import types_pb2 as berth_dot_api_dot_types__pb2
 from berth.api import agent_pb2 as berth_dot_api_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x65rth/api/control.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\x1a\x15\x62\x65rth/api/agent.proto\"D\n\nRunRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.berth.api.ContainerSpec\x12\x0e\n\x06\x61ttach\x18\x02 \x01(\x08\"u\n\x08RunEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.berth.api.ContainerH\x00\x12\"\n\x03log\x18\x02 \x01(\x0b\x32\x13.berth.api.LogEntryH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x07\n\x05\x65vent\"\x1b\n\x0c\x43ontainerRef\x12\x0b\n\x03ref\x18\x01 \x01(\t\"-\n\x0bStopRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"+\n\rRemoveRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1c\n\x0eRemoveResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x1a\n\x0bListRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"8\n\x0cListResponse\x12(\n\ncontainers\x18\x01 \x03(\x0b\x32\x14.berth.api.Container\"8\n\x0bLogsRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0c\n\x04tail\x18\x03 \x01(\x03\"!\n\x0cWaitResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.berth.api.Node\"\xef\x01\n\x11UpdateNodeRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12=\n\tlabel_add\x18\x02 \x03(\x0b\x32*.berth.api.UpdateNodeRequest.LabelAddEntry\x12\x10\n\x08label_rm\x18\x03 \x03(\t\x12\x18\n\x10set_availability\x18\x04 \x01(\x08\x12\x31\n\x0c\x61vailability\x18\x05 \x01(\x0e\x32\x1b.berth.api.NodeAvailability\x1a/\n\rLabelAddEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x11RemoveNodeRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\" \n\x12RemoveNodeResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x19\n\nServiceRef\x12\x0b\n\x03ref\x18\x01 \x01(\t\"\x15\n\x13ListServicesRequest\"<\n\x14ListServicesResponse\x12$\n\x08services\x18\x01 \x03(\x0b\x32\x12.berth.api.Service\"[\n\x14UpdateServiceRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.berth.api.ServiceSpec\x12\x10\n\x08rollback\x18\x03 \x01(\x08\"8\n\rEventsRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\x12\x0f\n\x07\x66ilters\x18\x02 \x03(\t\"\xba\x01\n\x05\x45vent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x34\n\nattributes\x18\x06 \x03(\x0b\x32 .berth.api.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xba\x10\n\x07\x43ontrol\x12\x33\n\x03Run\x12\x15.berth.api.RunRequest\x1a\x13.berth.api.RunEvent0\x01\x12\x36\n\x05Start\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Container\x12\x34\n\x04Stop\x12\x16.berth.api.StopRequest\x1a\x14.berth.api.Container\x12=\n\x06Remove\x12\x18.berth.api.RemoveRequest\x1a\x19.berth.api.RemoveResponse\x12\x38\n\x07Inspect\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Container\x12\x37\n\x04List\x12\x16.berth.api.ListRequest\x1a\x17.berth.api.ListResponse\x12\x35\n\x04Logs\x12\x16.berth.api.LogsRequest\x1a\x13.berth.api.LogEntry0\x01\x12\x38\n\x04Wait\x12\x17.berth.api.ContainerRef\x1a\x17.berth.api.WaitResponse\x12\x46\n\tListNodes\x12\x1b.berth.api.ListNodesRequest\x1a\x1c.berth.api.ListNodesResponse\x12;\n\nUpdateNode\x12\x1c.berth.api.UpdateNodeRequest\x1a\x0f.berth.api.Node\x12I\n\nRemoveNode\x12\x1c.berth.api.RemoveNodeRequest\x1a\x1d.berth.api.RemoveNodeResponse\x12\x44\n\tImagePull\x12\x1b.berth.api.ImagePullRequest\x1a\x18.berth.api.ImageProgress0\x01\x12\x44\n\tImagePush\x12\x1b.berth.api.ImagePushRequest\x1a\x18.berth.api.ImageProgress0\x01\x12\x46\n\tImageList\x12\x1b.berth.api.ImageListRequest\x1a\x1c.berth.api.ImageListResponse\x12\x39\n\x0cImageInspect\x12\x13.berth.api.ImageRef\x1a\x14.berth.api.ImageInfo\x12<\n\x08ImageTag\x12\x1a.berth.api.ImageTagRequest\x1a\x14.berth.api.ImageInfo\x12\x45\n\x0bImageRemove\x12\x1d.berth.api.ImageRemoveRequest\x1a\x17.berth.api.ImageRemoved\x12\x43\n\nImagePrune\x12\x1c.berth.api.ImagePruneRequest\x1a\x17.berth.api.ImageRemoved\x12\x42\n\x0bImageCommit\x12\x1d.berth.api.ImageCommitRequest\x1a\x14.berth.api.ImageInfo\x12<\n\x0bImageImport\x12\x15.berth.api.ImageChunk\x1a\x14.berth.api.ImageInfo(\x01\x12\x42\n\tImageLoad\x12\x15.berth.api.ImageChunk\x1a\x1c.berth.api.ImageListResponse(\x01\x12\x39\n\tImageSave\x12\x13.berth.api.ImageRef\x1a\x15.berth.api.ImageChunk0\x01\x12;\n\rCreateService\x12\x16.berth.api.ServiceSpec\x1a\x12.berth.api.Service\x12O\n\x0cListServices\x12\x1e.berth.api.ListServicesRequest\x1a\x1f.berth.api.ListServicesResponse\x12;\n\x0eInspectService\x12\x15.berth.api.ServiceRef\x1a\x12.berth.api.Service\x12\x44\n\rUpdateService\x12\x1f.berth.api.UpdateServiceRequest\x1a\x12.berth.api.Service\x12:\n\rRemoveService\x12\x15.berth.api.ServiceRef\x1a\x12.berth.api.Service\x12\x36\n\x06\x45vents\x12\x18.berth.api.EventsRequest\x1a\x10.berth.api.Event0\x01\x12\x37\n\x04\x45xec\x12\x14.berth.api.ExecInput\x1a\x15.berth.api.ExecOutput(\x01\x30\x01\x12;\n\x0cVolumeCreate\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12<\n\rVolumeInspect\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12I\n\nVolumeList\x12\x1c.berth.api.VolumeListRequest\x1a\x1d.berth.api.VolumeListResponse\x12;\n\x0cVolumeRemove\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volumeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x65rth/api/control.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\x1a\x15\x62\x65rth/api/agent.proto\"D\n\nRunRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.berth.api.ContainerSpec\x12\x0e\n\x06\x61ttach\x18\x02 \x01(\x08\"u\n\x08RunEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.berth.api.ContainerH\x00\x12\"\n\x03log\x18\x02 \x01(\x0b\x32\x13.berth.api.LogEntryH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x07\n\x05\x65vent\"\x1b\n\x0c\x43ontainerRef\x12\x0b\n\x03ref\x18\x01 \x01(\t\"-\n\x0bStopRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"+\n\rRemoveRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1c\n\x0eRemoveResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x1a\n\x0bListRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"8\n\x0cListResponse\x12(\n\ncontainers\x18\x01 \x03(\x0b\x32\x14.berth.api.Container\"J\n\x0bLogsRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0c\n\x04tail\x18\x03 \x01(\x03\x12\x10\n\x08since_ns\x18\x14 \x01(\x03\"!\n\x0cWaitResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.berth.api.Node\"\xef\x01\n\x11UpdateNodeRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12=\n\tlabel_add\x18\x02 \x03(\x0b\x32*.berth.api.UpdateNodeRequest.LabelAddEntry\x12\x10\n\x08label_rm\x18\x03 \x03(\t\x12\x18\n\x10set_availability\x18\x04 \x01(\x08\x12\x31\n\x0c\x61vailability\x18\x05 \x01(\x0e\x32\x1b.berth.api.NodeAvailability\x1a/\n\rLabelAddEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x11RemoveNodeRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\" \n\x12RemoveNodeResponse\x12\n\n\x02id\x18\x01 \x01(\t\"\x19\n\nServiceRef\x12\x0b\n\x03ref\x18\x01 \x01(\t\"\x15\n\x13ListServicesRequest\"<\n\x14ListServicesResponse\x12$\n\x08services\x18\x01 \x03(\x0b\x32\x12.berth.api.Service\"[\n\x14UpdateServiceRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.berth.api.ServiceSpec\x12\x10\n\x08rollback\x18\x03 \x01(\x08\"8\n\rEventsRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\x12\x0f\n\x07\x66ilters\x18\x02 \x03(\t\"\xba\x01\n\x05\x45vent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x34\n\nattributes\x18\x06 \x03(\x0b\x32 .berth.api.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x0bKillRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\t2\x99\x12\n\x07\x43ontrol\x12\x33\n\x03Run\x12\x15.berth.api.RunRequest\x1a\x13.berth.api.RunEvent0\x01\x12\x36\n\x05Start\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Container\x12\x34\n\x04Stop\x12\x16.berth.api.StopRequest\x1a\x14.berth.api.Container\x12=\n\x06Remove\x12\x18.berth.api.RemoveRequest\x1a\x19.berth.api.RemoveResponse\x12\x38\n\x07Inspect\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Container\x12\x37\n\x04List\x12\x16.berth.api.ListRequest\x1a\x17.berth.api.ListResponse\x12\x35\n\x04Logs\x12\x16.berth.api.LogsRequest\x1a\x13.berth.api.LogEntry0\x01\x12\x38\n\x04Wait\x12\x17.berth.api.ContainerRef\x1a\x17.berth.api.WaitResponse\x12\x46\n\tListNodes\x12\x1b.berth.api.ListNodesRequest\x1a\x1c.berth.api.ListNodesResponse\x12;\n\nUpdateNode\x12\x1c.berth.api.UpdateNodeRequest\x1a\x0f.berth.api.Node\x12I\n\nRemoveNode\x12\x1c.berth.api.RemoveNodeRequest\x1a\x1d.berth.api.RemoveNodeResponse\x12\x44\n\tImagePull\x12\x1b.berth.api.ImagePullRequest\x1a\x18.berth.api.ImageProgress0\x01\x12\x44\n\tImagePush\x12\x1b.berth.api.ImagePushRequest\x1a\x18.berth.api.ImageProgress0\x01\x12\x46\n\tImageList\x12\x1b.berth.api.ImageListRequest\x1a\x1c.berth.api.ImageListResponse\x12\x39\n\x0cImageInspect\x12\x13.berth.api.ImageRef\x1a\x14.berth.api.ImageInfo\x12<\n\x08ImageTag\x12\x1a.berth.api.ImageTagRequest\x1a\x14.berth.api.ImageInfo\x12\x45\n\x0bImageRemove\x12\x1d.berth.api.ImageRemoveRequest\x1a\x17.berth.api.ImageRemoved\x12\x43\n\nImagePrune\x12\x1c.berth.api.ImagePruneRequest\x1a\x17.berth.api.ImageRemoved\x12\x42\n\x0bImageCommit\x12\x1d.berth.api.ImageCommitRequest\x1a\x14.berth.api.ImageInfo\x12<\n\x0bImageImport\x12\x15.berth.api.ImageChunk\x1a\x14.berth.api.ImageInfo(\x01\x12\x42\n\tImageLoad\x12\x15.berth.api.ImageChunk\x1a\x1c.berth.api.ImageListResponse(\x01\x12\x39\n\tImageSave\x12\x13.berth.api.ImageRef\x1a\x15.berth.api.ImageChunk0\x01\x12;\n\rCreateService\x12\x16.berth.api.ServiceSpec\x1a\x12.berth.api.Service\x12O\n\x0cListServices\x12\x1e.berth.api.ListServicesRequest\x1a\x1f.berth.api.ListServicesResponse\x12;\n\x0eInspectService\x12\x15.berth.api.ServiceRef\x1a\x12.berth.api.Service\x12\x44\n\rUpdateService\x12\x1f.berth.api.UpdateServiceRequest\x1a\x12.berth.api.Service\x12:\n\rRemoveService\x12\x15.berth.api.ServiceRef\x1a\x12.berth.api.Service\x12\x36\n\x06\x45vents\x12\x18.berth.api.EventsRequest\x1a\x10.berth.api.Event0\x01\x12\x37\n\x04\x45xec\x12\x14.berth.api.ExecInput\x1a\x15.berth.api.ExecOutput(\x01\x30\x01\x12;\n\x0cVolumeCreate\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12<\n\rVolumeInspect\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12I\n\nVolumeList\x12\x1c.berth.api.VolumeListRequest\x1a\x1d.berth.api.VolumeListResponse\x12;\n\x0cVolumeRemove\x12\x18.berth.api.VolumeRequest\x1a\x11.berth.api.Volume\x12\x35\n\x06\x43reate\x12\x15.berth.api.RunRequest\x1a\x14.berth.api.Container\x12\x34\n\x04Kill\x12\x16.berth.api.KillRequest\x1a\x14.berth.api.Container\x12\x36\n\x05Pause\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Container\x12\x38\n\x07Unpause\x12\x17.berth.api.ContainerRef\x1a\x14.berth.api.Containerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,35 +54,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRESPONSE']._serialized_start=452
   _globals['_LISTRESPONSE']._serialized_end=508
   _globals['_LOGSREQUEST']._serialized_start=510
-  _globals['_LOGSREQUEST']._serialized_end=566
-  _globals['_WAITRESPONSE']._serialized_start=568
-  _globals['_WAITRESPONSE']._serialized_end=601
-  _globals['_LISTNODESREQUEST']._serialized_start=603
-  _globals['_LISTNODESREQUEST']._serialized_end=621
-  _globals['_LISTNODESRESPONSE']._serialized_start=623
-  _globals['_LISTNODESRESPONSE']._serialized_end=674
-  _globals['_UPDATENODEREQUEST']._serialized_start=677
-  _globals['_UPDATENODEREQUEST']._serialized_end=916
-  _globals['_UPDATENODEREQUEST_LABELADDENTRY']._serialized_start=869
-  _globals['_UPDATENODEREQUEST_LABELADDENTRY']._serialized_end=916
-  _globals['_REMOVENODEREQUEST']._serialized_start=918
-  _globals['_REMOVENODEREQUEST']._serialized_end=965
-  _globals['_REMOVENODERESPONSE']._serialized_start=967
-  _globals['_REMOVENODERESPONSE']._serialized_end=999
-  _globals['_SERVICEREF']._serialized_start=1001
-  _globals['_SERVICEREF']._serialized_end=1026
-  _globals['_LISTSERVICESREQUEST']._serialized_start=1028
-  _globals['_LISTSERVICESREQUEST']._serialized_end=1049
-  _globals['_LISTSERVICESRESPONSE']._serialized_start=1051
-  _globals['_LISTSERVICESRESPONSE']._serialized_end=1111
-  _globals['_UPDATESERVICEREQUEST']._serialized_start=1113
-  _globals['_UPDATESERVICEREQUEST']._serialized_end=1204
-  _globals['_EVENTSREQUEST']._serialized_start=1206
-  _globals['_EVENTSREQUEST']._serialized_end=1262
-  _globals['_EVENT']._serialized_start=1265
-  _globals['_EVENT']._serialized_end=1451
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=1402
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=1451
-  _globals['_CONTROL']._serialized_start=1454
-  _globals['_CONTROL']._serialized_end=3560
+  _globals['_LOGSREQUEST']._serialized_end=584
+  _globals['_WAITRESPONSE']._serialized_start=586
+  _globals['_WAITRESPONSE']._serialized_end=619
+  _globals['_LISTNODESREQUEST']._serialized_start=621
+  _globals['_LISTNODESREQUEST']._serialized_end=639
+  _globals['_LISTNODESRESPONSE']._serialized_start=641
+  _globals['_LISTNODESRESPONSE']._serialized_end=692
+  _globals['_UPDATENODEREQUEST']._serialized_start=695
+  _globals['_UPDATENODEREQUEST']._serialized_end=934
+  _globals['_UPDATENODEREQUEST_LABELADDENTRY']._serialized_start=887
+  _globals['_UPDATENODEREQUEST_LABELADDENTRY']._serialized_end=934
+  _globals['_REMOVENODEREQUEST']._serialized_start=936
+  _globals['_REMOVENODEREQUEST']._serialized_end=983
+  _globals['_REMOVENODERESPONSE']._serialized_start=985
+  _globals['_REMOVENODERESPONSE']._serialized_end=1017
+  _globals['_SERVICEREF']._serialized_start=1019
+  _globals['_SERVICEREF']._serialized_end=1044
+  _globals['_LISTSERVICESREQUEST']._serialized_start=1046
+  _globals['_LISTSERVICESREQUEST']._serialized_end=1067
+  _globals['_LISTSERVICESRESPONSE']._serialized_start=1069
+  _globals['_LISTSERVICESRESPONSE']._serialized_end=1129
+  _globals['_UPDATESERVICEREQUEST']._serialized_start=1131
+  _globals['_UPDATESERVICEREQUEST']._serialized_end=1222
+  _globals['_EVENTSREQUEST']._serialized_start=1224
+  _globals['_EVENTSREQUEST']._serialized_end=1280
+  _globals['_EVENT']._serialized_start=1283
+  _globals['_EVENT']._serialized_end=1469
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=1420
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=1469
+  _globals['_KILLREQUEST']._serialized_start=1471
+  _globals['_KILLREQUEST']._serialized_end=1513
+  _globals['_CONTROL']._serialized_start=1516
+  _globals['_CONTROL']._serialized_end=3845
 # @@protoc_insertion_point(module_scope)

@@ -201,6 +201,26 @@ class ControlStub:
                 request_serializer=berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_types__pb2.Volume.FromString,
                 _registered_method=True)
+        self.Create = channel.unary_unary(
+                '/berth.api.Control/Create',
+                request_serializer=berth_dot_api_dot_control__pb2.RunRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Container.FromString,
+                _registered_method=True)
+        self.Kill = channel.unary_unary(
+                '/berth.api.Control/Kill',
+                request_serializer=berth_dot_api_dot_control__pb2.KillRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Container.FromString,
+                _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/berth.api.Control/Pause',
+                request_serializer=berth_dot_api_dot_control__pb2.ContainerRef.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Container.FromString,
+                _registered_method=True)
+        self.Unpause = channel.unary_unary(
+                '/berth.api.Control/Unpause',
+                request_serializer=berth_dot_api_dot_control__pb2.ContainerRef.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Container.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -413,6 +433,33 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Create(self, request, context):
+        """issue 3a: lifecycle verbs. Create stores a container without starting it (start runs it); Kill sends a
+        signal (SIGKILL by default; SIGKILL and SIGTERM also keep its restart policy from restarting it);
+        Pause and Unpause freeze and thaw every process of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Kill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pause(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpause(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -580,6 +627,26 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.VolumeRemove,
                     request_deserializer=berth_dot_api_dot_types__pb2.VolumeRequest.FromString,
                     response_serializer=berth_dot_api_dot_types__pb2.Volume.SerializeToString,
+            ),
+            'Create': grpc.unary_unary_rpc_method_handler(
+                    servicer.Create,
+                    request_deserializer=berth_dot_api_dot_control__pb2.RunRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Container.SerializeToString,
+            ),
+            'Kill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Kill,
+                    request_deserializer=berth_dot_api_dot_control__pb2.KillRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Container.SerializeToString,
+            ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=berth_dot_api_dot_control__pb2.ContainerRef.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Container.SerializeToString,
+            ),
+            'Unpause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpause,
+                    request_deserializer=berth_dot_api_dot_control__pb2.ContainerRef.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Container.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1473,6 +1540,114 @@ class Control:
             '/berth.api.Control/VolumeRemove',
             berth_dot_api_dot_types__pb2.VolumeRequest.SerializeToString,
             berth_dot_api_dot_types__pb2.Volume.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Create(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/Create',
+            berth_dot_api_dot_control__pb2.RunRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Kill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/Kill',
+            berth_dot_api_dot_control__pb2.KillRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/Pause',
+            berth_dot_api_dot_control__pb2.ContainerRef.SerializeToString,
+            berth_dot_api_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/Unpause',
+            berth_dot_api_dot_control__pb2.ContainerRef.SerializeToString,
+            berth_dot_api_dot_types__pb2.Container.FromString,
             options,
             channel_credentials,
             insecure,

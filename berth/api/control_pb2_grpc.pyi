@@ -76,6 +76,14 @@ class ControlStub:
     VolumeInspect: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
     VolumeList: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeListRequest, _types_pb2.VolumeListResponse]
     VolumeRemove: _grpc.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]
+    Create: _grpc.UnaryUnaryMultiCallable[_control_pb2.RunRequest, _types_pb2.Container]
+    """issue 3a: lifecycle verbs. Create stores a container without starting it (start runs it); Kill sends a
+    signal (SIGKILL by default; SIGKILL and SIGTERM also keep its restart policy from restarting it);
+    Pause and Unpause freeze and thaw every process of it.
+    """
+    Kill: _grpc.UnaryUnaryMultiCallable[_control_pb2.KillRequest, _types_pb2.Container]
+    Pause: _grpc.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _types_pb2.Container]
+    Unpause: _grpc.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _types_pb2.Container]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -123,6 +131,14 @@ class ControlAsyncStub(ControlStub):
     VolumeInspect: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
     VolumeList: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeListRequest, _types_pb2.VolumeListResponse]  # type: ignore[assignment]
     VolumeRemove: _aio.UnaryUnaryMultiCallable[_types_pb2.VolumeRequest, _types_pb2.Volume]  # type: ignore[assignment]
+    Create: _aio.UnaryUnaryMultiCallable[_control_pb2.RunRequest, _types_pb2.Container]  # type: ignore[assignment]
+    """issue 3a: lifecycle verbs. Create stores a container without starting it (start runs it); Kill sends a
+    signal (SIGKILL by default; SIGKILL and SIGTERM also keep its restart policy from restarting it);
+    Pause and Unpause freeze and thaw every process of it.
+    """
+    Kill: _aio.UnaryUnaryMultiCallable[_control_pb2.KillRequest, _types_pb2.Container]  # type: ignore[assignment]
+    Pause: _aio.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _types_pb2.Container]  # type: ignore[assignment]
+    Unpause: _aio.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _types_pb2.Container]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -365,5 +381,37 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _types_pb2.VolumeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.Volume, _abc.Awaitable[_types_pb2.Volume]]: ...
+
+    @_abc_1.abstractmethod
+    def Create(
+        self,
+        request: _control_pb2.RunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Container, _abc.Awaitable[_types_pb2.Container]]:
+        """issue 3a: lifecycle verbs. Create stores a container without starting it (start runs it); Kill sends a
+        signal (SIGKILL by default; SIGKILL and SIGTERM also keep its restart policy from restarting it);
+        Pause and Unpause freeze and thaw every process of it.
+        """
+
+    @_abc_1.abstractmethod
+    def Kill(
+        self,
+        request: _control_pb2.KillRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Container, _abc.Awaitable[_types_pb2.Container]]: ...
+
+    @_abc_1.abstractmethod
+    def Pause(
+        self,
+        request: _control_pb2.ContainerRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Container, _abc.Awaitable[_types_pb2.Container]]: ...
+
+    @_abc_1.abstractmethod
+    def Unpause(
+        self,
+        request: _control_pb2.ContainerRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Container, _abc.Awaitable[_types_pb2.Container]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

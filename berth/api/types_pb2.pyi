@@ -60,6 +60,8 @@ class _ContainerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Contai
     """it could not be started; message says why"""
     STATE_LOST: _ContainerState.ValueType  # 7
     """its host went away while it ran"""
+    STATE_CREATED: _ContainerState.ValueType  # 8
+    """issue 3a: made by create, never started"""
 
 class ContainerState(_ContainerState, metaclass=_ContainerStateEnumTypeWrapper):
     """States only move forward within one run of a container; start moves a
@@ -80,6 +82,8 @@ STATE_FAILED: ContainerState.ValueType  # 6
 """it could not be started; message says why"""
 STATE_LOST: ContainerState.ValueType  # 7
 """its host went away while it ran"""
+STATE_CREATED: ContainerState.ValueType  # 8
+"""issue 3a: made by create, never started"""
 Global___ContainerState: _TypeAlias = ContainerState  # noqa: Y015
 
 class _NodeState:
