@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max-size=SIZE (rotate the log at this size), max-file=N (keep N files in all)")  # issue 3a
     p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
                    help="where it may run: node.labels.KEY==VALUE, node.name!=NAME, node.platform==OS/ARCH")
+    p.add_argument("--strategy", choices=("spread", "binpack"), default="",
+                   help="how its host is chosen (default: the cluster's, controller --strategy)")
     runopts.add_arguments(p)  # issue 3b
     p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
                    help="pull the image before the container starts: always, when missing, or never")
@@ -156,7 +158,7 @@ def _parse_spec(args: argparse.Namespace) -> types_pb2.ContainerSpec:
     spec = t.ContainerSpec(
         name=args.name, image=args.image, command=args.args, env=args.env, workdir=args.workdir,
         hostname=args.hostname, auto_remove=args.rm, pids_limit=args.pids_limit,
-        restart_policy=args.restart, constraints=args.constraint,
+        restart_policy=args.restart, constraints=args.constraint, placement_strategy=args.strategy,
     )
     if getattr(args, "pull", "missing") != "missing":
         spec.pull_policy = args.pull

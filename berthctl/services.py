@@ -41,6 +41,8 @@ def register(sub: Any) -> None:
     q.add_argument("--replicas", type=int, default=1, help="containers to run (default 1)")
     q.add_argument("--mode", choices=("replicated", "global"), default="replicated", help="global: one per host")
     q.add_argument("--constraint", action="append", default=[], metavar="EXPR", help="as in berthctl run")
+    q.add_argument("--strategy", choices=("spread", "binpack"), default="",
+                   help="how hosts are chosen for its containers (default: the cluster's)")
     q.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
     q.add_argument("-m", "--memory", help="memory limit per container, e.g. 256m")
     q.add_argument("--cpus", help="CPU limit per container")
@@ -109,7 +111,7 @@ def cmd_create(args: argparse.Namespace, conn: Connection) -> int:
     from berth.api import types_pb2 as t
 
     template = t.ContainerSpec(image=args.image, command=args.args, env=args.env, constraints=args.constraint,
-                               restart_policy=args.restart or "")
+                               restart_policy=args.restart or "", placement_strategy=args.strategy)
     try:
         if args.memory is not None:
             template.memory_bytes = parse_size(args.memory, "--memory")

@@ -24,7 +24,7 @@ from controller.images import ImageRoutes
 from controller.lifecycle import LifecycleMixin
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import TERMINAL, Orchestrator
-from controller.scheduler import Constraint
+from controller.scheduler import STRATEGIES, Constraint
 from controller.services import ServicesAPI
 from controller.store import NameInUse, NotFound, StatusEvent, Store, StoreError, Unavailable
 
@@ -141,6 +141,8 @@ def validate(spec: t.ContainerSpec) -> str | None:
                 "use no, always, on-failure[:N] or unless-stopped")
     if spec.log_max_size_bytes < 0 or spec.log_max_files < 0:  # issue 3a
         return "--log-opt max-size and max-file must not be negative"
+    if spec.placement_strategy not in ("", *STRATEGIES):  # issue 6
+        return f"invalid placement strategy {spec.placement_strategy!r}: spread or binpack"
     for constraint in spec.constraints:
         try:
             Constraint.parse(constraint)

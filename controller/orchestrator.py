@@ -200,7 +200,8 @@ class Orchestrator:
             demand = scheduler.Demand.of(c.spec)
         except ValueError as exc:
             return scheduler.Decision(None, str(exc))
-        return scheduler.place(c.id, demand, hosts, strategy=self.strategy, sample=self.sample)
+        strategy = c.spec.placement_strategy or self.strategy  # per container (or service), else the cluster's
+        return scheduler.place(c.id, demand, hosts, strategy=strategy, sample=self.sample)
 
     async def place_pending(self, containers: list[Versioned] | None = None) -> int:
         """One sweep over containers that wait for a host: decided on one snapshot, committed in batched

@@ -166,6 +166,7 @@ class ContainerSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     RESTART_POLICY_FIELD_NUMBER: _builtins.int
     CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    PLACEMENT_STRATEGY_FIELD_NUMBER: _builtins.int
     CAP_ADD_FIELD_NUMBER: _builtins.int
     CAP_DROP_FIELD_NUMBER: _builtins.int
     PRIVILEGED_FIELD_NUMBER: _builtins.int
@@ -199,6 +200,8 @@ class ContainerSpec(_message.Message):
     """issue 6 (70-89). What to do when its host dies: "" or "no": shown as lost; "always", "on-failure",
     "unless-stopped": placed on another host. Minimal stand-in until 3a's --restart lands.
     """
+    placement_strategy: _builtins.str
+    """issue 6: how its host is chosen, spread or binpack; "": the cluster's (controller --strategy)."""
     privileged: _builtins.bool
     """refused unless the host's agent runs with --allow-privileged"""
     read_only: _builtins.bool
@@ -280,6 +283,7 @@ class ContainerSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         restart_policy: _builtins.str = ...,
         constraints: _abc.Iterable[_builtins.str] | None = ...,
+        placement_strategy: _builtins.str = ...,
         cap_add: _abc.Iterable[_builtins.str] | None = ...,
         cap_drop: _abc.Iterable[_builtins.str] | None = ...,
         privileged: _builtins.bool = ...,
@@ -299,7 +303,7 @@ class ContainerSpec(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "log_max_files", b"log_max_files", "log_max_size_bytes", b"log_max_size_bytes", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "network", b"network", "pids_limit", b"pids_limit", "ports", b"ports", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "log_max_files", b"log_max_files", "log_max_size_bytes", b"log_max_size_bytes", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "network", b"network", "pids_limit", b"pids_limit", "placement_strategy", b"placement_strategy", "ports", b"ports", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -140,3 +140,19 @@ def test_cli_run_on_a_cluster_without_hosts_says_it_is_pending(controller: Contr
     finally:
         run_berthctl(controller.address, "rm", "nowhere", "nowhere2")
     assert etcd_keys(controller.etcd_url, "/berth/containers/") == []
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"constraints": ["disk==ssd"]}, "bad constraint 'disk==ssd': use node.labels.KEY==VALUE"),
+    ({"placement_strategy": "random"}, "invalid placement strategy 'random': spread or binpack"),
+    ({"restart_policy": "sometimes"}, "invalid restart policy 'sometimes'"),
+])
+def test_bad_placement_fields_are_refused_and_leave_nothing(
+    control: control_pb2_grpc.ControlStub, controller: Controller, spec: dict[str, object], message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        run_detached(control, name="bad", image="busybox", **spec)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (info.value.details() or "")
+    assert etcd_keys(controller.etcd_url, "/berth/containers/") == []
+    assert etcd_keys(controller.etcd_url, "/berth/names/") == []

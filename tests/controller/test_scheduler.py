@@ -111,3 +111,20 @@ def test_only_containers_with_a_restart_policy_and_no_named_volume_move() -> Non
     assert not movable(t.ContainerSpec(restart_policy="always", volumes=["pgdata:/var/lib/pg"]))
     assert not movable(t.ContainerSpec(restart_policy="no"))
     assert not movable(t.ContainerSpec())
+
+
+def test_a_container_or_service_may_choose_its_own_strategy_over_the_clusters() -> None:
+    from typing import Any, cast
+
+    from controller.metrics import ControllerMetrics
+    from controller.orchestrator import Orchestrator
+
+    o = Orchestrator(cast(Any, None), ControllerMetrics())
+    hosts = [labelled("a", containers=1), labelled("b", containers=4)]
+    spread = t.Container(id="x", spec=t.ContainerSpec(image="busybox"))
+    packed = t.Container(id="x", spec=t.ContainerSpec(image="busybox", placement_strategy="binpack"))
+    assert o.decide(spread, hosts).host == hosts[0]
+    assert o.decide(packed, hosts).host == hosts[1]
+    o.strategy = "binpack"
+    assert o.decide(spread, hosts).host == hosts[1]
+    assert o.decide(t.Container(id="x", spec=t.ContainerSpec(placement_strategy="spread")), hosts).host == hosts[0]
