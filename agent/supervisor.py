@@ -215,6 +215,8 @@ class Supervisor:
                 self._on_exit(c, UNKNOWN_EXIT_CODE)
                 continue
             log.info("container %s: adopted running pid %d", cid, c.pid)
+            if c.cgroup is not None and freezer.is_frozen(c.cgroup):
+                c.paused = True  # paused before this supervisor started
             self.sel.register(c.pidfd, selectors.EVENT_READ, lambda _ev, c=c: self._on_pidfd(c))
             for fifo, stream in ((paths.stdout_fifo, "stdout"), (paths.stderr_fifo, "stderr")):
                 try:

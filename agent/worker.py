@@ -177,6 +177,8 @@ class Worker:
         self._decided: dict[str, int] = {}  # finished_at_ns of the exit whose restart was decided
         self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         self._manually_stopped: set[str] = set()  # killed by a user: no policy restarts it
+        self._restart_dir = state_dir / "worker-restarts"  # <cid>: restart count of its current run
+        self._restart_dir.mkdir(parents=True, exist_ok=True)
 
     async def load(self) -> None:
         """Adopt what this host already runs (after an agent restart): nothing is started or stopped here."""
@@ -222,7 +224,7 @@ class Worker:
 
     def _status_of(self, info: ContainerInfo, generation: int) -> t.ContainerStatus:
         tracker = self._restarts.get(info.id)
-        restarts = tracker.restart_count if tracker is not None else 0
+        restarts = tracker.restart_count if tracker is not None else self._saved_restarts(info.id)
         if info.state == ProcessState.RUNNING:
             status = t.ContainerStatus(
                 state=t.STATE_RUNNING, pid=info.pid, started_at_ns=info.started_at_ns, generation=generation,
@@ -293,6 +295,7 @@ class Worker:
             tracker = self._restarts.get(cid)
             if tracker is not None:
                 tracker.reset()  # a user's start
+            (self._restart_dir / cid).unlink(missing_ok=True)
             self._manually_stopped.discard(cid)
             await self._start(cid, a)
             return False
@@ -401,7 +404,9 @@ class Worker:
         except RestartPolicyError as exc:
             log.warning("container %s: %s; not restarting it", cid[:12], exc)
             return
-        tracker = self._restarts.setdefault(cid, RestartTracker(policy))
+        tracker = self._restarts.get(cid)
+        if tracker is None:  # first exit seen by this agent: go on counting where an earlier one stopped
+            tracker = self._restarts[cid] = RestartTracker(policy, restart_count=self._saved_restarts(cid))
         tracker.policy = policy
         ran_s = max(0, info.finished_at_ns - info.started_at_ns) / 1e9
         delay = tracker.next_delay(info.exit_code, ran_s)
@@ -418,8 +423,17 @@ class Worker:
         await self._sleep(delay_s)
         if self._restart_tasks.get(cid) is asyncio.current_task():
             del self._restart_tasks[cid]
+        tracker = self._restarts.get(cid)
+        if tracker is not None:  # the restart happens now: count it for a later agent
+            (self._restart_dir / cid).write_text(str(tracker.restart_count))
         self._restart_due.add(cid)
         self._poke(cid)
+
+    def _saved_restarts(self, cid: str) -> int:
+        try:
+            return int((self._restart_dir / cid).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
 
     def manual_stop(self, cid: str) -> None:
         """A user is killing the container (berthctl kill): its restart policy does not bring it back, as
@@ -450,6 +464,7 @@ class Worker:
         self._restart_due.discard(cid)
         self._decided.pop(cid, None)
         self._manually_stopped.discard(cid)
+        (self._restart_dir / cid).unlink(missing_ok=True)
 
     async def watch_exits(self) -> None:
         async for info in self.executor.exits():

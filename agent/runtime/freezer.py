@@ -44,11 +44,11 @@ def set_frozen(cg: Cgroup, frozen: bool, timeout_s: float = 5.0) -> None:
 
 
 def is_frozen(cg: Cgroup) -> bool:
-    """True when every process of the cgroup is frozen (False for a missing cgroup)."""
+    """True when every process of the cgroup is frozen (False for a missing cgroup or freezer)."""
     try:
         if cg.version == 2:
             events = (cg.dirs[""] / "cgroup.events").read_text().split()
             return "frozen" in events and events[events.index("frozen") + 1] == "1"
         return _file(cg).read_text().strip() == "FROZEN"
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # no such cgroup, or no freezer on this host
         return False

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -113,7 +113,9 @@ class FakeSleep:
 
 
 @contextlib.asynccontextmanager
-async def worker_on(host: Host, sleep: FakeSleep) -> AsyncIterator[tuple[Worker, LinuxExecutor]]:
+async def worker_on(
+    host: Host, sleep: Callable[[float], Awaitable[None]], remove: bool = True
+) -> AsyncIterator[tuple[Worker, LinuxExecutor]]:
     ex = host.executor()
     w = Worker(ex, _Images(host.rootfs), Reporter(), AgentMetrics(), host.state_dir, sleep=sleep)
     await w.load()
@@ -130,7 +132,9 @@ async def worker_on(host: Host, sleep: FakeSleep) -> AsyncIterator[tuple[Worker,
         exits.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await exits
-        for cid in list(w.assignments):
+        for task in list(w._restart_tasks.values()):
+            task.cancel()
+        for cid in list(w.assignments) if remove else []:
             w.assignments.pop(cid)
             await ex.remove(cid)
         await ex.close()
@@ -235,3 +239,43 @@ def test_always_restarts_a_killed_container_and_a_stop_ends_it(host: Host) -> No
             assert runs(host, "ra") == 2 and sleep.delays == [0.1]
 
     run(body())
+
+
+def test_restart_count_survives_an_agent_restart(host: Host) -> None:
+    """on-failure:3 counts restarts across agents: the second agent goes on from where the first stopped."""
+    start_supervisor(host)
+    calls: list[float] = []
+
+    async def first_then_hang(seconds: float) -> None:
+        calls.append(seconds)
+        if len(calls) > 1:
+            await asyncio.Event().wait()  # the agent dies during this back-off
+
+    cmd = ("sh", "-c", "echo run >> /runs; exit 3")
+
+    async def first_agent() -> None:
+        async with worker_on(host, first_then_hang, remove=False) as (w, _ex):
+            w.apply(assign("rc", *cmd, restart="on-failure:3"))
+
+            async def second_backoff() -> bool:
+                return len(calls) == 2 and runs(host, "rc") == 2
+
+            await async_wait_for(second_backoff, what="a restart, then the second back-off")
+
+    run(first_agent())
+    sleep = FakeSleep()
+
+    async def second_agent() -> None:
+        async with worker_on(host, sleep) as (w, _ex):
+            w.apply(assign("rc", *cmd, restart="on-failure:3"))
+
+            async def settled() -> t.ContainerStatus | None:
+                s = w.reporter.sent.get("rc")
+                done = s is not None and s.state == t.STATE_EXITED and s.restart_count == 3
+                return s if done and not w._restart_tasks and runs(host, "rc") == 4 else None
+
+            await async_wait_for(settled, what="the last restart, then exited for good")
+            # the exit seen at load was the 2nd; the 2nd restart was not done yet: two more back-offs, 4 runs
+            assert sleep.delays == [0.1, 0.2] and runs(host, "rc") == 4
+
+    run(second_agent())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,3 +140,20 @@ def test_logs_since_timestamps_tail_and_streams(
     assert berthctl("logs", "--since", "0.000001s", name).stdout == ""
     bad = berthctl("logs", "--since", "yesterday", name)
     assert bad.returncode != 0 and "invalid --since 'yesterday'" in bad.stderr
+
+
+def test_log_rotation_through_log_opt(cluster: ClusterInfo, berthctl: RunBerthctl, names: Callable[[str], str]) -> None:
+    name = names("rot")
+    script = "i=0; while [ $i -lt 2000 ]; do echo line$i xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done"
+    out = berthctl("run", "--name", name, "--log-opt", "max-size=8k", "--log-opt", "max-file=2", "busybox",
+                   "sh", "-c", script)
+    assert out.returncode == 0, out.stderr
+    cid = inspect(berthctl, name)["id"]
+    host = next(h for h in cluster.hosts if h.name == inspect(berthctl, name)["node"])
+    logs = sorted(p.name for p in (Path(host.state_dir) / "containers" / cid).glob("container.log*"))
+    assert logs == ["container.log", "container.log.1"], logs  # max-file=2: the current file and one more
+    lines = [line.split()[0] for line in ok(berthctl, "logs", name).splitlines()]
+    first = int(lines[0].removeprefix("line"))
+    assert first > 0 and lines == [f"line{i}" for i in range(first, 2000)], "the newest lines, across both files"
+    bad = berthctl("run", "--log-opt", "max-file=0", "busybox", "true")
+    assert bad.returncode != 0 and "invalid --log-opt 'max-file=0'" in bad.stderr
