@@ -209,7 +209,7 @@ def _status_text(c: types_pb2.Container, now_ns: int) -> str:
 
     s = c.status
     if s.state == t.STATE_RUNNING:
-        return f"Up {_ago(s.started_at_ns, now_ns)}"
+        return f"Up {_ago(s.started_at_ns, now_ns)}" + (" (Paused)" if s.message == "paused" else "")  # 3a
     if s.state == t.STATE_EXITED:
         return f"Exited ({s.exit_code}) {_ago(s.finished_at_ns, now_ns)} ago"
     if s.state == t.STATE_PENDING and c.pending_reason:

@@ -58,6 +58,7 @@ def test_create_start_pause_kill_restart(
 
     ok(berthctl, "pause", name)
     assert inspect(berthctl, name)["paused"]
+    assert any(name in line and "(Paused)" in line for line in ok(berthctl, "ps").splitlines())
     ok(berthctl, "unpause", name)
     assert not inspect(berthctl, name)["paused"]
 
