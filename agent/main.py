@@ -71,6 +71,7 @@ async def serve(args: argparse.Namespace) -> None:
     from agent.metrics import AgentMetrics
     from agent.network import NetworkError
     from agent.network.host import HostNetwork
+    from agent.network.overlay import Peer
     from agent.runtime.linux import LinuxExecutor
     from agent.session import Session
     from agent.worker import Reporter, Worker
@@ -109,7 +110,8 @@ async def serve(args: argparse.Namespace) -> None:
         if not reply.subnet:
             return
         try:
-            await network.configure(reply.subnet, keep=set(worker.info) | set(worker.assignments))
+            await network.configure(reply.subnet, keep=set(worker.info) | set(worker.assignments),
+                                    address=args.address)
         except NetworkError as exc:
             logging.getLogger("berth.agent").error("container network: %s", exc)
 
@@ -121,7 +123,11 @@ async def serve(args: argparse.Namespace) -> None:
         metrics_address=args.metrics_listen.replace("0.0.0.0", host),
         capacity=t.Resources(memory_bytes=memory, nano_cpus=cpus), platform=platform_name(),
     )
-    session = Session(args.controller.split(","), join, worker, reporter, metrics, on_join=on_join)
+    async def on_peers(msg: d.PeersMessage) -> None:
+        await network.set_peers([Peer(p.address, p.subnet) for p in msg.peers])
+
+    session = Session(args.controller.split(","), join, worker, reporter, metrics, on_join=on_join,
+                      on_peers=on_peers)
 
     server = rpc.aio_server()
     api = AgentAPI3b(executor, worker)  # issue 3b: + exec, volumes

@@ -30,7 +30,9 @@ class Session:
         self, controllers: list[str], join: d.JoinRequest, worker: Worker, reporter: Reporter,
         metrics: AgentMetrics,
         on_join: Callable[[d.JoinResponse], Awaitable[None]] | None = None,
+        on_peers: Callable[[d.PeersMessage], Awaitable[None]] | None = None,
     ) -> None:
+        self.on_peers = on_peers  # issue 5: the overlay's peers, from the controller's Peers stream
         self.on_join = on_join  # issue 5: set up the host's container network before any assignment
         if not controllers:
             raise ValueError("no controller address given")
@@ -75,6 +77,7 @@ class Session:
         channel = rpc.aio_channel(address)
         stub = dispatcher_pb2_grpc.DispatcherStub(channel)
         heartbeat: asyncio.Task[None] | None = None
+        peers: asyncio.Task[None] | None = None
         try:
             reply = await stub.Join(self.join, timeout=5)
             if self.on_join is not None:
@@ -85,6 +88,8 @@ class Session:
             self.joined.set()
             log.info("joined controller %s as %s", address, self.node_id)
             heartbeat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_period_s))
+            if self.on_peers is not None:
+                peers = asyncio.create_task(self._peers(stub))
             stream = stub.Assignments(d.AssignmentsRequest(node_id=self.node_id, after_revision=self.revision))
             self.reporter.flush()  # deliver whatever queued up while disconnected
             reader = asyncio.create_task(self._read(stream))
@@ -97,6 +102,8 @@ class Session:
             self.metrics.connected.set(0)
             if heartbeat is not None:
                 heartbeat.cancel()
+            if peers is not None:
+                peers.cancel()
             with contextlib.suppress(Exception):
                 await channel.close(None)
 
@@ -104,6 +111,22 @@ class Session:
         async for msg in stream:  # type: ignore[attr-defined]
             self.worker.apply(msg)
             self.revision = msg.revision
+
+    async def _peers(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub) -> None:
+        """issue 5: follow the Peers stream for the session's life; a broken stream is opened again."""
+        assert self.on_peers is not None
+        while True:
+            try:
+                async for msg in stub.Peers(d.PeersRequest(node_id=self.node_id)):
+                    try:
+                        await self.on_peers(msg)
+                    except Exception:
+                        log.exception("applying the overlay's peers")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return  # an older controller: no overlay
+                log.warning("peers stream: %s %s", exc.code().name, exc.details())
+            await asyncio.sleep(1.0)
 
     async def _heartbeats(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub, period_s: float) -> None:
         while True:

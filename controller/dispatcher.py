@@ -19,7 +19,7 @@ from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
 from controller.metrics import ControllerMetrics
-from controller.network import SubnetAllocator
+from controller.network import SubnetAllocator, peers
 from controller.orchestrator import Orchestrator
 from controller.store import Store, StoreError, Unavailable
 
@@ -134,3 +134,11 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return d.StatusReportResponse()
+
+    async def Peers(self, request: d.PeersRequest, context: grpc.aio.ServicerContext[d.PeersRequest, d.PeersMessage]) -> AsyncIterator[d.PeersMessage]:  # noqa: E501
+        """issue 5: the overlay's peers for an agent (controller.network.peers)."""
+        try:
+            async for msg in peers(self.store):
+                yield msg
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

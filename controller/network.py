@@ -1,12 +1,17 @@
 """Container networking, the controller's side (issue 5): each node gets its own subnet of the cluster's
 container CIDR at join, claimed in etcd (controller.store, /berth/subnets/) so that no two nodes ever share
-one and a node that joins again (agent or controller restart) gets the same one back.
+one and a node that joins again (agent or controller restart) gets the same one back; and the overlay's
+peers (every host's address and subnet) streamed to the agents, which keep their VXLAN routes, neighbour
+and forwarding entries in line with them (agent.network.overlay).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+from collections.abc import AsyncIterator
 
+from berth.api import dispatcher_pb2 as d
 from controller.store import Store, StoreError
 
 DEFAULT_CIDR = "10.88.0.0/16"
@@ -51,3 +56,22 @@ class SubnetAllocator:
             else:
                 raise SubnetsExhausted(f"no free /{self.prefixlen} left in container CIDR {self.cidr}")
         raise StoreError("could not claim a container subnet (too many concurrent joins); the agent will retry")
+
+
+async def peers(store: Store) -> AsyncIterator[d.PeersMessage]:
+    """The full peer set now, then again after every change of a node (join, address, removal)."""
+    revision = await store.revision()
+    last: d.PeersMessage | None = None
+    while True:
+        nodes = await store.list_nodes()
+        msg = d.PeersMessage(peers=sorted(
+            (d.NetworkPeer(node_id=n.id, address=n.address, subnet=n.subnet) for n in nodes if n.subnet),
+            key=lambda p: p.node_id,
+        ))
+        if msg != last:
+            yield msg
+            last = msg
+        async with contextlib.aclosing(store.watch_nodes(revision)) as changes:
+            async for _ in changes:
+                break
+        revision = await store.revision()

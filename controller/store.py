@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -532,6 +532,11 @@ class Store:
         for kv in await self._get_prefix(SUBNETS):
             out[kv.key[len(SUBNETS) :].decode().replace("_", "/")] = kv.value.decode()
         return out
+
+    async def watch_nodes(self, after_revision: int) -> AsyncGenerator[str, None]:
+        """The id of each node stored, changed or deleted after a revision (issue 5: the overlay's peers)."""
+        async for _kind, kv in self._watch(NODES, after_revision + 1, prefix=True):
+            yield kv.key[len(NODES) :].decode()
 
     async def claim_subnet(self, subnet: str, node_id: str) -> bool:
         """Give `subnet` to `node_id` unless another node already has it; True when claimed."""

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from pyroute2 import IPRoute, NetlinkError
 
-from agent.network import NetworkError, nat
+from agent.network import NetworkError, nat, overlay
 from agent.network.ipam import Allocation, Ipam, Port
 from agent.runtime import syscalls as sc
 
@@ -138,18 +138,41 @@ class HostNetwork:
         self.ns_dir = netns_dir(state_dir)
         self._lock = asyncio.Lock()
         self.configured = False
+        self.address = ""  # the host's own address: the overlay's tunnel end ("" : no overlay)
+        self.mtu = 0  # containers' MTU under the overlay (0: the kernel's default)
 
     # ---- host ---------------------------------------------------------------------------------------
 
-    async def configure(self, subnet: str, keep: set[str] | None = None) -> None:
-        """Set up the host for `subnet`; forget allocations of containers not in `keep` (when given)."""
+    async def configure(self, subnet: str, keep: set[str] | None = None, address: str = "") -> None:
+        """Set up the host for `subnet`; forget allocations of containers not in `keep` (when given). With the
+        host's `address`, also the VXLAN overlay to other hosts (agent.network.overlay)."""
         async with self._lock:
-            await asyncio.to_thread(self._configure, subnet, keep)
+            await asyncio.to_thread(self._configure, subnet, keep, address)
             self.configured = True
 
-    def _configure(self, subnet: str, keep: set[str] | None) -> None:
+    async def set_peers(self, peers: list[overlay.Peer]) -> None:
+        """Routes, neighbour and FDB entries for exactly these other hosts."""
+        async with self._lock:
+            if self.configured and self.address:
+                await asyncio.to_thread(self._set_peers, peers)
+
+    def _set_peers(self, peers: list[overlay.Peer]) -> None:
+        try:
+            with IPRoute() as ipr:
+                overlay.sync(ipr, self.address, peers)
+        except NetlinkError as e:
+            raise NetworkError(f"cannot update the overlay's routes: {_why(e)}") from e
+
+    def _configure(self, subnet: str, keep: set[str] | None, address: str = "") -> None:
         self.ipam.set_subnet(subnet)
         gw = self.ipam.gateway
+        if address:
+            try:
+                with IPRoute() as ipr:
+                    self.mtu = overlay.ensure(ipr, address, gw.network)
+            except NetlinkError as e:
+                raise NetworkError(f"cannot set up the overlay device {overlay.VXLAN}: {_why(e)}") from e
+            self.address = address
         try:
             with IPRoute() as ipr:
                 idx = _lookup(ipr, self.bridge)
@@ -158,8 +181,8 @@ class HostNetwork:
                     idx = _lookup(ipr, self.bridge)
                 assert idx is not None
                 have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=2)}
-                for address, prefixlen in have - {(str(gw.ip), gw.network.prefixlen)}:
-                    ipr.addr("del", index=idx, address=address, prefixlen=prefixlen)
+                for old, prefixlen in have - {(str(gw.ip), gw.network.prefixlen)}:
+                    ipr.addr("del", index=idx, address=old, prefixlen=prefixlen)
                 if (str(gw.ip), gw.network.prefixlen) not in have:
                     ipr.addr("add", index=idx, address=str(gw.ip), prefixlen=gw.network.prefixlen)
                 ipr.link("set", index=idx, state="up")
@@ -191,7 +214,8 @@ class HostNetwork:
 
     def _apply_nat(self) -> None:
         published = [(a.address, p) for a in self.ipam.containers.values() for p in a.ports]
-        nat.apply(nat.ruleset(self.bridge, str(self.ipam.subnet) if self.ipam.subnet else None, published))
+        nat.apply(nat.ruleset(self.bridge, str(self.ipam.subnet) if self.ipam.subnet else None, published,
+                              overlay=overlay.VXLAN if self.address else None))
 
     async def teardown(self) -> None:
         """Remove the bridge and the NAT table (when the host leaves container networking)."""
@@ -205,6 +229,7 @@ class HostNetwork:
             idx = _lookup(ipr, self.bridge)
             if idx is not None:
                 ipr.link("del", index=idx)
+            overlay.remove(ipr)
         nat.remove()
         with contextlib.suppress(OSError):
             self.ns_dir.rmdir()
@@ -264,7 +289,8 @@ class HostNetwork:
             create_netns(path)
             step = f"create veth {veth}"
             with IPRoute() as ipr:
-                ipr.link("add", ifname=veth, kind="veth", peer={"ifname": peer})
+                mtu = {"mtu": self.mtu} if self.mtu else {}
+                ipr.link("add", ifname=veth, kind="veth", peer={"ifname": peer, **mtu}, **mtu)
                 v, p, br = _lookup(ipr, veth), _lookup(ipr, peer), _lookup(ipr, self.bridge)
                 if v is None or p is None or br is None:
                     raise NetworkError(f"veth {veth} or bridge {self.bridge} vanished")

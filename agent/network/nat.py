@@ -24,8 +24,10 @@ from agent.network.ipam import Port
 TABLE = "berth"
 
 
-def ruleset(bridge: str, subnet: str | None, published: Iterable[tuple[str, Port]]) -> str:
-    """The whole `ip berth` table for a bridge, its subnet and (container address, port) pairs."""
+def ruleset(bridge: str, subnet: str | None, published: Iterable[tuple[str, Port]],
+            overlay: str | None = None) -> str:
+    """The whole `ip berth` table for a bridge, its subnet and (container address, port) pairs. Traffic into
+    the `overlay` device goes to other hosts' containers and keeps its source address."""
     dnat: list[str] = []
     for address, p in sorted(published, key=lambda x: (x[1].protocol, x[1].host_port, x[1].host_ip)):
         match = f"ip daddr {p.host_ip}" if p.host_ip else "fib daddr type local"
@@ -46,7 +48,8 @@ def ruleset(bridge: str, subnet: str | None, published: Iterable[tuple[str, Port
         "    type nat hook postrouting priority srcnat; policy accept;",
     ]
     if subnet:
-        lines.append(f'    ip saddr {subnet} oifname != "{bridge}" masquerade')
+        keep = f' oifname != "{overlay}"' if overlay else ""
+        lines.append(f'    ip saddr {subnet} oifname != "{bridge}"{keep} masquerade')
         # Hairpin: a container reaching a port published on its own host comes back out on the bridge;
         # without this the server would answer it directly and the client would drop the reply.
         lines.append(f'    ip saddr {subnet} oifname "{bridge}" ct status dnat masquerade')

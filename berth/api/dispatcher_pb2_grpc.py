@@ -54,6 +54,11 @@ class DispatcherStub:
                 request_serializer=berth_dot_api_dot_dispatcher__pb2.StatusReport.SerializeToString,
                 response_deserializer=berth_dot_api_dot_dispatcher__pb2.StatusReportResponse.FromString,
                 _registered_method=True)
+        self.Peers = channel.unary_stream(
+                '/berth.api.Dispatcher/Peers',
+                request_serializer=berth_dot_api_dot_dispatcher__pb2.PeersRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_dispatcher__pb2.PeersMessage.FromString,
+                _registered_method=True)
 
 
 class DispatcherServicer:
@@ -88,6 +93,14 @@ class DispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Peers(self, request, context):
+        """issue 5: every host's container subnet and address (the VXLAN overlay's
+        routes and forwarding entries): the full set now, and again after each change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_DispatcherServicer_to_server(servicer, server):
                     servicer.ReportStatus,
                     request_deserializer=berth_dot_api_dot_dispatcher__pb2.StatusReport.FromString,
                     response_serializer=berth_dot_api_dot_dispatcher__pb2.StatusReportResponse.SerializeToString,
+            ),
+            'Peers': grpc.unary_stream_rpc_method_handler(
+                    servicer.Peers,
+                    request_deserializer=berth_dot_api_dot_dispatcher__pb2.PeersRequest.FromString,
+                    response_serializer=berth_dot_api_dot_dispatcher__pb2.PeersMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class Dispatcher:
             '/berth.api.Dispatcher/ReportStatus',
             berth_dot_api_dot_dispatcher__pb2.StatusReport.SerializeToString,
             berth_dot_api_dot_dispatcher__pb2.StatusReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Peers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/berth.api.Dispatcher/Peers',
+            berth_dot_api_dot_dispatcher__pb2.PeersRequest.SerializeToString,
+            berth_dot_api_dot_dispatcher__pb2.PeersMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,10 @@ class DispatcherStub:
     last revision it saw and resumes from there.
     """
     ReportStatus: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.StatusReport, _dispatcher_pb2.StatusReportResponse]
+    Peers: _grpc.UnaryStreamMultiCallable[_dispatcher_pb2.PeersRequest, _dispatcher_pb2.PeersMessage]
+    """issue 5: every host's container subnet and address (the VXLAN overlay's
+    routes and forwarding entries): the full set now, and again after each change.
+    """
 
 @_typing.type_check_only
 class DispatcherAsyncStub(DispatcherStub):
@@ -59,6 +63,10 @@ class DispatcherAsyncStub(DispatcherStub):
     last revision it saw and resumes from there.
     """
     ReportStatus: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.StatusReport, _dispatcher_pb2.StatusReportResponse]  # type: ignore[assignment]
+    Peers: _aio.UnaryStreamMultiCallable[_dispatcher_pb2.PeersRequest, _dispatcher_pb2.PeersMessage]  # type: ignore[assignment]
+    """issue 5: every host's container subnet and address (the VXLAN overlay's
+    routes and forwarding entries): the full set now, and again after each change.
+    """
 
 class DispatcherServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -95,5 +103,15 @@ class DispatcherServicer(metaclass=_abc_1.ABCMeta):
         request: _dispatcher_pb2.StatusReport,
         context: _ServicerContext,
     ) -> _typing.Union[_dispatcher_pb2.StatusReportResponse, _abc.Awaitable[_dispatcher_pb2.StatusReportResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Peers(
+        self,
+        request: _dispatcher_pb2.PeersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.PeersMessage], _abc.AsyncIterator[_dispatcher_pb2.PeersMessage]]:
+        """issue 5: every host's container subnet and address (the VXLAN overlay's
+        routes and forwarding entries): the full set now, and again after each change.
+        """
 
 def add_DispatcherServicer_to_server(servicer: DispatcherServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -122,7 +123,10 @@ def host_state(netns: str) -> dict[str, Any]:
                 f"{r.get('dst')}/{r['dst_len']} via {r.get('gateway')} oif {r.get('oif')}"
                 for r in ipr.get_routes(family=2)
             )
-        return {"links": links, "addrs": addrs, "routes": routes}
+            neigh = sorted(f"{n.get('NDA_DST')} {n.get('NDA_LLADDR')} {n['ifindex']} {n['family']}"
+                           for family in (socket.AF_INET, socket.AF_BRIDGE)
+                           for n in ipr.get_neighbours(family=family) if n.get("state", 0) & 0x80)  # permanent
+        return {"links": links, "addrs": addrs, "routes": routes, "neighbours": neigh}
 
     state = in_netns(Path("/var/run/netns") / netns, read)
     nft = subprocess.run(["nsenter", f"--net=/var/run/netns/{netns}", "nft", "list", "ruleset"],
@@ -287,3 +291,56 @@ def test_same_host_port_twice_leaves_the_second_pending(net1: ClusterInfo) -> No
         ids = ctl("ps", "-a", "-q").stdout.split()
         if ids:
             ctl("rm", "-f", *ids)
+
+
+def container_netns(info: ClusterInfo, c: dict[str, Any]) -> str:
+    return str(netns_dir(Path(host(info, c["node"]).state_dir)) / c["id"])
+
+
+def udp_exchange(server_ns: str, client_ns: str, server_ip: str) -> tuple[str, str]:
+    """A UDP datagram from the client's namespace to the server's and its echo back: (what the server got and
+    from where, what the client got back)."""
+    server = (
+        "import socket, sys\n"
+        "from pyroute2 import netns\n"
+        "netns.setns(sys.argv[1], flags=0)\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 9000)); s.settimeout(20)\n"
+        "print('ready', flush=True)\n"
+        "data, peer = s.recvfrom(100); s.sendto(data.upper(), peer)\n"
+        "print(data.decode(), peer[0], flush=True)\n"
+    )
+    client = (
+        "import socket, sys\n"
+        "from pyroute2 import netns\n"
+        "netns.setns(sys.argv[1], flags=0)\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(10)\n"
+        "s.sendto(b'hello-udp', (sys.argv[2], 9000)); print(s.recvfrom(100)[0].decode())\n"
+    )
+    srv = subprocess.Popen([sys.executable, "-c", server, server_ns], stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        out = subprocess.run([sys.executable, "-c", client, client_ns, server_ip], capture_output=True, text=True,
+                             timeout=30, check=False)
+        assert out.returncode == 0, out.stderr
+        got, _ = srv.communicate(timeout=20)
+        return got.strip(), out.stdout.strip()
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def test_containers_on_different_hosts_reach_each_other_by_address(net3: ClusterInfo, ctl: Ctl) -> None:
+    assert ctl("run", "-d", "--name", "srv", "--constraint", "node.name==host1", "busybox", "sh", "-c",
+               WEB).returncode == 0
+    assert ctl("run", "-d", "--name", "peer", "--constraint", "node.name==host2", "busybox", "sleep",
+               "1000").returncode == 0
+    srv, peer = running(ctl, "srv"), running(ctl, "peer")
+    assert (srv["node"], peer["node"]) == ("host1", "host2")
+    # TCP over the overlay, by the container's own address; the server sees the client container's address.
+    out = ctl("exec", "peer", "wget", "-qO-", f"http://{srv['ip_address']}/cgi-bin/ip")
+    assert out.returncode == 0, out.stderr
+    assert client_address(out.stdout.strip()) == peer["ip_address"]
+    # UDP both ways between the two running containers' namespaces.
+    got, echoed = udp_exchange(container_netns(net3, srv), container_netns(net3, peer), srv["ip_address"])
+    assert got == f"hello-udp {peer['ip_address']}"
+    assert echoed == "HELLO-UDP"
