@@ -177,6 +177,7 @@ class Worker:
         self._decided: dict[str, int] = {}  # finished_at_ns of the exit whose restart was decided
         self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         self._manually_stopped: set[str] = set()  # killed by a user: no policy restarts it
+        self._early_exits: dict[str, ContainerInfo] = {}
         self._restart_dir = state_dir / "worker-restarts"  # <cid>: restart count of its current run
         self._restart_dir.mkdir(parents=True, exist_ok=True)
 
@@ -323,12 +324,16 @@ class Worker:
         self._mark_started(cid, a.generation)
         self.metrics.start_latency.observe(time.perf_counter() - t0)
         exited = self.info.get(cid)
-        if exited is not None and exited.pid == info.pid and exited.state == ProcessState.EXITED:
+        early = self._early_exits.pop(cid, None)
+        if early is not None and early.pid == info.pid:
+            info = early  # issue 3a: a restart that ended before start returned
+        elif exited is not None and exited.pid == info.pid and exited.state == ProcessState.EXITED:
             info = exited  # it already finished while start returned
         self.info[cid] = info
         status = self._status_of(info, a.generation)
         status.image_digest = image.digest
         self.reporter.report(cid, status)
+        self._consider_restart(cid)  # issue 3a: for a run that ended before start returned
 
     async def _image(self, spec: t.ContainerSpec) -> Image:
         """The container's image, pulled as its pull policy says (run --pull; issue 4)."""
@@ -464,13 +469,16 @@ class Worker:
         self._restart_due.discard(cid)
         self._decided.pop(cid, None)
         self._manually_stopped.discard(cid)
+        self._early_exits.pop(cid, None)
         (self._restart_dir / cid).unlink(missing_ok=True)
 
     async def watch_exits(self) -> None:
         async for info in self.executor.exits():
             known = self.info.get(info.id)
             if known is not None and known.pid and info.pid and known.pid != info.pid:
-                continue  # the exit of an earlier run
+                if info.started_at_ns > known.started_at_ns:  # issue 3a
+                    self._early_exits[info.id] = info  # a newer run, ended before its start returned
+                continue  # else the exit of an earlier run
             self._on_exit(info)
 
     # ---- for the logs API -------------------------------------------------------------------------

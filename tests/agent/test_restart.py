@@ -9,10 +9,11 @@ import itertools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.executor import ProcessState
+from agent.executor import ContainerInfo, ProcessState
 from agent.images import Image
 from agent.images.store import ImageConfig
 from agent.metrics import AgentMetrics
@@ -279,3 +280,64 @@ def test_restart_count_survives_an_agent_restart(host: Host) -> None:
             assert sleep.delays == [0.1, 0.2] and runs(host, "rc") == 4
 
     run(second_agent())
+
+
+class ExitsBeforeStartReturns:
+    """The real executor, but start() returns only once the worker has seen the run's exit: the race of a
+    run that ends at once (sh -c 'exit 3') against the reply to start, made to happen every time."""
+
+    def __init__(self, ex: LinuxExecutor) -> None:
+        self.ex = ex
+        self.worker: Worker | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ex, name)
+
+    async def start(self, cid: str) -> ContainerInfo:
+        info = await self.ex.start(cid)
+        await self.ex.wait(cid)
+        w = self.worker
+        assert w is not None
+
+        async def seen() -> bool:
+            known = w.info.get(cid)
+            return cid in w._early_exits or (known is not None and known.pid == info.pid)
+
+        await async_wait_for(seen, what="the worker to see the exit")
+        return info
+
+
+def test_restarts_of_runs_that_exit_before_start_returns(host: Host) -> None:
+    start_supervisor(host)
+    sleep = FakeSleep()
+
+    async def body() -> None:
+        ex = ExitsBeforeStartReturns(host.executor())
+        w = Worker(ex, _Images(host.rootfs), Reporter(), AgentMetrics(), host.state_dir, sleep=sleep)  # type: ignore[arg-type]
+        ex.worker = w
+        await w.load()
+        before = (await ex.ex._request("ping"))["subscribers"]
+        exits = asyncio.create_task(w.watch_exits())
+
+        async def subscribed() -> bool:
+            return bool((await ex.ex._request("ping"))["subscribers"] > before)
+
+        try:
+            await async_wait_for(subscribed, what="the worker's exit subscription")
+            w.apply(assign("rx", "sh", "-c", "echo run >> /runs; exit 3", restart="on-failure:3"))
+
+            async def settled() -> bool:
+                s = w.reporter.sent.get("rx")
+                return bool(s is not None and s.state == t.STATE_EXITED and s.restart_count == 3
+                            and not w._restart_tasks and runs(host, "rx") == 4)
+
+            await async_wait_for(settled, what="three restarts of runs that ended before start returned")
+            assert sleep.delays == [0.1, 0.2, 0.4]
+        finally:
+            exits.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await exits
+            await ex.ex.remove("rx")
+            await ex.ex.close()
+
+    run(body())
