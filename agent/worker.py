@@ -313,6 +313,7 @@ class Worker:
             image = await self._image(a.spec)
             config = build_config(cid, a.spec, image)
             config = dataclasses.replace(config, netns=await self._netns(cid, a.spec))
+            config = self._network_files(config, a.spec)
             await self.executor.create(config)
             info = await self.executor.start(cid)
         except (ImageError, ExecutorError, NetworkError) as exc:
@@ -365,6 +366,24 @@ class Worker:
             raise NetworkError("this host has no container network: the controller gave it no subnet")
         ports = [Port(p.host_ip, p.host_port, p.container_port, p.protocol or "tcp") for p in spec.ports]
         return (await self.network.attach(cid, ports)).netns
+
+    def _network_files(self, config: ContainerConfig, spec: t.ContainerSpec) -> ContainerConfig:
+        """issue 5: /etc/hosts and /etc/resolv.conf (--add-host, --dns) bind-mounted over the image's."""
+        from agent.network import files
+        from agent.runtime.mounts import Mount
+
+        if self.network is None or config.netns == "host":
+            return config
+        a = self.network.allocation(config.id)
+        hosts, resolv = files.write(
+            self.network.state_dir, config.id,
+            files.hosts_text(config.hostname, spec.name, a.address if a else "", list(spec.extra_hosts)),
+            files.resolv_text(list(spec.dns)),
+        )
+        taken = {m.target for m in config.mounts}
+        extra = tuple(Mount("bind", target, str(path)) for target, path in
+                      (("/etc/hosts", hosts), ("/etc/resolv.conf", resolv)) if target not in taken)
+        return dataclasses.replace(config, mounts=config.mounts + extra)
 
     def _add_network(self, cid: str, status: t.ContainerStatus) -> None:
         a = self.network.allocation(cid) if self.network is not None else None

@@ -18,6 +18,8 @@ NETWORK_MODES = ("bridge", "none", "host")
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--publish", action="append", default=[], metavar="[HOSTIP:]HOSTPORT:PORT[/PROTO]",
                    help="publish a container port on the host (PORT alone: a free host port is chosen)")
+    p.add_argument("--dns", action="append", default=[], metavar="IP", help="a nameserver for /etc/resolv.conf")
+    p.add_argument("--add-host", action="append", default=[], metavar="NAME:IP", help="a line for /etc/hosts")
     p.add_argument("--network", default="bridge", metavar="MODE",
                    help="bridge (default: the host's container network), none (only lo) or host")
 
@@ -67,6 +69,21 @@ def apply_run_flags(spec: types_pb2.ContainerSpec, args: argparse.Namespace) -> 
     spec.network = "" if args.network == "bridge" else args.network
     for flag in args.publish:
         spec.ports.append(parse_publish(flag))
+    for server in args.dns:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise CLIError(f"invalid --dns {server!r}: give a nameserver's IP address") from None
+        spec.dns.append(server)
+    for item in args.add_host:
+        name, sep, ip = item.partition(":")
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise CLIError(f"invalid --add-host {item!r}: write NAME:IP, e.g. db:10.0.0.5")
+        spec.extra_hosts.append(item)
     if spec.ports and spec.network:
         raise CLIError(f"-p needs the bridge network, not --network {spec.network}")
 

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from pyroute2 import IPRoute, NetlinkError
 
-from agent.network import NetworkError, nat, overlay
+from agent.network import NetworkError, files, nat, overlay
 from agent.network.ipam import Allocation, Ipam, Port
 from agent.runtime import syscalls as sc
 
@@ -135,6 +135,7 @@ class HostNetwork:
     def __init__(self, state_dir: Path, bridge: str = BRIDGE) -> None:
         self.bridge = bridge
         self.ipam = Ipam(state_dir)
+        self.state_dir = state_dir
         self.ns_dir = netns_dir(state_dir)
         self._lock = asyncio.Lock()
         self.configured = False
@@ -334,6 +335,7 @@ class HostNetwork:
 
     def _detach(self, cid: str, apply: bool = True) -> None:
         self._unwire(cid, self.ns_dir / cid)
+        files.remove(self.state_dir, cid)
         if cid in self.ipam.containers:
             self.ipam.release(cid)
             if apply and self.configured:

@@ -183,6 +183,8 @@ class ContainerSpec(_message.Message):
     LOG_MAX_FILES_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
+    DNS_FIELD_NUMBER: _builtins.int
+    EXTRA_HOSTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     entrypoint_set: _builtins.bool
@@ -265,6 +267,14 @@ class ContainerSpec(_message.Message):
     def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortMapping]:
         """-p"""
 
+    @_builtins.property
+    def dns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """--dns: nameservers for /etc/resolv.conf (default: the host's)"""
+
+    @_builtins.property
+    def extra_hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """--add-host NAME:IP lines for /etc/hosts"""
+
     def __init__(
         self,
         *,
@@ -300,10 +310,12 @@ class ContainerSpec(_message.Message):
         log_max_files: _builtins.int = ...,
         network: _builtins.str = ...,
         ports: _abc.Iterable[Global___PortMapping] | None = ...,
+        dns: _abc.Iterable[_builtins.str] | None = ...,
+        extra_hosts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "hostname", b"hostname", "image", b"image", "labels", b"labels", "log_max_files", b"log_max_files", "log_max_size_bytes", b"log_max_size_bytes", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "network", b"network", "pids_limit", b"pids_limit", "placement_strategy", b"placement_strategy", "ports", b"ports", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "dns", b"dns", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "extra_hosts", b"extra_hosts", "hostname", b"hostname", "image", b"image", "labels", b"labels", "log_max_files", b"log_max_files", "log_max_size_bytes", b"log_max_size_bytes", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "network", b"network", "pids_limit", b"pids_limit", "placement_strategy", b"placement_strategy", "ports", b"ports", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -103,3 +103,18 @@ def test_addresses_are_inside_the_subnet(tmp_path: Path) -> None:
     ipam.set_subnet("10.96.7.0/24")
     for i in range(20):
         assert ipaddress.IPv4Address(ipam.allocate(str(i), []).address) in ipaddress.IPv4Network("10.96.7.0/24")
+
+
+def test_hosts_and_resolv_conf(tmp_path: Path) -> None:
+    from agent.network import files
+
+    hosts = files.hosts_text("web", "web", "10.96.3.2", ["db:10.96.9.9", "v6:fd00::1"])
+    assert hosts.splitlines()[2:] == ["10.96.3.2\tweb", "10.96.9.9\tdb", "fd00::1\tv6"]
+    with pytest.raises(NetworkError, match="invalid --add-host 'db'"):
+        files.hosts_text("web", "web", "", ["db"])
+    host_resolv = tmp_path / "resolv.conf"
+    host_resolv.write_text("nameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch example.org\n")
+    assert files.resolv_text([], host_resolv) == "nameserver 10.0.0.2\nsearch example.org\n"
+    assert files.resolv_text(["10.96.0.53"], host_resolv) == "nameserver 10.96.0.53\nsearch example.org\n"
+    with pytest.raises(NetworkError, match="invalid --dns"):
+        files.resolv_text(["dns.example"], host_resolv)

@@ -344,3 +344,21 @@ def test_containers_on_different_hosts_reach_each_other_by_address(net3: Cluster
     got, echoed = udp_exchange(container_netns(net3, srv), container_netns(net3, peer), srv["ip_address"])
     assert got == f"hello-udp {peer['ip_address']}"
     assert echoed == "HELLO-UDP"
+
+
+def test_hosts_resolv_conf_dns_and_add_host(net3: ClusterInfo, ctl: Ctl) -> None:
+    out = ctl("run", "--name", "files", "--add-host", "db:10.1.2.3", "--dns", "10.1.2.53", "busybox", "sh", "-c",
+              "cat /etc/hosts; echo ---; cat /etc/resolv.conf; echo ---; ip -o -4 addr show eth0")
+    assert out.returncode == 0, out.stderr
+    hosts, resolv, addr = out.stdout.split("---\n")
+    own = addr.split()[3].split("/")[0]
+    assert f"{own}\tfiles" in hosts.splitlines()
+    assert "10.1.2.3\tdb" in hosts.splitlines()
+    assert resolv.splitlines()[0] == "nameserver 10.1.2.53"
+    bad = ctl("run", "--rm", "--add-host", "db", "busybox", "true")
+    assert bad.returncode != 0 and "invalid --add-host 'db'" in bad.stderr
+    # Removing the container removes its files on the host.
+    c = container(ctl, "files")
+    assert ctl("rm", "files").returncode == 0
+    files_dir = Path(host(net3, c["node"]).state_dir) / "network" / "files" / c["id"]
+    wait_for(lambda: not files_dir.exists(), what="the container's network files to go")
