@@ -87,6 +87,8 @@ def test_kill_9_of_the_agent_with_20_containers(host: Host) -> None:
     wait_for(lambda: all(runs(host, c) == 1 for c in pids), what="each container's first line")
     # While no agent runs: one container exits with a code of its own, and the others go on logging.
     os.kill(pids["lr05"], signal.SIGUSR1)
+    exit_file = host.state_dir / "containers" / "lr05" / "exit.json"
+    wait_for(exit_file.exists, what="lr05 to exit (recorded by the supervisor) while no agent runs")
     before = {c: ticks(host, c) for c in pids}
     wait_for(lambda: all(ticks(host, c) > before[c] for c in pids if c != "lr05"), what="logs to keep flowing")
 
