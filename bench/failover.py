@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -145,6 +146,7 @@ def main() -> None:
             p.kill()
             p.wait()
         dev.down(NAME, state)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":
