@@ -62,8 +62,6 @@ def platform_name() -> str:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
     from agent.api import AgentAPI3b
     from agent.images.registry import RegistryConfig
@@ -75,7 +73,7 @@ async def serve(args: argparse.Namespace) -> None:
     from agent.runtime.linux import LinuxExecutor
     from agent.session import Session
     from agent.worker import Reporter, Worker
-    from berth import rpc
+    from berth import rpc, serving
     from berth.api import agent_pb2_grpc
     from berth.api import dispatcher_pb2 as d
     from berth.api import types_pb2 as t
@@ -133,15 +131,7 @@ async def serve(args: argparse.Namespace) -> None:
     api = AgentAPI3b(executor, worker)  # issue 3b: + exec, volumes
     api.image_store, api.state_dir = images, state_dir  # issue 4: the image RPCs
     agent_pb2_grpc.add_AgentServicer_to_server(api, server)
-    health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        rpc.bind(server, args.listen)
-        await metrics.serve(args.metrics_listen)
-    except OSError as exc:
-        raise SystemExit(f"berth-agent: {exc}") from None
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await serving.start(server, args.listen, "berth-agent", lambda: metrics.serve(args.metrics_listen))
     logging.getLogger("berth.agent").info("agent %s listening on %s", args.name, args.listen)
 
     tasks: list[asyncio.Task[object]] = [

@@ -11,10 +11,7 @@ import signal
 import socket
 import sys
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-
-from berth import rpc
+from berth import rpc, serving
 from berth.api import control_pb2_grpc, dispatcher_pb2_grpc
 from controller.api import ControlAPI
 from controller.dispatcher import Dispatcher
@@ -69,15 +66,9 @@ async def serve(args: argparse.Namespace) -> None:
     except NetworkConfigError as exc:
         raise SystemExit(f"berth-controller: {exc}") from None
     dispatcher_pb2_grpc.add_DispatcherServicer_to_server(dispatcher, server)
-    health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        rpc.bind(server, args.listen)
-        await metrics.serve(args.metrics_listen)
-    except OSError as exc:
-        raise SystemExit(f"berth-controller: {exc}") from None
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer = await serving.start(
+        server, args.listen, "berth-controller", lambda: metrics.serve(args.metrics_listen)
+    )
     log.info("controller listening on %s, metrics on %s, etcd %s", args.listen, args.metrics_listen, args.etcd)
     tasks = [
         asyncio.create_task(leadership.run()),
