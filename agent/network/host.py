@@ -141,6 +141,7 @@ class HostNetwork:
         self.configured = False
         self.address = ""  # the host's own address: the overlay's tunnel end ("" : no overlay)
         self.mtu = 0  # containers' MTU under the overlay (0: the kernel's default)
+        self._nat_applied: str | None = None  # the ruleset nft holds now, as this process loaded it
 
     # ---- host ---------------------------------------------------------------------------------------
 
@@ -214,9 +215,16 @@ class HostNetwork:
                     self._remove_ns(path)
 
     def _apply_nat(self) -> None:
+        """Load the NAT table computed from the current state, unless it is what this process last loaded:
+        most containers publish no port, and `nft -f` costs tens of milliseconds per container start."""
         published = [(a.address, p) for a in self.ipam.containers.values() for p in a.ports]
-        nat.apply(nat.ruleset(self.bridge, str(self.ipam.subnet) if self.ipam.subnet else None, published,
-                              overlay=overlay.VXLAN if self.address else None))
+        rules = nat.ruleset(self.bridge, str(self.ipam.subnet) if self.ipam.subnet else None, published,
+                            overlay=overlay.VXLAN if self.address else None)
+        if rules == self._nat_applied:
+            return
+        self._nat_applied = None  # unknown until nft has said yes
+        nat.apply(rules)
+        self._nat_applied = rules
 
     async def teardown(self) -> None:
         """Remove the bridge and the NAT table (when the host leaves container networking)."""
@@ -232,6 +240,7 @@ class HostNetwork:
                 ipr.link("del", index=idx)
             overlay.remove(ipr)
         nat.remove()
+        self._nat_applied = None
         with contextlib.suppress(OSError):
             self.ns_dir.rmdir()
         self.configured = False
