@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import pytest
 from berthctl.dev import cluster as dev_cluster
 from berthctl.dev.cluster import ClusterInfo
 from tests.conftest import exclusive, run_berthctl, slot_name, slot_subnet
-from tests.support import wait_for
+from tests.support import kill_9_keeping_command, respawn, wait_for
 
 NAME = slot_name("blr")
 SUBNET = slot_subnet("10.77.31.0/24")
@@ -69,11 +67,7 @@ def test_kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_adopts_th
 
     agent = info.process("agent-host1")
     assert agent is not None
-    cmdline = Path(f"/proc/{agent.pid}/cmdline").read_bytes().split(b"\0")[:-1]
-    environ = dict(
-        item.split(b"=", 1) for item in Path(f"/proc/{agent.pid}/environ").read_bytes().split(b"\0") if b"=" in item
-    )
-    os.kill(agent.pid, signal.SIGKILL)
+    cmdline, environ = kill_9_keeping_command(agent.pid)
     wait_for(lambda: not alive(agent.pid) or Path(f"/proc/{agent.pid}/stat").read_text().split()[2] == "Z",
              what="the agent to die")
 
@@ -81,10 +75,7 @@ def test_kill_9_of_the_agent_leaves_containers_running_and_a_new_agent_adopts_th
     assert all(alive(pids[f"lr{i}"]) for i in range(N))
     wait_for(lambda: not alive(pids["quitter"]), timeout=15, what="the quitter to exit while no agent runs")
 
-    host = info.hosts[0]
-    with open(host.log, "ab") as log:
-        subprocess.Popen(cmdline, env=environ, stdin=subprocess.DEVNULL, stdout=log, stderr=log,  # type: ignore[arg-type]
-                         start_new_session=True)
+    respawn(cmdline, environ, info.hosts[0].log)
 
     def adopted() -> dict[str, dict[str, Any]] | None:
         now = containers(info)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import urllib.request
 from collections.abc import Callable
@@ -231,11 +230,7 @@ def test_killed_agent_marks_host_not_ready(cluster: ClusterInfo, berthctl: RunBe
     """Runs last in this module: it kills host3's agent, then starts it again the same way."""
     victim = cluster.process("agent-host3")
     assert victim is not None
-    cmdline = Path(f"/proc/{victim.pid}/cmdline").read_bytes().split(b"\0")[:-1]
-    environ = dict(
-        item.split(b"=", 1) for item in Path(f"/proc/{victim.pid}/environ").read_bytes().split(b"\0") if b"=" in item
-    )
-    os.kill(victim.pid, signal.SIGKILL)
+    cmdline, environ = support.kill_9_keeping_command(victim.pid)
 
     def state_of_host3() -> str:
         nodes = json.loads(berthctl("node", "ls", "-o", "json").stdout)
@@ -244,7 +239,5 @@ def test_killed_agent_marks_host_not_ready(cluster: ClusterInfo, berthctl: RunBe
     # The dev cluster's lease TTL is 5 s; etcd checks expiry every 500 ms, and `node ls` must see it.
     wait_for(lambda: state_of_host3() == "down", timeout=5 + 2, what="host3 to be marked down within the lease")
     # Bring it back, detached like the dev cluster starts it, so later tests and `dev down` find it.
-    with open(host_of(cluster, "host3").log, "ab") as log:
-        subprocess.Popen(cmdline, env=environ, stdin=subprocess.DEVNULL, stdout=log, stderr=log,  # type: ignore[arg-type]
-                         start_new_session=True)
+    support.respawn(cmdline, environ, host_of(cluster, "host3").log)
     wait_for(lambda: state_of_host3() == "ready", timeout=30, what="host3 to be ready again")
