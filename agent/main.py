@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="let containers on this host run with --privileged (refused otherwise)")
     p.add_argument("--executor", choices=("linux", "hollow"), default="linux",
                    help="hollow: start nothing (scale tests only, agent.hollow)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label of this host, for placement constraints (node.labels.KEY==VALUE); repeatable")
+    p.add_argument("--labels-file", default="", metavar="PATH",
+                   help="more labels, one KEY=VALUE a line (# comments); --label wins over it")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -64,6 +68,7 @@ def platform_name() -> str:
 async def serve(args: argparse.Namespace) -> None:
 
     from agent.api import AgentAPI3b
+    from agent.fingerprint import FingerprintError, take
     from agent.images.registry import RegistryConfig
     from agent.images.store import ImageStore
     from agent.metrics import AgentMetrics
@@ -78,6 +83,10 @@ async def serve(args: argparse.Namespace) -> None:
     from berth.api import dispatcher_pb2 as d
     from berth.api import types_pb2 as t
 
+    try:
+        fingerprint = take(args.label, args.labels_file)  # issue 6: first, so a bad label stops nothing half-made
+    except FingerprintError as exc:
+        raise SystemExit(f"berth-agent: {exc}") from None
     state_dir = Path(args.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     mirrors: dict[str, str] = {}
@@ -121,6 +130,7 @@ async def serve(args: argparse.Namespace) -> None:
         metrics_address=args.metrics_listen.replace("0.0.0.0", host),
         capacity=t.Resources(memory_bytes=memory, nano_cpus=cpus), platform=platform_name(),
     )
+    fingerprint.fill(join)  # issue 6: capacity, platform, kernel, host name, labels
     async def on_peers(msg: d.PeersMessage) -> None:
         await network.set_peers([Peer(p.address, p.subnet) for p in msg.peers])
 

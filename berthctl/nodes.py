@@ -1,5 +1,10 @@
 """berthctl node inspect|update|rm (issue 6): a host's labels and availability, and forgetting a host.
 
+`node inspect` shows the agent's fingerprint (capacity, platform, kernel, host name) and three label sets:
+`agent_labels` (the agent's own: automatic `berth.*` ones, its labels file and `--label` flags),
+`user_labels` (set with `node update --label-add`, kept across the agent's re-joins) and `labels`, the two
+merged with the user's winning: what constraints match.
+
 `node update --availability drain` moves the containers that can move (those with a restart policy) off the
 host and waits until they run elsewhere, as `docker node update --availability drain` does for services.
 """
@@ -53,6 +58,8 @@ def node_doc(n: types_pb2.Node) -> dict[str, Any]:
         "allocated_memory_bytes": n.allocated.memory_bytes, "allocated_nano_cpus": n.allocated.nano_cpus,
         "labels": {**n.labels, **n.user_labels}, "agent_labels": dict(n.labels),
         "user_labels": dict(n.user_labels),
+        # issue 6: the agent's fingerprint
+        "hostname": n.hostname, "kernel_version": n.kernel_version, "joined_at_ns": n.joined_at_ns,
     }
 
 

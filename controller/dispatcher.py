@@ -50,6 +50,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 agent_address=request.agent_address, metrics_address=request.metrics_address,
                 capacity=request.capacity, labels=request.labels, platform=request.platform,
                 joined_at_ns=time.time_ns(), lease_id=lease, subnet=subnet,
+                hostname=request.hostname, kernel_version=request.kernel_version,  # issue 6: fingerprint
             )
             if old is not None:  # what `node update` set outlives a rejoin
                 node.availability = old.availability

@@ -56,11 +56,13 @@ class Constraint:
                 left, value = (part.strip() for part in text.split(op, 1))
                 if left.startswith("node."):
                     name = left[len("node."):]
-                    if name in ("name", "id", "platform") or (name.startswith("labels.") and len(name) > 7):
+                    if name in ("name", "id", "platform", "platform.os", "platform.arch") or (  # .os/.arch: issue 6
+                            name.startswith("labels.") and len(name) > 7):
                         return Constraint(name, equal, value)
                 break
         raise ValueError(
-            f"bad constraint {text!r}: use node.labels.KEY==VALUE, node.name==NAME or node.platform==OS/ARCH "
+            f"bad constraint {text!r}: use node.labels.KEY==VALUE, node.name==NAME, node.platform==OS/ARCH, "
+            "node.platform.os==OS or node.platform.arch==ARCH "
             "(or != )"
         )
 
@@ -69,6 +71,9 @@ class Constraint:
             actual: str | None = host.name if self.field == "name" else host.id
         elif self.field == "platform":
             actual = host.platform
+        elif self.field in ("platform.os", "platform.arch"):  # issue 6: Swarm's node.platform.os/arch
+            os_, _, arch = host.platform.partition("/")
+            actual = os_ if self.field == "platform.os" else arch
         else:
             actual = dict(host.labels).get(self.field[len("labels."):])
         return (actual == self.value) == self.equal

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from berth.api import types_pb2 as berth_dot_api_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x65rth/api/dispatcher.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\"\xf9\x01\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\ragent_address\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x14.berth.api.Resources\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".berth.api.JoinRequest.LabelsEntry\x12\x10\n\x08platform\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\x03\x12\x1a\n\x12heartbeat_period_s\x18\x03 \x01(\x01\x12\x0e\n\x06subnet\x18\n \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"(\n\x11HeartbeatResponse\x12\x13\n\x0blease_ttl_s\x18\x01 \x01(\x03\"=\n\x12\x41ssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\"\xa9\x01\n\x10\x41ssignmentChange\x12\x32\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\".berth.api.AssignmentChange.Action\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12)\n\nassignment\x18\x03 \x01(\x0b\x32\x15.berth.api.Assignment\" \n\x06\x41\x63tion\x12\n\n\x06UPDATE\x10\x00\x12\n\n\x06REMOVE\x10\x01\"\xad\x01\n\x12\x41ssignmentsMessage\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".berth.api.AssignmentsMessage.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12,\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x1b.berth.api.AssignmentChange\"%\n\x04Kind\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\"Y\n\x15\x43ontainerStatusUpdate\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.berth.api.ContainerStatus\"R\n\x0cStatusReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x31\n\x07updates\x18\x02 \x03(\x0b\x32 .berth.api.ContainerStatusUpdate\"\x16\n\x14StatusReportResponse\"?\n\x0bNetworkPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06subnet\x18\x03 \x01(\t\"\x1f\n\x0cPeersRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"5\n\x0cPeersMessage\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.berth.api.NetworkPeer2\xe3\x02\n\nDispatcher\x12\x37\n\x04Join\x12\x16.berth.api.JoinRequest\x1a\x17.berth.api.JoinResponse\x12\x46\n\tHeartbeat\x12\x1b.berth.api.HeartbeatRequest\x1a\x1c.berth.api.HeartbeatResponse\x12M\n\x0b\x41ssignments\x12\x1d.berth.api.AssignmentsRequest\x1a\x1d.berth.api.AssignmentsMessage0\x01\x12H\n\x0cReportStatus\x12\x17.berth.api.StatusReport\x1a\x1f.berth.api.StatusReportResponse\x12;\n\x05Peers\x12\x17.berth.api.PeersRequest\x1a\x17.berth.api.PeersMessage0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x65rth/api/dispatcher.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\"\xa3\x02\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\ragent_address\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x14.berth.api.Resources\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".berth.api.JoinRequest.LabelsEntry\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x10\n\x08hostname\x18\x32 \x01(\t\x12\x16\n\x0ekernel_version\x18\x33 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\x03\x12\x1a\n\x12heartbeat_period_s\x18\x03 \x01(\x01\x12\x0e\n\x06subnet\x18\n \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"(\n\x11HeartbeatResponse\x12\x13\n\x0blease_ttl_s\x18\x01 \x01(\x03\"=\n\x12\x41ssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\"\xa9\x01\n\x10\x41ssignmentChange\x12\x32\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\".berth.api.AssignmentChange.Action\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12)\n\nassignment\x18\x03 \x01(\x0b\x32\x15.berth.api.Assignment\" \n\x06\x41\x63tion\x12\n\n\x06UPDATE\x10\x00\x12\n\n\x06REMOVE\x10\x01\"\xad\x01\n\x12\x41ssignmentsMessage\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".berth.api.AssignmentsMessage.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12,\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x1b.berth.api.AssignmentChange\"%\n\x04Kind\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\"Y\n\x15\x43ontainerStatusUpdate\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.berth.api.ContainerStatus\"R\n\x0cStatusReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x31\n\x07updates\x18\x02 \x03(\x0b\x32 .berth.api.ContainerStatusUpdate\"\x16\n\x14StatusReportResponse\"?\n\x0bNetworkPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06subnet\x18\x03 \x01(\t\"\x1f\n\x0cPeersRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"5\n\x0cPeersMessage\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.berth.api.NetworkPeer2\xe3\x02\n\nDispatcher\x12\x37\n\x04Join\x12\x16.berth.api.JoinRequest\x1a\x17.berth.api.JoinResponse\x12\x46\n\tHeartbeat\x12\x1b.berth.api.HeartbeatRequest\x1a\x1c.berth.api.HeartbeatResponse\x12M\n\x0b\x41ssignments\x12\x1d.berth.api.AssignmentsRequest\x1a\x1d.berth.api.AssignmentsMessage0\x01\x12H\n\x0cReportStatus\x12\x17.berth.api.StatusReport\x1a\x1f.berth.api.StatusReportResponse\x12;\n\x05Peers\x12\x17.berth.api.PeersRequest\x1a\x17.berth.api.PeersMessage0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,37 +35,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_JOINREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_JOINREQUEST']._serialized_start=65
-  _globals['_JOINREQUEST']._serialized_end=314
-  _globals['_JOINREQUEST_LABELSENTRY']._serialized_start=269
-  _globals['_JOINREQUEST_LABELSENTRY']._serialized_end=314
-  _globals['_JOINRESPONSE']._serialized_start=316
-  _globals['_JOINRESPONSE']._serialized_end=412
-  _globals['_HEARTBEATREQUEST']._serialized_start=414
-  _globals['_HEARTBEATREQUEST']._serialized_end=449
-  _globals['_HEARTBEATRESPONSE']._serialized_start=451
-  _globals['_HEARTBEATRESPONSE']._serialized_end=491
-  _globals['_ASSIGNMENTSREQUEST']._serialized_start=493
-  _globals['_ASSIGNMENTSREQUEST']._serialized_end=554
-  _globals['_ASSIGNMENTCHANGE']._serialized_start=557
-  _globals['_ASSIGNMENTCHANGE']._serialized_end=726
-  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_start=694
-  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_end=726
-  _globals['_ASSIGNMENTSMESSAGE']._serialized_start=729
-  _globals['_ASSIGNMENTSMESSAGE']._serialized_end=902
-  _globals['_ASSIGNMENTSMESSAGE_KIND']._serialized_start=865
-  _globals['_ASSIGNMENTSMESSAGE_KIND']._serialized_end=902
-  _globals['_CONTAINERSTATUSUPDATE']._serialized_start=904
-  _globals['_CONTAINERSTATUSUPDATE']._serialized_end=993
-  _globals['_STATUSREPORT']._serialized_start=995
-  _globals['_STATUSREPORT']._serialized_end=1077
-  _globals['_STATUSREPORTRESPONSE']._serialized_start=1079
-  _globals['_STATUSREPORTRESPONSE']._serialized_end=1101
-  _globals['_NETWORKPEER']._serialized_start=1103
-  _globals['_NETWORKPEER']._serialized_end=1166
-  _globals['_PEERSREQUEST']._serialized_start=1168
-  _globals['_PEERSREQUEST']._serialized_end=1199
-  _globals['_PEERSMESSAGE']._serialized_start=1201
-  _globals['_PEERSMESSAGE']._serialized_end=1254
-  _globals['_DISPATCHER']._serialized_start=1257
-  _globals['_DISPATCHER']._serialized_end=1612
+  _globals['_JOINREQUEST']._serialized_end=356
+  _globals['_JOINREQUEST_LABELSENTRY']._serialized_start=311
+  _globals['_JOINREQUEST_LABELSENTRY']._serialized_end=356
+  _globals['_JOINRESPONSE']._serialized_start=358
+  _globals['_JOINRESPONSE']._serialized_end=454
+  _globals['_HEARTBEATREQUEST']._serialized_start=456
+  _globals['_HEARTBEATREQUEST']._serialized_end=491
+  _globals['_HEARTBEATRESPONSE']._serialized_start=493
+  _globals['_HEARTBEATRESPONSE']._serialized_end=533
+  _globals['_ASSIGNMENTSREQUEST']._serialized_start=535
+  _globals['_ASSIGNMENTSREQUEST']._serialized_end=596
+  _globals['_ASSIGNMENTCHANGE']._serialized_start=599
+  _globals['_ASSIGNMENTCHANGE']._serialized_end=768
+  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_start=736
+  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_end=768
+  _globals['_ASSIGNMENTSMESSAGE']._serialized_start=771
+  _globals['_ASSIGNMENTSMESSAGE']._serialized_end=944
+  _globals['_ASSIGNMENTSMESSAGE_KIND']._serialized_start=907
+  _globals['_ASSIGNMENTSMESSAGE_KIND']._serialized_end=944
+  _globals['_CONTAINERSTATUSUPDATE']._serialized_start=946
+  _globals['_CONTAINERSTATUSUPDATE']._serialized_end=1035
+  _globals['_STATUSREPORT']._serialized_start=1037
+  _globals['_STATUSREPORT']._serialized_end=1119
+  _globals['_STATUSREPORTRESPONSE']._serialized_start=1121
+  _globals['_STATUSREPORTRESPONSE']._serialized_end=1143
+  _globals['_NETWORKPEER']._serialized_start=1145
+  _globals['_NETWORKPEER']._serialized_end=1208
+  _globals['_PEERSREQUEST']._serialized_start=1210
+  _globals['_PEERSREQUEST']._serialized_end=1241
+  _globals['_PEERSMESSAGE']._serialized_start=1243
+  _globals['_PEERSMESSAGE']._serialized_end=1296
+  _globals['_DISPATCHER']._serialized_start=1299
+  _globals['_DISPATCHER']._serialized_end=1654
 # @@protoc_insertion_point(module_scope)

@@ -53,11 +53,16 @@ class JoinRequest(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    KERNEL_VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     agent_address: _builtins.str
     metrics_address: _builtins.str
     platform: _builtins.str
+    hostname: _builtins.str
+    """issue 6 (ctl, 50-59): the rest of the agent's fingerprint (agent.fingerprint)."""
+    kernel_version: _builtins.str
     @_builtins.property
     def capacity(self) -> _types_pb2.Resources: ...
     @_builtins.property
@@ -72,10 +77,12 @@ class JoinRequest(_message.Message):
         capacity: _types_pb2.Resources | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         platform: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        kernel_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_address", b"agent_address", "capacity", b"capacity", "labels", b"labels", "metrics_address", b"metrics_address", "name", b"name", "platform", b"platform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_address", b"agent_address", "capacity", b"capacity", "hostname", b"hostname", "kernel_version", b"kernel_version", "labels", b"labels", "metrics_address", b"metrics_address", "name", b"name", "platform", b"platform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -185,6 +185,7 @@ class ContainerSpec(_message.Message):
     PORTS_FIELD_NUMBER: _builtins.int
     DNS_FIELD_NUMBER: _builtins.int
     EXTRA_HOSTS_FIELD_NUMBER: _builtins.int
+    HEALTHCHECK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     image: _builtins.str
     entrypoint_set: _builtins.bool
@@ -275,6 +276,10 @@ class ContainerSpec(_message.Message):
     def extra_hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """--add-host NAME:IP lines for /etc/hosts"""
 
+    @_builtins.property
+    def healthcheck(self) -> Global___HealthCheck:
+        """issue 6 (ctl, 90-99): the health check the agent runs inside the container (--health-cmd ...)."""
+
     def __init__(
         self,
         *,
@@ -312,10 +317,11 @@ class ContainerSpec(_message.Message):
         ports: _abc.Iterable[Global___PortMapping] | None = ...,
         dns: _abc.Iterable[_builtins.str] | None = ...,
         extra_hosts: _abc.Iterable[_builtins.str] | None = ...,
+        healthcheck: Global___HealthCheck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["healthcheck", b"healthcheck"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "dns", b"dns", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "extra_hosts", b"extra_hosts", "hostname", b"hostname", "image", b"image", "labels", b"labels", "log_max_files", b"log_max_files", "log_max_size_bytes", b"log_max_size_bytes", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "network", b"network", "pids_limit", b"pids_limit", "placement_strategy", b"placement_strategy", "ports", b"ports", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_remove", b"auto_remove", "cap_add", b"cap_add", "cap_drop", b"cap_drop", "command", b"command", "constraints", b"constraints", "cpu_shares", b"cpu_shares", "cpuset_cpus", b"cpuset_cpus", "dns", b"dns", "entrypoint", b"entrypoint", "entrypoint_set", b"entrypoint_set", "env", b"env", "extra_hosts", b"extra_hosts", "healthcheck", b"healthcheck", "hostname", b"hostname", "image", b"image", "labels", b"labels", "log_max_files", b"log_max_files", "log_max_size_bytes", b"log_max_size_bytes", "memory_bytes", b"memory_bytes", "memory_swap_bytes", b"memory_swap_bytes", "name", b"name", "nano_cpus", b"nano_cpus", "network", b"network", "pids_limit", b"pids_limit", "placement_strategy", b"placement_strategy", "ports", b"ports", "privileged", b"privileged", "pull_policy", b"pull_policy", "read_only", b"read_only", "restart_policy", b"restart_policy", "tmpfs", b"tmpfs", "ulimits", b"ulimits", "user", b"user", "volumes", b"volumes", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,6 +346,7 @@ class ContainerStatus(_message.Message):
     SIGNAL_FIELD_NUMBER: _builtins.int
     IP_ADDRESS_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
     state: Global___ContainerState.ValueType
     exit_code: _builtins.int
     message: _builtins.str
@@ -362,6 +369,10 @@ class ContainerStatus(_message.Message):
     def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortMapping]:
         """published ports as bound (host port chosen when 0 was asked)"""
 
+    @_builtins.property
+    def health(self) -> Global___Health:
+        """issue 6 (ctl, 65-69): the health check's verdict for this run, with its last results."""
+
     def __init__(
         self,
         *,
@@ -378,10 +389,11 @@ class ContainerStatus(_message.Message):
         signal: _builtins.int = ...,
         ip_address: _builtins.str = ...,
         ports: _abc.Iterable[Global___PortMapping] | None = ...,
+        health: Global___Health | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "image_digest", b"image_digest", "ip_address", b"ip_address", "message", b"message", "oom_killed", b"oom_killed", "pid", b"pid", "ports", b"ports", "restart_count", b"restart_count", "signal", b"signal", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "health", b"health", "image_digest", b"image_digest", "ip_address", b"ip_address", "message", b"message", "oom_killed", b"oom_killed", "pid", b"pid", "ports", b"ports", "restart_count", b"restart_count", "signal", b"signal", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,6 +417,7 @@ class Container(_message.Message):
     SERVICE_ID_FIELD_NUMBER: _builtins.int
     SLOT_FIELD_NUMBER: _builtins.int
     SERVICE_VERSION_FIELD_NUMBER: _builtins.int
+    REPLACES_UNPLACED_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
@@ -424,6 +437,10 @@ class Container(_message.Message):
     """
     slot: _builtins.str
     service_version: _builtins.int
+    replaces_unplaced: _builtins.bool
+    """issue 6 (ctl, 65-69): a task made for a service slot whose previous task had no host either (more
+    replicas than hosts fit): a rolling update does not wait for it to be placed.
+    """
     node_name: _builtins.str
     @_builtins.property
     def spec(self) -> Global___ContainerSpec: ...
@@ -453,12 +470,13 @@ class Container(_message.Message):
         service_id: _builtins.str = ...,
         slot: _builtins.str = ...,
         service_version: _builtins.int = ...,
+        replaces_unplaced: _builtins.bool = ...,
         status: Global___ContainerStatus | None = ...,
         node_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "desired_state", b"desired_state", "generation", b"generation", "id", b"id", "node_id", b"node_id", "node_name", b"node_name", "pending_reason", b"pending_reason", "service_id", b"service_id", "service_version", b"service_version", "slot", b"slot", "spec", b"spec", "stale_nodes", b"stale_nodes", "status", b"status", "stop_timeout_s", b"stop_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "desired_state", b"desired_state", "generation", b"generation", "id", b"id", "node_id", b"node_id", "node_name", b"node_name", "pending_reason", b"pending_reason", "replaces_unplaced", b"replaces_unplaced", "service_id", b"service_id", "service_version", b"service_version", "slot", b"slot", "spec", b"spec", "stale_nodes", b"stale_nodes", "status", b"status", "stop_timeout_s", b"stop_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -579,6 +597,8 @@ class Node(_message.Message):
     AVAILABILITY_FIELD_NUMBER: _builtins.int
     USER_LABELS_FIELD_NUMBER: _builtins.int
     SUBNET_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    KERNEL_VERSION_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CONTAINERS_FIELD_NUMBER: _builtins.int
     ALLOCATED_FIELD_NUMBER: _builtins.int
@@ -599,6 +619,12 @@ class Node(_message.Message):
     """issue 5 (networking), fields 30-39.
     this host's container subnet, given by the controller at join
     """
+    hostname: _builtins.str
+    """issue 6 (ctl, 60-69): the agent's fingerprint beyond capacity, platform and labels.
+    the machine's own host name (uname)
+    """
+    kernel_version: _builtins.str
+    """uname release, e.g. 6.1.0-18-amd64"""
     state: Global___NodeState.ValueType
     """Filled on read, never stored."""
     containers: _builtins.int
@@ -628,13 +654,15 @@ class Node(_message.Message):
         availability: Global___NodeAvailability.ValueType = ...,
         user_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         subnet: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        kernel_version: _builtins.str = ...,
         state: Global___NodeState.ValueType = ...,
         containers: _builtins.int = ...,
         allocated: Global___Resources | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_address", b"agent_address", "allocated", b"allocated", "availability", b"availability", "capacity", b"capacity", "containers", b"containers", "id", b"id", "joined_at_ns", b"joined_at_ns", "labels", b"labels", "lease_id", b"lease_id", "metrics_address", b"metrics_address", "name", b"name", "platform", b"platform", "state", b"state", "subnet", b"subnet", "user_labels", b"user_labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_address", b"agent_address", "allocated", b"allocated", "availability", b"availability", "capacity", b"capacity", "containers", b"containers", "hostname", b"hostname", "id", b"id", "joined_at_ns", b"joined_at_ns", "kernel_version", b"kernel_version", "labels", b"labels", "lease_id", b"lease_id", "metrics_address", b"metrics_address", "name", b"name", "platform", b"platform", "state", b"state", "subnet", b"subnet", "user_labels", b"user_labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1129,3 +1157,106 @@ class PortMapping(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PortMapping: _TypeAlias = PortMapping  # noqa: Y015
+
+@_typing.final
+class HealthCheck(_message.Message):
+    """issue 6 (ctl): a container's health check, as Docker's HEALTHCHECK / --health-* flags."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEST_FIELD_NUMBER: _builtins.int
+    INTERVAL_S_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    START_PERIOD_S_FIELD_NUMBER: _builtins.int
+    interval_s: _builtins.float
+    """between checks (default 30)"""
+    timeout_s: _builtins.float
+    """a check running longer fails (default 30)"""
+    retries: _builtins.int
+    """consecutive failures that make it unhealthy (default 3)"""
+    start_period_s: _builtins.float
+    """failures in this time after start do not count (default 0)"""
+    @_builtins.property
+    def test(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """["CMD-SHELL", "curl -f http://localhost/"] (run by /bin/sh -c), ["CMD", "prog", "arg"...], or ["NONE"]."""
+
+    def __init__(
+        self,
+        *,
+        test: _abc.Iterable[_builtins.str] | None = ...,
+        interval_s: _builtins.float = ...,
+        timeout_s: _builtins.float = ...,
+        retries: _builtins.int = ...,
+        start_period_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_s", b"interval_s", "retries", b"retries", "start_period_s", b"start_period_s", "test", b"test", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthCheck: _TypeAlias = HealthCheck  # noqa: Y015
+
+@_typing.final
+class HealthResult(_message.Message):
+    """issue 6 (ctl): one run of a health check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_NS_FIELD_NUMBER: _builtins.int
+    END_NS_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    start_ns: _builtins.int
+    end_ns: _builtins.int
+    exit_code: _builtins.int
+    """0: passed; -1: timed out or could not run"""
+    output: _builtins.str
+    """its stdout and stderr, at most 4 KiB"""
+    def __init__(
+        self,
+        *,
+        start_ns: _builtins.int = ...,
+        end_ns: _builtins.int = ...,
+        exit_code: _builtins.int = ...,
+        output: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_ns", b"end_ns", "exit_code", b"exit_code", "output", b"output", "start_ns", b"start_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthResult: _TypeAlias = HealthResult  # noqa: Y015
+
+@_typing.final
+class Health(_message.Message):
+    """issue 6 (ctl): a running container's health."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    FAILING_STREAK_FIELD_NUMBER: _builtins.int
+    LOG_FIELD_NUMBER: _builtins.int
+    status: _builtins.str
+    """starting, healthy, unhealthy"""
+    failing_streak: _builtins.int
+    @_builtins.property
+    def log(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthResult]:
+        """the last 5 results, oldest first"""
+
+    def __init__(
+        self,
+        *,
+        status: _builtins.str = ...,
+        failing_streak: _builtins.int = ...,
+        log: _abc.Iterable[Global___HealthResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failing_streak", b"failing_streak", "log", b"log", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Health: _TypeAlias = Health  # noqa: Y015

@@ -1,6 +1,7 @@
 """`berthctl dev`: a whole berth cluster on this machine, for development and tests (like kind or minikube).
 
     berthctl dev up [--hosts 3] [--name berth] [--subnet 10.77.0.0/24] [--state-dir /var/lib/berth/dev]
+                    [--label [HOST:]KEY=VALUE]...
     berthctl dev status [--name berth] [-o table|json]
     berthctl dev down [--name berth]
 
@@ -75,6 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     up.add_argument("--subnet", default=DEFAULT_SUBNET, help="IPv4 subnet for the bridge (default %(default)s)")
     up.add_argument("--controllers", type=int, default=1,
                     help="controllers on one etcd, one of them the leader (default %(default)s)")
+    up.add_argument("--label", action="append", default=[], metavar="[HOST:]KEY=VALUE",
+                    help="a label for one host's agent (host2:disk=ssd) or, without HOST, every host's; repeatable")
     up.add_argument(
         "--no-berth",
         action="store_true",
@@ -128,6 +131,7 @@ def _up(args: argparse.Namespace) -> int:
             infra_only=args.no_berth,
             progress=lambda msg: print(msg, flush=True),
             controllers=args.controllers,
+            labels=args.label,
         )
     except DevError as e:
         return _fail(e)

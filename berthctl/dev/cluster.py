@@ -161,6 +161,24 @@ def _check_tools() -> None:
         raise DevError(f"missing Debian packages: {', '.join(missing)}; run scripts/install-deps")
 
 
+def parse_host_labels(flags: Iterable[str], hosts: int) -> dict[str, list[str]]:
+    """issue 6: `dev up --label host2:disk=ssd` (one host) or `--label zone=a` (every host) -> the
+    `--label KEY=VALUE` values of each host's agent."""
+    out: dict[str, list[str]] = {f"host{i}": [] for i in range(1, hosts + 1)}
+    for flag in flags:
+        where, colon, label = flag.partition(":")
+        if not colon or "=" in where:
+            where, label = "", flag
+        key, eq, _ = label.partition("=")
+        if not eq or not key.strip():
+            raise DevError(f"invalid --label {flag!r}: write [HOST:]KEY=VALUE, e.g. host2:disk=ssd")
+        if where and where not in out:
+            raise DevError(f"invalid --label {flag!r}: no host {where!r} in a cluster of {hosts} (host1..host{hosts})")
+        for name in [where] if where else list(out):
+            out[name].append(label)
+    return out
+
+
 def _parse_subnet(subnet: str, hosts: int) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(subnet, strict=True)
@@ -420,8 +438,10 @@ def up(
     timeout: float = 90.0,
     controllers: int = 1,
     container_cidr: str = "",
+    labels: Iterable[str] = (),
 ) -> ClusterInfo:
-    """Create and start dev cluster `name`; returns once every host is NODE_READY (see module doc)."""
+    """Create and start dev cluster `name`; returns once every host is NODE_READY (see module doc).
+    `labels` are `[HOST:]KEY=VALUE` (issue 6): given to that host's agent (`--label`), or to every host's."""
     say: Progress = progress or (lambda _msg: None)
     _check_root()
     _check_name(name)
@@ -434,6 +454,7 @@ def up(
     except netns.NetworkError as e:
         raise DevError(str(e)) from e
     net = _parse_subnet(subnet, hosts)
+    host_labels = parse_host_labels(labels, hosts)  # issue 6
     state = Path(state_dir).absolute()
     cdir = cluster_dir(name, state)
     leftovers = [str(cdir)] if cdir.exists() else []
@@ -455,7 +476,8 @@ def up(
     try:
         cdir.mkdir(parents=True)
         _save(info)
-        info = _bring_up(info, net, write_config, say, timeout, container_cidr=container_cidr)
+        info = _bring_up(info, net, write_config, say, timeout, container_cidr=container_cidr,
+                         host_labels=host_labels)
     except BaseException as e:
         say(f"start failed; removing what was made for dev cluster {name!r}")
         _teardown_after_failure(e, name, state, cdir)
@@ -468,6 +490,7 @@ def up(
 def _bring_up(
     info: ClusterInfo, net: ipaddress.IPv4Network, write_config: bool, say: Progress, timeout: float,
     container_cidr: str = "",
+    host_labels: dict[str, list[str]] | None = None,
 ) -> ClusterInfo:
     from berthctl.dev.registry import start_registry
     from berthctl.dev.seed import seed_registry
@@ -548,6 +571,8 @@ def _bring_up(
                 "--registry-mirror", f"docker.io=http://{info.registry}",
                 "--insecure-registry", info.registry,
             ]  # fmt: skip
+            for label in (host_labels or {}).get(host.name, []):  # issue 6: dev up --label
+                agent_cmd += ["--label", label]
             add(*_spawn(f"agent-{host.name}", agent_cmd, Path(host.log), env, cdir))
         say(f"waiting for {len(info.hosts)} hosts to be ready")
         _wait_nodes(info, running, time.monotonic() + timeout)
