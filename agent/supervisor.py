@@ -540,7 +540,7 @@ class Supervisor:
                 privileged=cfg.security.privileged,
             ),
             security=cfg.security,
-            cgroup_procs=tuple(cg.procs_files()),
+            cgroup_procs=tuple(cg.join_files()),  # the forked child joins while single-threaded
             stdout_fifo=str(paths.stdout_fifo),
             stderr_fifo=str(paths.stderr_fifo),
             netns=cfg.netns,

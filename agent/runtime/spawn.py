@@ -47,7 +47,8 @@ class SpawnSpec:
     workdir: str
     hostname: str
     rootfs: rfs.RootfsPlan
-    # cgroup.procs files the process joins before unsharing its cgroup namespace.
+    # Files the (single-threaded) process writes "0" to, to join its cgroups before unsharing its cgroup
+    # namespace: Cgroup.join_files().
     cgroup_procs: tuple[str, ...]
     # FIFOs for stdout and stderr (see open_output).
     stdout_fifo: str

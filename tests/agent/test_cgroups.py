@@ -4,6 +4,7 @@ cgroup on this host (create, join, kill, remove)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -223,3 +224,44 @@ def test_real_cgroup2_without_controllers() -> None:
             leaf.rmdir()
         if (root / parent).is_dir():
             (root / parent).rmdir()
+
+
+def test_join_files_name_tasks_on_v1_and_procs_on_v2(v1_root: Path, v2_root: Path) -> None:
+    cg1 = Hierarchy(v1_root).cgroup("berth", "c1")
+    cg1.create(Limits())
+    assert sorted(cg1.join_files()) == sorted(str(d / "tasks") for d in cg1.unique_dirs())
+    cg2 = Hierarchy(v2_root).cgroup("berth", "c1")
+    cg2.create(Limits())
+    assert cg2.join_files() == [str(v2_root / "berth" / "c1" / "cgroup.procs")]
+
+
+def test_real_join_files_move_a_single_threaded_child_into_every_hierarchy(
+    real_parent: tuple[Hierarchy, str],
+) -> None:
+    """What the supervisor's forked child does before it becomes the container (issue 2: through `tasks` on
+    v1, without the RCU grace period that a write to cgroup.procs waits for)."""
+    hier, parent = real_parent
+    hier.prepare_parent(parent)
+    cg = hier.cgroup(parent, "c1")
+    cg.create(Limits(pids_limit=20))
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only joins, signals and waits to be killed
+        try:
+            for path in cg.join_files():
+                with open(path, "w") as f:
+                    f.write("0")
+            os.write(ready_w, b"1")
+            signal.pause()
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"1", "the child could not join its cgroup"
+        for d in cg.unique_dirs():  # every hierarchy, not only one
+            assert int((d / "cgroup.procs").read_text()) == pid, d
+    finally:
+        os.close(ready_r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    cg.remove()
