@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.executor import ContainerConfig, ContainerInfo, Executor, ExecutorError, ProcessState
+from agent.handoff import await_port_holders
 from agent.images import Image, ImageError, ImageNotFound
 from agent.metrics import AgentMetrics
 from agent.network import NetworkError
@@ -365,6 +366,7 @@ class Worker:
         if self.network is None or not self.network.configured:
             raise NetworkError("this host has no container network: the controller gave it no subnet")
         ports = [Port(p.host_ip, p.host_port, p.container_port, p.protocol or "tcp") for p in spec.ports]
+        await await_port_holders(self, cid, ports)  # issue 6: a replaced container on its way out
         return (await self.network.attach(cid, ports)).netns
 
     def _network_files(self, config: ContainerConfig, spec: t.ContainerSpec) -> ContainerConfig:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from berth.units import UnitError, parse_cpus, parse_size
 from berthctl.client import CLIError, Connection
+from berthctl.network import parse_publish
 
 if TYPE_CHECKING:
     from berth.api import types_pb2
@@ -48,6 +50,8 @@ def register(sub: Any) -> None:
     q.add_argument("--cpus", help="CPU limit per container")
     q.add_argument("--restart", choices=("no", "always", "on-failure", "unless-stopped"),
                    help="default always: a container moves when its host dies")
+    q.add_argument("-p", "--publish", action="append", default=[], metavar="[HOSTIP:]HOSTPORT:PORT[/PROTO]",
+                   help="publish a port on each container's host (host mode: one container per host and port)")
     _update_flags(q)
     q.add_argument("image", metavar="IMAGE")
     q.add_argument("args", nargs=argparse.REMAINDER, metavar="COMMAND")
@@ -78,6 +82,10 @@ def register(sub: Any) -> None:
     q.add_argument("--env-add", action="append", default=[], metavar="KEY=VALUE")
     q.add_argument("--args", help="a new command, as one shell-like string")
     q.add_argument("--force", action="store_true", help="replace every container even with no change")
+    q.add_argument("--publish-add", action="append", default=[], metavar="[HOSTIP:]HOSTPORT:PORT[/PROTO]",
+                   help="publish another port (or change the host port of a container port)")
+    q.add_argument("--publish-rm", action="append", default=[], metavar="PORT[/PROTO]",
+                   help="stop publishing a container port")
     _update_flags(q)
     q.add_argument("service", metavar="SERVICE")
     q.set_defaults(func=cmd_update)
@@ -119,6 +127,8 @@ def cmd_create(args: argparse.Namespace, conn: Connection) -> int:
             template.nano_cpus = parse_cpus(args.cpus)
     except UnitError as exc:
         raise CLIError(str(exc)) from None
+    for flag in args.publish:  # issue 6: host-mode published ports
+        template.ports.append(parse_publish(flag))
     spec = t.ServiceSpec(name=args.name, template=template, replicas=args.replicas,
                          global_mode=args.mode == "global")
     _apply_update_flags(spec, args)
@@ -168,20 +178,52 @@ def cmd_ps(args: argparse.Namespace, conn: Connection) -> int:
     if args.output == "json":
         print(json.dumps(docs, indent=2))
         return 0
-    rows = [("ID", "NAME", "IMAGE", "HOST", "STATE", "VERSION")]
+    rows = [("ID", "NAME", "IMAGE", "HOST", "STATE", "VERSION", "PORTS", "ERROR")]
     for d in docs:
-        rows.append((d["id"][:12], d["name"], d["image"], d["node"], d["state"], str(d["service_version"])))
+        error = d["pending_reason"] if d["state"] == "pending" else d["message"] if d["state"] != "running" else ""
+        rows.append((d["id"][:12], d["name"], d["image"], d["node"], d["state"], str(d["service_version"]),
+                     ", ".join(d["ports"]), error))
     print(_table(rows))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace, conn: Connection) -> int:
     from berth.api import control_pb2
+    from berthctl.network import port_text
 
-    docs = [service_doc(conn.control.InspectService(control_pb2.ServiceRef(ref=r), timeout=CALL_TIMEOUT_S))
-            for r in args.services]
+    docs = []
+    for ref in args.services:
+        svc = conn.control.InspectService(control_pb2.ServiceRef(ref=ref), timeout=CALL_TIMEOUT_S)
+        doc = service_doc(svc)
+        if svc.spec.template.ports:  # issue 6: where each container publishes, as Swarm's host mode
+            doc["endpoint"] = {
+                "mode": "host",
+                "ports": [{"published_port": p.host_port, "target_port": p.container_port,
+                           "protocol": p.protocol or "tcp", "host_ip": p.host_ip} for p in svc.spec.template.ports],
+                "published": {c.spec.name: [f"{c.node_name or c.node_id} {port_text(p)}" for p in c.status.ports]
+                              for c in _tasks(conn, svc) if c.status.ports},
+            }
+        docs.append(doc)
     print(json.dumps(docs, indent=2))
     return 0
+
+
+def _update_ports(template: types_pb2.ContainerSpec, add: list[str], rm: list[str]) -> None:
+    """issue 6: service update --publish-add/--publish-rm; a container port is published once."""
+    for flag in rm:
+        port, _, proto = flag.partition("/")
+        if not port.isdigit():
+            raise CLIError(f"invalid --publish-rm {flag!r}: write the container port, e.g. 80 or 53/udp")
+        kept = [p for p in template.ports
+                if not (p.container_port == int(port) and (p.protocol or "tcp") == (proto or "tcp"))]
+        del template.ports[:]
+        template.ports.extend(kept)
+    for flag in add:
+        mapping = parse_publish(flag)
+        kept = [p for p in template.ports
+                if not (p.container_port == mapping.container_port and p.protocol == mapping.protocol)]
+        del template.ports[:]
+        template.ports.extend([*kept, mapping])
 
 
 def cmd_scale(args: argparse.Namespace, conn: Connection) -> int:
@@ -221,6 +263,7 @@ def cmd_update(args: argparse.Namespace, conn: Connection) -> int:
         spec.template.env.append(env)
     if args.force:
         spec.template.labels["berth.force-update"] = str(time.time_ns())
+    _update_ports(spec.template, args.publish_add, args.publish_rm)  # issue 6
     _apply_update_flags(spec, args)
     svc = conn.control.UpdateService(control_pb2.UpdateServiceRequest(ref=svc.id, spec=spec), timeout=CALL_TIMEOUT_S)
     return _finish(conn, svc, args)
@@ -247,17 +290,25 @@ def _finish(conn: Connection, svc: types_pb2.Service, args: argparse.Namespace) 
 
 
 def _wait(conn: Connection, sid: str, timeout: float) -> types_pb2.Service:
-    """Until the update is over and every slot runs a container of the current version."""
+    """Until the update is over and every slot runs a container of the current version, or (issue 6) waits
+    for a host with the scheduler's reason (said in a warning)."""
     from berth.api import control_pb2
+    from berth.api import types_pb2 as t
 
     deadline = time.monotonic() + timeout
     while True:
         svc = conn.control.InspectService(control_pb2.ServiceRef(ref=sid), timeout=CALL_TIMEOUT_S)
         if svc.update_state == "paused":
             return svc
-        if svc.update_state in DONE and svc.running >= svc.desired and (svc.desired or not svc.spec.global_mode):
+        if svc.update_state in DONE and (svc.desired or not svc.spec.global_mode):
             tasks = _tasks(conn, svc)
-            if len(tasks) == svc.desired:
+            waiting = [c for c in tasks if c.service_version == svc.version and not c.node_id and c.pending_reason
+                       and c.status.state == t.STATE_PENDING]
+            if svc.running + len(waiting) >= svc.desired and len(tasks) == svc.desired:
+                if waiting:
+                    print(f"berthctl: warning: {len(waiting)} of {svc.desired} containers of service "
+                          f"{svc.spec.name} are pending: {waiting[0].pending_reason}; they start when a host fits "
+                          f"(berthctl service ps {svc.spec.name})", file=sys.stderr)
                 return svc
         if time.monotonic() > deadline:
             raise CLIError(f"service {svc.spec.name} did not converge in {timeout:g}s: {svc.running}/{svc.desired} "

@@ -241,6 +241,9 @@ class Orchestrator:
                        and v.container.desired_state == t.DESIRED_RUNNING]
             if not pending:
                 return 0
+            # issue 6: a service's task standing in for one that had no host either goes last, so that a
+            # rolling update's successor gets the host (port, memory) its predecessor just freed.
+            pending.sort(key=lambda v: v.container.replaces_unplaced)
             hosts = await self.hosts(containers)
             index = {h.id: i for i, h in enumerate(hosts)}
             writes: list[tuple[Versioned, t.Container, t.Assignment, t.ContainerStatus]] = []

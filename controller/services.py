@@ -43,6 +43,12 @@ NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 UPDATING = ("updating", "rolling_back")
 
 
+def unplaceable(c: t.Container) -> bool:
+    """issue 6: a task the scheduler found no host for (it says why), made in place of one that had a host."""
+    return (not c.node_id and bool(c.pending_reason) and not c.replaces_unplaced
+            and c.desired_state == t.DESIRED_RUNNING)
+
+
 def effective(u: t.UpdateConfig) -> tuple[int, float, str, str, float]:
     """(parallelism, delay, order, failure action, monitor) with defaults filled in."""
     return (u.parallelism or 1, u.delay_s, u.order or "stop-first", u.failure_action or "pause",
@@ -124,9 +130,11 @@ class ServiceReconciler:
         updating = svc.update_state in UPDATING
         new = [c for c in tasks if c.slot in by_slot and c.service_version == svc.version]
         if updating:
-            failed = [c for c in new if c.status.state in TERMINAL]
+            # A new task that fails, or that cannot be placed where its predecessor could (issue 6: say, a
+            # start-first successor that needs the host port its predecessor holds), fails the update.
+            failed = [c for c in new if c.status.state in TERMINAL or unplaceable(c)]
             if failed:
-                await self._failed(svc, rev, failed[0], action)
+                await self._failed(svc, rev, failed[0], action, order)
                 return
         if svc.update_state == "paused":
             return
@@ -149,7 +157,8 @@ class ServiceReconciler:
                         await self.orchestrator.remove(c.id)
                 by_slot[s] = fresh
         old_slots = [s for s in old_slots if any(c.service_version != svc.version for c in by_slot[s])]
-        in_flight = [c for c in new if not stable(c)]
+        # issue 6: a task made for a slot whose predecessor had no host either is not waited for.
+        in_flight = [c for c in new if not stable(c) and not (c.replaces_unplaced and not c.node_id)]
         if not old_slots:
             if not in_flight:
                 if svc.update_state == "rolling_back":
@@ -161,17 +170,25 @@ class ServiceReconciler:
             return
         if in_flight or (new and now < max(started(c) for c in new) + monitor + delay):
             return
-        # The next batch: slots whose old task is not running first.
+        # The next batch: slots whose old task is not running first; a slot that has its successor already
+        # is not replaced twice.
+        old_slots = [s for s in old_slots if not any(c.service_version == svc.version for c in by_slot[s])]
         old_slots.sort(key=lambda s: all(c.status.state == t.STATE_RUNNING for c in by_slot[s]))
         for s in old_slots[:parallelism]:
-            if order == "stop-first":
+            unplaced = all(not c.node_id for c in by_slot[s])  # issue 6: nothing to keep running meanwhile
+            if order == "stop-first" or unplaced:
                 for c in by_slot[s]:
                     await self.orchestrator.remove(c.id)
-            await self._create(svc, s)
+            await self._create(svc, s, replaces_unplaced=unplaced)
 
-    async def _failed(self, svc: t.Service, rev: int, task: t.Container, action: str) -> None:
+    async def _failed(self, svc: t.Service, rev: int, task: t.Container, action: str, order: str = "") -> None:
         why = task.status.message or f"exit code {task.status.exit_code}"
         message = f"task {task.spec.name} {t.ContainerState.Name(task.status.state)[6:].lower()}: {why}"
+        if unplaceable(task):  # issue 6
+            message = f"task {task.spec.name} cannot be placed: {task.pending_reason}"
+            if order == "start-first" and " in use" in task.pending_reason:
+                message += ("; start-first needs a host whose port is free while the old container still runs: "
+                            "use --update-order stop-first")
         if action == "rollback" and svc.update_state == "updating" and svc.HasField("previous_spec"):
             _rollback(svc)
             svc.update_state = "rolling_back"
@@ -182,7 +199,7 @@ class ServiceReconciler:
         await self.store.put_service(svc, rev)
         log.warning("service %s: %s", svc.spec.name, svc.update_message)
 
-    async def _create(self, svc: t.Service, slot: str) -> None:
+    async def _create(self, svc: t.Service, slot: str, replaces_unplaced: bool = False) -> None:
         spec = t.ContainerSpec()
         spec.CopyFrom(svc.spec.template)
         spec.name = f"{svc.spec.name}.{slot}.{secrets.token_hex(3)}"
@@ -194,7 +211,7 @@ class ServiceReconciler:
         c = t.Container(
             id=secrets.token_hex(32), spec=spec, created_at_ns=int(self.clock() * 1e9),
             desired_state=t.DESIRED_RUNNING, generation=1, stop_timeout_s=10.0,
-            service_id=svc.id, slot=slot, service_version=svc.version,
+            service_id=svc.id, slot=slot, service_version=svc.version, replaces_unplaced=replaces_unplaced,
         )
         await self.store.create_container(c)
 
