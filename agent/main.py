@@ -69,6 +69,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     from agent.api import AgentAPI3b
     from agent.fingerprint import FingerprintError, take
+    from agent.health import HealthReporter
     from agent.images.registry import RegistryConfig
     from agent.images.store import ImageStore
     from agent.metrics import AgentMetrics
@@ -77,7 +78,7 @@ async def serve(args: argparse.Namespace) -> None:
     from agent.network.overlay import Peer
     from agent.runtime.linux import LinuxExecutor
     from agent.session import Session
-    from agent.worker import Reporter, Worker
+    from agent.worker import Worker
     from berth import rpc, serving
     from berth.api import agent_pb2_grpc
     from berth.api import dispatcher_pb2 as d
@@ -108,9 +109,11 @@ async def serve(args: argparse.Namespace) -> None:
     else:
         executor = LinuxExecutor(state_dir, args.cgroup_parent, allow_privileged=args.allow_privileged)
     metrics = AgentMetrics()
-    reporter = Reporter()
+    # issue 6: the reporter also runs health checks (not on hollow agents, which start nothing)
+    reporter = HealthReporter(executor if isinstance(executor, LinuxExecutor) else None)
     network = HostNetwork(state_dir)
     worker = Worker(executor, images, reporter, metrics, state_dir, network=network)
+    reporter.assignments = worker.assignments
     await worker.load()
 
     async def on_join(reply: d.JoinResponse) -> None:

@@ -13,7 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from berth.healthcheck import suffix as health_suffix
 from berth.units import UnitError, parse_cpus, parse_size
+from berthctl import health as berthctl_health
 from berthctl import network as berthctl_network
 from berthctl import runopts
 from berthctl.client import CLIError, Connection, controller_address
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("spread", "binpack"), default="",
                    help="how its host is chosen (default: the cluster's, controller --strategy)")
     runopts.add_arguments(p)  # issue 3b
+    berthctl_health.add_arguments(p)  # issue 6
     p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
                    help="pull the image before the container starts: always, when missing, or never")
     berthctl_network.add_run_flags(p)
@@ -185,6 +188,7 @@ def _parse_spec(args: argparse.Namespace) -> types_pb2.ContainerSpec:
         if args.entrypoint:
             spec.entrypoint.append(args.entrypoint)
     runopts.fill_spec(args, spec)
+    berthctl_health.fill_spec(args, spec)  # issue 6
     berthctl_network.apply_run_flags(spec, args)
     return spec
 
@@ -209,7 +213,8 @@ def _status_text(c: types_pb2.Container, now_ns: int) -> str:
 
     s = c.status
     if s.state == t.STATE_RUNNING:
-        return f"Up {_ago(s.started_at_ns, now_ns)}" + (" (Paused)" if s.message == "paused" else "")  # 3a
+        return (f"Up {_ago(s.started_at_ns, now_ns)}" + (" (Paused)" if s.message == "paused" else "")  # 3a
+                + health_suffix(s.health))  # issue 6
     if s.state == t.STATE_EXITED:
         return f"Exited ({s.exit_code}) {_ago(s.finished_at_ns, now_ns)} ago"
     if s.state == t.STATE_PENDING and c.pending_reason:
@@ -239,6 +244,7 @@ def container_json(c: types_pb2.Container) -> dict[str, Any]:
         "pid": c.status.pid,
         "ip_address": c.status.ip_address,
         "ports": berthctl_network.ports_of(c),
+        "health": c.status.health.status if c.status.state == 4 else "",  # issue 6: starting, healthy, unhealthy
         **_lifecycle_json(c),
     }
 

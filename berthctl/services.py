@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from berth.units import UnitError, parse_cpus, parse_size
+from berthctl import health
 from berthctl.client import CLIError, Connection
 from berthctl.network import parse_publish
 
@@ -52,6 +53,7 @@ def register(sub: Any) -> None:
                    help="default always: a container moves when its host dies")
     q.add_argument("-p", "--publish", action="append", default=[], metavar="[HOSTIP:]HOSTPORT:PORT[/PROTO]",
                    help="publish a port on each container's host (host mode: one container per host and port)")
+    health.add_arguments(q)  # issue 6
     _update_flags(q)
     q.add_argument("image", metavar="IMAGE")
     q.add_argument("args", nargs=argparse.REMAINDER, metavar="COMMAND")
@@ -86,6 +88,7 @@ def register(sub: Any) -> None:
                    help="publish another port (or change the host port of a container port)")
     q.add_argument("--publish-rm", action="append", default=[], metavar="PORT[/PROTO]",
                    help="stop publishing a container port")
+    health.add_arguments(q)  # issue 6
     _update_flags(q)
     q.add_argument("service", metavar="SERVICE")
     q.set_defaults(func=cmd_update)
@@ -129,6 +132,7 @@ def cmd_create(args: argparse.Namespace, conn: Connection) -> int:
         raise CLIError(str(exc)) from None
     for flag in args.publish:  # issue 6: host-mode published ports
         template.ports.append(parse_publish(flag))
+    health.fill_spec(args, template)  # issue 6
     spec = t.ServiceSpec(name=args.name, template=template, replicas=args.replicas,
                          global_mode=args.mode == "global")
     _apply_update_flags(spec, args)
@@ -181,7 +185,8 @@ def cmd_ps(args: argparse.Namespace, conn: Connection) -> int:
     rows = [("ID", "NAME", "IMAGE", "HOST", "STATE", "VERSION", "PORTS", "ERROR")]
     for d in docs:
         error = d["pending_reason"] if d["state"] == "pending" else d["message"] if d["state"] != "running" else ""
-        rows.append((d["id"][:12], d["name"], d["image"], d["node"], d["state"], str(d["service_version"]),
+        state = d["state"] + (f" ({d['health']})" if d["health"] else "")  # issue 6
+        rows.append((d["id"][:12], d["name"], d["image"], d["node"], state, str(d["service_version"]),
                      ", ".join(d["ports"]), error))
     print(_table(rows))
     return 0
@@ -264,6 +269,7 @@ def cmd_update(args: argparse.Namespace, conn: Connection) -> int:
     if args.force:
         spec.template.labels["berth.force-update"] = str(time.time_ns())
     _update_ports(spec.template, args.publish_add, args.publish_rm)  # issue 6
+    health.fill_spec(args, spec.template)  # issue 6
     _apply_update_flags(spec, args)
     svc = conn.control.UpdateService(control_pb2.UpdateServiceRequest(ref=svc.id, spec=spec), timeout=CALL_TIMEOUT_S)
     return _finish(conn, svc, args)

@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import grpc.aio
 
+from berth import healthcheck
 from berth.api import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
 from berth.rpc import aio_channel
@@ -148,6 +149,9 @@ def validate(spec: t.ContainerSpec) -> str | None:
             Constraint.parse(constraint)
         except ValueError as exc:
             return str(exc)
+    problem = healthcheck.validate(spec.healthcheck)  # issue 6
+    if problem:
+        return problem
     return validate_3b(spec)
 
 

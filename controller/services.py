@@ -15,6 +15,8 @@ update where the old one stopped.
   next starts `delay_s` after that. A new task that fails or exits during the update triggers the failure
   action: pause (stop replacing) or rollback (the previous spec and version come back, rolled out the same
   way; a rollback that fails pauses).
+- issue 6: with a health check in the template, a new task counts as up only once healthy, and one that
+  turns unhealthy triggers the failure action; outside an update an unhealthy task is replaced (as Swarm).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from berth import healthcheck
 from berth.api import control_pb2
 from berth.api import types_pb2 as t
 from controller import scheduler
@@ -47,6 +50,11 @@ def unplaceable(c: t.Container) -> bool:
     """issue 6: a task the scheduler found no host for (it says why), made in place of one that had a host."""
     return (not c.node_id and bool(c.pending_reason) and not c.replaces_unplaced
             and c.desired_state == t.DESIRED_RUNNING)
+
+
+def unhealthy(c: t.Container) -> bool:
+    """issue 6: running, and its health check says unhealthy."""
+    return c.status.state == t.STATE_RUNNING and c.status.health.status == "unhealthy"
 
 
 def effective(u: t.UpdateConfig) -> tuple[int, float, str, str, float]:
@@ -124,15 +132,18 @@ class ServiceReconciler:
         def started(c: t.Container) -> float:
             return c.status.started_at_ns / 1e9
 
-        def stable(c: t.Container) -> bool:
-            return c.status.state == t.STATE_RUNNING and started(c) + monitor <= now
+        checked = healthcheck.enabled(svc.spec.template.healthcheck)
+
+        def stable(c: t.Container) -> bool:  # issue 6: and healthy, when it has a health check
+            return (c.status.state == t.STATE_RUNNING and started(c) + monitor <= now
+                    and (not checked or c.status.health.status == "healthy"))
 
         updating = svc.update_state in UPDATING
         new = [c for c in tasks if c.slot in by_slot and c.service_version == svc.version]
         if updating:
             # A new task that fails, or that cannot be placed where its predecessor could (issue 6: say, a
             # start-first successor that needs the host port its predecessor holds), fails the update.
-            failed = [c for c in new if c.status.state in TERMINAL or unplaceable(c)]
+            failed = [c for c in new if c.status.state in TERMINAL or unplaceable(c) or unhealthy(c)]
             if failed:
                 await self._failed(svc, rev, failed[0], action, order)
                 return
@@ -141,6 +152,7 @@ class ServiceReconciler:
         for slot, current in by_slot.items():
             ended = [c for c in current if c.status.state in TERMINAL and not updating
                      and now - max(c.status.finished_at_ns, c.created_at_ns) / 1e9 >= RESTART_DELAY_S]
+            ended += [c for c in current if unhealthy(c) and not updating]  # issue 6: replaced, as Swarm does
             for c in ended:
                 await self.orchestrator.remove(c.id)
                 current.remove(c)
@@ -184,6 +196,11 @@ class ServiceReconciler:
     async def _failed(self, svc: t.Service, rev: int, task: t.Container, action: str, order: str = "") -> None:
         why = task.status.message or f"exit code {task.status.exit_code}"
         message = f"task {task.spec.name} {t.ContainerState.Name(task.status.state)[6:].lower()}: {why}"
+        if unhealthy(task):  # issue 6
+            last = task.status.health.log[-1] if task.status.health.log else None
+            detail = (last.output.strip().splitlines() or [f"exit code {last.exit_code}"])[-1] if last else ""
+            message = (f"task {task.spec.name} unhealthy after {task.status.health.failing_streak} failed health "
+                       f"checks" + (f": {detail}" if detail else ""))
         if unplaceable(task):  # issue 6
             message = f"task {task.spec.name} cannot be placed: {task.pending_reason}"
             if order == "start-first" and " in use" in task.pending_reason:

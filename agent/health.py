@@ -1,0 +1,131 @@
+"""Health checks on the host (issue 6): the agent runs each running container's check inside it and reports
+starting, healthy or unhealthy with the container's status (Docker's semantics: berth.healthcheck).
+
+`HealthReporter` is the worker's status reporter with this added: every status the worker reports for a
+container passes through it, so a running container with a check gets a probe task (one per run, told
+apart by its start time) and its current health in each report, and a container that stops running loses
+its probe. The probe's results are reported as the last status sent with a new `health`.
+
+A check is one more process in the container: the exec helper (agent.runtime.exec, a short-lived process
+that joins the container's namespaces and cgroup), with the container's user, environment and working
+directory, its output captured (4 KiB kept) and killed when it runs past the timeout. Health is not kept
+across an agent restart: an adopted container starts again from `starting` (Docker keeps it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from agent.runtime.exec import ExecError
+from agent.runtime.linux import LinuxExecutor
+from agent.worker import Reporter
+from berth import healthcheck
+from berth.api import types_pb2 as t
+
+log = logging.getLogger(__name__)
+
+
+class HealthReporter(Reporter):
+    """A Reporter that also runs health checks; with no executor (hollow agents) it is a plain Reporter."""
+
+    def __init__(self, executor: LinuxExecutor | None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        super().__init__()
+        self.executor = executor
+        self.assignments: Mapping[str, t.Assignment] = {}  # the worker's, set once it exists
+        self._sleep = sleep
+        self._probes: dict[str, tuple[int, asyncio.Task[None]]] = {}  # cid -> (started_at_ns, probe)
+        self._health: dict[str, t.Health] = {}
+
+    def report(self, cid: str, status: t.ContainerStatus) -> None:
+        check = self._check(cid)
+        if status.state == t.STATE_RUNNING and check is not None:
+            current = self._probes.get(cid)
+            if current is None or current[0] != status.started_at_ns:
+                self._stop(cid)
+                self._health[cid] = t.Health(status="starting")
+                task = asyncio.get_running_loop().create_task(self._probe(cid, status.started_at_ns, check))
+                self._probes[cid] = (status.started_at_ns, task)
+            if not status.HasField("health"):
+                status.health.CopyFrom(self._health[cid])
+        else:
+            self._stop(cid)
+        super().report(cid, status)
+
+    def forget(self, cid: str) -> None:
+        self._stop(cid)
+        super().forget(cid)
+
+    def _check(self, cid: str) -> t.HealthCheck | None:
+        a = self.assignments.get(cid)
+        if self.executor is None or a is None or not healthcheck.enabled(a.spec.healthcheck):
+            return None
+        return a.spec.healthcheck
+
+    def _stop(self, cid: str) -> None:
+        probe = self._probes.pop(cid, None)
+        self._health.pop(cid, None)
+        if probe is not None:
+            probe[1].cancel()
+
+    async def _probe(self, cid: str, started_at_ns: int, check: t.HealthCheck) -> None:
+        hc = healthcheck.effective(check)
+        health = self._health[cid]
+        while True:
+            await self._sleep(hc.interval_s)
+            last = self.sent.get(cid)
+            if last is None or last.state != t.STATE_RUNNING or last.started_at_ns != started_at_ns:
+                return
+            if last.message == "paused":  # a frozen container cannot answer; Docker skips it too
+                continue
+            result = await self.run_check(cid, hc)
+            in_start_period = time.time_ns() - started_at_ns < hc.start_period_s * 1e9
+            if result.exit_code == 0:
+                health.status, health.failing_streak = "healthy", 0
+            elif not (in_start_period and health.status == "starting"):
+                health.failing_streak += 1
+                if health.failing_streak >= hc.retries:
+                    health.status = "unhealthy"
+            health.log.append(result)
+            del health.log[:-healthcheck.LOG_ENTRIES]
+            last = self.sent.get(cid)
+            if self._probes.get(cid, (0,))[0] != started_at_ns or last is None or last.state != t.STATE_RUNNING:
+                return  # it stopped while the check ran
+            update = t.ContainerStatus()
+            update.CopyFrom(last)
+            update.health.CopyFrom(health)
+            super().report(cid, update)
+
+    async def run_check(self, cid: str, hc: healthcheck.Effective) -> t.HealthResult:
+        """Run the check once in the container: exit code 0 passes; -1 when it timed out or could not run."""
+        from agent import exec_session
+
+        assert self.executor is not None
+        start = time.time_ns()
+        try:
+            spec = await exec_session.prepare(self.executor, t.ExecStart(container=cid, args=hc.args))
+        except ExecError as exc:
+            return t.HealthResult(start_ns=start, end_ns=time.time_ns(), exit_code=-1, output=str(exc))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent.runtime.exec", spec.to_json(),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            cwd="/",
+        )
+        try:
+            async with asyncio.timeout(hc.timeout_s):
+                out, _ = await proc.communicate()
+            code = proc.returncode if proc.returncode is not None else -1
+            output = out[: healthcheck.MAX_OUTPUT].decode(errors="replace")
+        except TimeoutError:
+            code, output = -1, f"Health check exceeded timeout ({hc.timeout_s:g}s)"
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()  # the command in the container dies with the helper (PDEATHSIG)
+                await proc.wait()
+        return t.HealthResult(start_ns=start, end_ns=time.time_ns(), exit_code=code, output=output)
