@@ -73,7 +73,7 @@ async def serve(args: argparse.Namespace) -> None:
     from agent.images.registry import RegistryConfig
     from agent.images.store import ImageStore
     from agent.metrics import AgentMetrics
-    from agent.network import NetworkError
+    from agent.network import NetworkError, dns
     from agent.network.host import HostNetwork
     from agent.network.overlay import Peer
     from agent.runtime.linux import LinuxExecutor
@@ -114,6 +114,8 @@ async def serve(args: argparse.Namespace) -> None:
     network = HostNetwork(state_dir)
     worker = Worker(executor, images, reporter, metrics, state_dir, network=network)
     reporter.assignments = worker.assignments
+    names = dns.Names()  # issue 5 (names): the containers' DNS server, on the gateway of each network
+    worker.dns = dns_server = dns.DnsServer(names, dns.container_upstreams(network, worker, dns.HostResolvConf()))
     await worker.load()
 
     async def on_join(reply: d.JoinResponse) -> None:
@@ -122,6 +124,7 @@ async def serve(args: argparse.Namespace) -> None:
         try:
             await network.configure(reply.subnet, keep=set(worker.info) | set(worker.assignments),
                                     address=args.address)
+            await dns_server.listen("bridge", str(network.ipam.gateway.ip), str(network.ipam.subnet))
         except NetworkError as exc:
             logging.getLogger("berth.agent").error("container network: %s", exc)
 
@@ -137,8 +140,11 @@ async def serve(args: argparse.Namespace) -> None:
     async def on_peers(msg: d.PeersMessage) -> None:
         await network.set_peers([Peer(p.address, p.subnet) for p in msg.peers])
 
+    async def on_names(msg: d.NamesMessage) -> None:
+        dns.apply(names, msg)
+
     session = Session(args.controller.split(","), join, worker, reporter, metrics, on_join=on_join,
-                      on_peers=on_peers)
+                      on_peers=on_peers, on_names=on_names)
 
     server = rpc.aio_server()
     api = AgentAPI3b(executor, worker)  # issue 3b: + exec, volumes
@@ -164,6 +170,7 @@ async def serve(args: argparse.Namespace) -> None:
     for task in tasks:
         task.cancel()
     await server.stop(grace=1)
+    await dns_server.close_all()
     await executor.close()  # containers keep running: they belong to the supervisor, not to the agent
     for task in done:
         if task is not waiter:

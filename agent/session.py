@@ -31,7 +31,9 @@ class Session:
         metrics: AgentMetrics,
         on_join: Callable[[d.JoinResponse], Awaitable[None]] | None = None,
         on_peers: Callable[[d.PeersMessage], Awaitable[None]] | None = None,
+        on_names: Callable[[d.NamesMessage], Awaitable[None]] | None = None,
     ) -> None:
+        self.on_names = on_names  # issue 5 (names): the containers' DNS records, from the Names stream
         self.on_peers = on_peers  # issue 5: the overlay's peers, from the controller's Peers stream
         self.on_join = on_join  # issue 5: set up the host's container network before any assignment
         if not controllers:
@@ -78,6 +80,7 @@ class Session:
         stub = dispatcher_pb2_grpc.DispatcherStub(channel)
         heartbeat: asyncio.Task[None] | None = None
         peers: asyncio.Task[None] | None = None
+        names: asyncio.Task[None] | None = None
         try:
             reply = await stub.Join(self.join, timeout=5)
             if self.on_join is not None:
@@ -90,6 +93,8 @@ class Session:
             heartbeat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_period_s))
             if self.on_peers is not None:
                 peers = asyncio.create_task(self._peers(stub))
+            if self.on_names is not None:
+                names = asyncio.create_task(self._names(stub))
             stream = stub.Assignments(d.AssignmentsRequest(node_id=self.node_id, after_revision=self.revision))
             self.reporter.flush()  # deliver whatever queued up while disconnected
             reader = asyncio.create_task(self._read(stream))
@@ -104,6 +109,8 @@ class Session:
                 heartbeat.cancel()
             if peers is not None:
                 peers.cancel()
+            if names is not None:
+                names.cancel()
             with contextlib.suppress(Exception):
                 await channel.close(None)
 
@@ -126,6 +133,23 @@ class Session:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                     return  # an older controller: no overlay
                 log.warning("peers stream: %s %s", exc.code().name, exc.details())
+            await asyncio.sleep(1.0)
+
+    async def _names(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub) -> None:
+        """issue 5 (names): follow the Names stream for the session's life; each (re)connection starts with the
+        whole table."""
+        assert self.on_names is not None
+        while True:
+            try:
+                async for msg in stub.Names(d.NamesRequest(node_id=self.node_id)):
+                    try:
+                        await self.on_names(msg)
+                    except Exception:
+                        log.exception("applying the DNS records")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return  # an older controller: no names
+                log.warning("names stream: %s %s", exc.code().name, exc.details())
             await asyncio.sleep(1.0)
 
     async def _heartbeats(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub, period_s: float) -> None:

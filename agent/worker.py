@@ -27,6 +27,7 @@ from agent.handoff import await_port_holders
 from agent.images import Image, ImageError, ImageNotFound
 from agent.metrics import AgentMetrics
 from agent.network import NetworkError
+from agent.network.dns import DnsServer
 from agent.network.host import HostNetwork
 from agent.network.ipam import Port
 from agent.restart import RestartPolicy, RestartPolicyError, RestartTracker
@@ -157,6 +158,7 @@ class Worker:
         network: HostNetwork | None = None,
     ) -> None:
         self.network = network
+        self.dns: DnsServer | None = None  # issue 5 (names): set by main; containers' resolv.conf names it
         self.executor = executor
         self.images = images
         self.reporter = reporter
@@ -380,7 +382,8 @@ class Worker:
         hosts, resolv = files.write(
             self.network.state_dir, config.id,
             files.hosts_text(config.hostname, spec.name, a.address if a else "", list(spec.extra_hosts)),
-            files.resolv_text(list(spec.dns)),
+            files.resolv_text(list(spec.dns), nameserver=self.dns.nameserver(spec.network or "bridge")
+                              if self.dns is not None else ""),
         )
         taken = {m.target for m in config.mounts}
         extra = tuple(Mount("bind", target, str(path)) for target, path in

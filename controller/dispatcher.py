@@ -18,6 +18,7 @@ import grpc.aio
 from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
+from controller.dns import NamesHub
 from controller.metrics import ControllerMetrics
 from controller.network import SubnetAllocator, peers
 from controller.orchestrator import Orchestrator
@@ -36,6 +37,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self.lease_ttl_s = lease_ttl_s
         self._leases: dict[str, int] = {}
         self.subnets: SubnetAllocator | None = None  # issue 5: set by main; None gives no container network
+        self.names = NamesHub(store)  # issue 5 (names): the containers' DNS records
 
     async def Join(self, request: d.JoinRequest, context: grpc.aio.ServicerContext[d.JoinRequest, d.JoinResponse]) -> d.JoinResponse:  # noqa: E501
         if not request.name:
@@ -140,6 +142,14 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         """issue 5: the overlay's peers for an agent (controller.network.peers)."""
         try:
             async for msg in peers(self.store):
+                yield msg
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def Names(self, request: d.NamesRequest, context: grpc.aio.ServicerContext[d.NamesRequest, d.NamesMessage]) -> AsyncIterator[d.NamesMessage]:  # noqa: E501
+        """issue 5 (names): the containers' DNS records for an agent (controller.dns)."""
+        try:
+            async for msg in self.names.subscribe():
                 yield msg
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -378,6 +378,11 @@ class Store:
             else:
                 yield cid, None
 
+    async def watch_statuses(self, after_revision: int) -> AsyncIterator[tuple[str, t.ContainerStatus | None]]:
+        """(container id, its status or None when deleted) for every change (issue 5: the DNS records)."""
+        async for kind, kv in self._watch(STATUS, after_revision + 1, prefix=True):
+            yield kv.key[len(STATUS) :].decode(), _parse(t.ContainerStatus, kv.value) if kind == "PUT" else None
+
     # ---- issue 6: leadership, batched placement, node updates ----------------------------------------
 
     async def campaign(self, identity: str, lease_id: int) -> str:

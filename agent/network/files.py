@@ -3,7 +3,9 @@
 
     /etc/hosts        localhost, the container's own address with its hostname and name, then --add-host
     /etc/resolv.conf  --dns servers, else the host's own nameservers (loopback ones left out: a container
-                      cannot reach the host's 127.0.0.1), with the host's search domains
+                      cannot reach the host's 127.0.0.1), with the host's search domains; or, where the
+                      containers' DNS server runs (agent.network.dns), that server alone, which forwards to
+                      the --dns servers (else the host's)
 
 Removed with the container's network (HostNetwork.detach).
 """
@@ -45,7 +47,9 @@ def hosts_text(hostname: str, name: str, address: str, extra_hosts: list[str]) -
     return "\n".join(lines) + "\n"
 
 
-def resolv_text(dns: list[str], host_resolv: Path = HOST_RESOLV) -> str:
+def resolv_text(dns: list[str], host_resolv: Path = HOST_RESOLV, nameserver: str = "") -> str:
+    """With `nameserver` (the containers' DNS server, agent.network.dns) that is the only one, and the --dns
+    servers are its upstreams for this container instead, as Docker does with 127.0.0.11."""
     servers: list[str] = []
     search: list[str] = []
     for server in dns:
@@ -68,9 +72,11 @@ def resolv_text(dns: list[str], host_resolv: Path = HOST_RESOLV) -> str:
                     servers.append(parts[1])
             except ValueError:
                 continue
-    out = [f"nameserver {s}" for s in servers]
+    out = [f"nameserver {s}" for s in ([nameserver] if nameserver else servers)]
     if search:
         out.append("search " + " ".join(search))
+    if nameserver:
+        out.append("options ndots:0")  # a single-label name is a container's: asked first as it is
     return "\n".join(out) + "\n"
 
 

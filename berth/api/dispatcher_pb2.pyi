@@ -396,3 +396,107 @@ class PeersMessage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PeersMessage: _TypeAlias = PeersMessage  # noqa: Y015
+
+@_typing.final
+class NameRecord(_message.Message):
+    """issue 5 (names): one running container as the containers' DNS sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    container_id: _builtins.str
+    name: _builtins.str
+    """the container's name"""
+    network: _builtins.str
+    """the network it is on ("bridge": the default one)"""
+    address: _builtins.str
+    """its address on that network"""
+    service: _builtins.str
+    """the name of the service it is a task of ("" : none)"""
+    def __init__(
+        self,
+        *,
+        container_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        network: _builtins.str = ...,
+        address: _builtins.str = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "container_id", b"container_id", "name", b"name", "network", b"network", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NameRecord: _TypeAlias = NameRecord  # noqa: Y015
+
+@_typing.final
+class NamesRequest(_message.Message):
+    """issue 5 (names)"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamesRequest: _TypeAlias = NamesRequest  # noqa: Y015
+
+@_typing.final
+class NamesMessage(_message.Message):
+    """issue 5 (names): COMPLETE holds the whole table (anything not in it is gone); INCREMENTAL holds records
+    added or changed, and the ids of containers whose record is gone.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[NamesMessage._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        COMPLETE: NamesMessage._Kind.ValueType  # 0
+        INCREMENTAL: NamesMessage._Kind.ValueType  # 1
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    COMPLETE: NamesMessage.Kind.ValueType  # 0
+    INCREMENTAL: NamesMessage.Kind.ValueType  # 1
+
+    KIND_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    kind: Global___NamesMessage.Kind.ValueType
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___NameRecord]: ...
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """container ids"""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___NamesMessage.Kind.ValueType = ...,
+        records: _abc.Iterable[Global___NameRecord] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "records", b"records", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamesMessage: _TypeAlias = NamesMessage  # noqa: Y015

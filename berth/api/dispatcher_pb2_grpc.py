@@ -59,6 +59,11 @@ class DispatcherStub:
                 request_serializer=berth_dot_api_dot_dispatcher__pb2.PeersRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_dispatcher__pb2.PeersMessage.FromString,
                 _registered_method=True)
+        self.Names = channel.unary_stream(
+                '/berth.api.Dispatcher/Names',
+                request_serializer=berth_dot_api_dot_dispatcher__pb2.NamesRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_dispatcher__pb2.NamesMessage.FromString,
+                _registered_method=True)
 
 
 class DispatcherServicer:
@@ -101,6 +106,14 @@ class DispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Names(self, request, context):
+        """issue 5 (names): the records of the containers' DNS (agent.network.dns): every running container's
+        name, short id, network, address and service; the full table first, then changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_DispatcherServicer_to_server(servicer, server):
                     servicer.Peers,
                     request_deserializer=berth_dot_api_dot_dispatcher__pb2.PeersRequest.FromString,
                     response_serializer=berth_dot_api_dot_dispatcher__pb2.PeersMessage.SerializeToString,
+            ),
+            'Names': grpc.unary_stream_rpc_method_handler(
+                    servicer.Names,
+                    request_deserializer=berth_dot_api_dot_dispatcher__pb2.NamesRequest.FromString,
+                    response_serializer=berth_dot_api_dot_dispatcher__pb2.NamesMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +283,33 @@ class Dispatcher:
             '/berth.api.Dispatcher/Peers',
             berth_dot_api_dot_dispatcher__pb2.PeersRequest.SerializeToString,
             berth_dot_api_dot_dispatcher__pb2.PeersMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Names(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/berth.api.Dispatcher/Names',
+            berth_dot_api_dot_dispatcher__pb2.NamesRequest.SerializeToString,
+            berth_dot_api_dot_dispatcher__pb2.NamesMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class DispatcherStub:
     """issue 5: every host's container subnet and address (the VXLAN overlay's
     routes and forwarding entries): the full set now, and again after each change.
     """
+    Names: _grpc.UnaryStreamMultiCallable[_dispatcher_pb2.NamesRequest, _dispatcher_pb2.NamesMessage]
+    """issue 5 (names): the records of the containers' DNS (agent.network.dns): every running container's
+    name, short id, network, address and service; the full table first, then changes.
+    """
 
 @_typing.type_check_only
 class DispatcherAsyncStub(DispatcherStub):
@@ -66,6 +70,10 @@ class DispatcherAsyncStub(DispatcherStub):
     Peers: _aio.UnaryStreamMultiCallable[_dispatcher_pb2.PeersRequest, _dispatcher_pb2.PeersMessage]  # type: ignore[assignment]
     """issue 5: every host's container subnet and address (the VXLAN overlay's
     routes and forwarding entries): the full set now, and again after each change.
+    """
+    Names: _aio.UnaryStreamMultiCallable[_dispatcher_pb2.NamesRequest, _dispatcher_pb2.NamesMessage]  # type: ignore[assignment]
+    """issue 5 (names): the records of the containers' DNS (agent.network.dns): every running container's
+    name, short id, network, address and service; the full table first, then changes.
     """
 
 class DispatcherServicer(metaclass=_abc_1.ABCMeta):
@@ -112,6 +120,16 @@ class DispatcherServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.PeersMessage], _abc.AsyncIterator[_dispatcher_pb2.PeersMessage]]:
         """issue 5: every host's container subnet and address (the VXLAN overlay's
         routes and forwarding entries): the full set now, and again after each change.
+        """
+
+    @_abc_1.abstractmethod
+    def Names(
+        self,
+        request: _dispatcher_pb2.NamesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.NamesMessage], _abc.AsyncIterator[_dispatcher_pb2.NamesMessage]]:
+        """issue 5 (names): the records of the containers' DNS (agent.network.dns): every running container's
+        name, short id, network, address and service; the full table first, then changes.
         """
 
 def add_DispatcherServicer_to_server(servicer: DispatcherServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

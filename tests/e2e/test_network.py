@@ -354,7 +354,9 @@ def test_hosts_resolv_conf_dns_and_add_host(net3: ClusterInfo, ctl: Ctl) -> None
     own = addr.split()[3].split("/")[0]
     assert f"{own}\tfiles" in hosts.splitlines()
     assert "10.1.2.3\tdb" in hosts.splitlines()
-    assert resolv.splitlines()[0] == "nameserver 10.1.2.53"
+    # The nameserver is the host's DNS server on the gateway; --dns became its upstream (tests/e2e/test_dns.py).
+    gateway = ipaddress.IPv4Interface(addr.split()[3]).network[1]
+    assert resolv.splitlines()[0] == f"nameserver {gateway}"
     bad = ctl("run", "--rm", "--add-host", "db", "busybox", "true")
     assert bad.returncode != 0 and "invalid --add-host 'db'" in bad.stderr
     # Removing the container removes its files on the host.

@@ -1,0 +1,162 @@
+"""The containers' DNS records, the controller's side (issue 5, names): one record per RUNNING container with
+an address (its name, network, address and the service it is a task of), kept from two etcd watches (the
+containers and their statuses) and streamed to every agent (Dispatcher.Names), whose DNS server answers from
+them (agent.network.dns).
+
+One feed per controller process, whatever the number of agents: it reads the table once, follows the
+watches, and hands each change to every subscriber as a delta; a new subscriber (an agent that connects or
+restarts) gets the whole table first. A container that stops, exits, is lost with its host or is removed
+leaves the table; one that starts again (restart, a policy restart, a new host) comes back with its new
+address. A failed watch ends every subscription with the StoreError: agents reconnect and start over from a
+whole table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from berth.api import dispatcher_pb2 as d
+from berth.api import types_pb2 as t
+from controller.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NETWORK = "bridge"
+SERVICE_LABEL = "berth.service"  # set by controller.services on its tasks, with the service's name
+
+
+def record_of(container: t.Container, status: t.ContainerStatus | None) -> d.NameRecord | None:
+    """The record of a container in this state (None: it has no name to resolve now)."""
+    if status is None or status.state != t.STATE_RUNNING or not status.ip_address:
+        return None
+    network = container.spec.network or DEFAULT_NETWORK
+    if network in ("host", "none"):
+        return None
+    service = container.spec.labels.get(SERVICE_LABEL, "") if container.service_id else ""
+    return d.NameRecord(container_id=container.id, name=container.spec.name, network=network,
+                        address=status.ip_address, service=service)
+
+
+class _Feed:
+    def __init__(self) -> None:
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.subscribers: set[asyncio.Queue[d.NamesMessage | BaseException]] = set()
+        self.containers: dict[str, t.Container] = {}
+        self.statuses: dict[str, t.ContainerStatus] = {}
+        self.records: dict[str, d.NameRecord] = {}
+        self.task: asyncio.Task[None] | None = None
+
+
+class NamesHub:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._feed: _Feed | None = None
+
+    async def subscribe(self) -> AsyncIterator[d.NamesMessage]:
+        """The whole table, then every change, until the caller stops (or a StoreError)."""
+        feed = self._feed
+        if feed is None or feed.task is None or feed.task.done():
+            feed = self._feed = _Feed()
+            feed.task = asyncio.create_task(self._run(feed))
+        queue: asyncio.Queue[d.NamesMessage | BaseException] = asyncio.Queue()
+        feed.subscribers.add(queue)
+        try:
+            await asyncio.shield(feed.ready)
+            # No await between the snapshot and the deltas queued after it: the feed changes the table and
+            # queues its delta in one step.
+            yield d.NamesMessage(kind=d.NamesMessage.COMPLETE,
+                                 records=sorted(feed.records.values(), key=lambda r: r.container_id))
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            feed.subscribers.discard(queue)
+            if not feed.subscribers and feed.task is not None:
+                feed.task.cancel()
+                if self._feed is feed:
+                    self._feed = None
+
+    async def _run(self, feed: _Feed) -> None:
+        events: asyncio.Queue[tuple[str, str, Any] | BaseException] = asyncio.Queue()
+        pumps: list[asyncio.Task[None]] = []
+        try:
+            revision = await self.store.revision()
+            for v in await self.store.list_containers():
+                feed.containers[v.container.id] = v.container
+                feed.statuses[v.container.id] = v.container.status
+            for cid, c in feed.containers.items():
+                rec = record_of(c, feed.statuses.get(cid))
+                if rec is not None:
+                    feed.records[cid] = rec
+            pumps = [asyncio.create_task(self._pump("container", self.store.watch_containers(revision), events)),
+                     asyncio.create_task(self._pump("status", self.store.watch_statuses(revision), events))]
+            feed.ready.set_result(None)
+            while True:
+                item = await events.get()
+                dirty: set[str] = set()
+                while True:  # everything already queued makes one delta
+                    if isinstance(item, BaseException):
+                        raise item
+                    kind, cid, value = item
+                    table: dict[str, Any] = feed.containers if kind == "container" else feed.statuses
+                    if value is None:
+                        table.pop(cid, None)
+                    else:
+                        table[cid] = value.container if kind == "container" else value
+                    dirty.add(cid)
+                    if events.empty():
+                        break
+                    item = events.get_nowait()
+                self._publish(feed, dirty)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # every subscriber gets it and ends its stream
+            if not feed.ready.done():
+                feed.ready.set_exception(exc)
+                feed.ready.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            for q in feed.subscribers:
+                q.put_nowait(exc)
+            if not isinstance(exc, StoreError):
+                log.exception("the DNS records' feed failed")
+        finally:
+            for p in pumps:
+                p.cancel()
+
+    @staticmethod
+    async def _pump(kind: str, changes: AsyncIterator[tuple[str, Any]],
+                    events: asyncio.Queue[tuple[str, str, Any] | BaseException]) -> None:
+        try:
+            async with contextlib.aclosing(changes):  # type: ignore[type-var]
+                async for cid, value in changes:
+                    events.put_nowait((kind, cid, value))
+            events.put_nowait(StoreError(f"the {kind} watch ended"))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the feed, which ends with it
+            events.put_nowait(exc)
+
+    @staticmethod
+    def _publish(feed: _Feed, dirty: set[str]) -> None:
+        changed: list[d.NameRecord] = []
+        removed: list[str] = []
+        for cid in sorted(dirty):
+            c = feed.containers.get(cid)
+            rec = record_of(c, feed.statuses.get(cid)) if c is not None else None
+            old = feed.records.get(cid)
+            if rec is None:
+                if old is not None:
+                    del feed.records[cid]
+                    removed.append(cid)
+            elif rec != old:
+                feed.records[cid] = rec
+                changed.append(rec)
+        if changed or removed:
+            msg = d.NamesMessage(kind=d.NamesMessage.INCREMENTAL, records=changed, removed=removed)
+            for q in feed.subscribers:
+                q.put_nowait(msg)

@@ -1,0 +1,86 @@
+"""The DNS records' feed (controller.dns, issue 5) over a real etcd: the whole table to each new subscriber, then
+one delta per change, following status changes (running, exited, running again at a new address) and removal;
+services' tasks carry the service's name; host/none networks and containers without an address have no record;
+the last subscriber gone, the feed stops."""
+
+from __future__ import annotations
+
+import asyncio
+
+from berth.api import dispatcher_pb2 as d
+from berth.api import types_pb2 as t
+from controller.dns import NamesHub
+from controller.store import Store
+
+RUNNING = t.STATE_RUNNING
+
+
+def container(cid: str, name: str, **kw: object) -> t.Container:
+    c = t.Container(id=cid * 32, spec=t.ContainerSpec(name=name, image="busybox"))
+    for k, v in kw.items():
+        if k == "network":
+            c.spec.network = str(v)
+        elif k == "service":
+            c.service_id, c.slot = "svc1", "1"
+            c.spec.labels["berth.service"] = str(v)
+    return c
+
+
+def records(msg: d.NamesMessage) -> list[tuple[str, str, str, str]]:
+    return sorted((r.name, r.network, r.address, r.service) for r in msg.records)
+
+
+def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str) -> None:
+    async def main() -> None:
+        store = Store(etcd_url)
+        await store.connect()
+        hub = NamesHub(store)
+        web, db = container("a1", "web"), container("b2", "db")
+        for c in (web, db):
+            await store.create_container(c)
+        await store.put_status(web.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.1.2"))
+        await store.put_status(db.id, t.ContainerStatus(state=t.STATE_PREPARING))  # no address yet
+        first = hub.subscribe()
+        try:
+            msg = await asyncio.wait_for(anext(first), 10)
+            assert msg.kind == d.NamesMessage.COMPLETE
+            assert records(msg) == [("web", "bridge", "10.88.1.2", "")]
+
+            async def next_delta() -> d.NamesMessage:
+                m = await asyncio.wait_for(anext(first), 10)
+                assert m.kind == d.NamesMessage.INCREMENTAL
+                return m
+
+            await store.put_status(db.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.2.2"))
+            assert records(await next_delta()) == [("db", "bridge", "10.88.2.2", "")]
+            # A second subscriber (an agent that restarts) gets the whole table as it is now.
+            second = hub.subscribe()
+            msg = await asyncio.wait_for(anext(second), 10)
+            assert msg.kind == d.NamesMessage.COMPLETE
+            assert records(msg) == [("db", "bridge", "10.88.2.2", ""), ("web", "bridge", "10.88.1.2", "")]
+            await second.aclose()
+
+            await store.put_status(web.id, t.ContainerStatus(state=t.STATE_EXITED))  # stop
+            m = await next_delta()
+            assert (list(m.removed), list(m.records)) == ([web.id], [])
+            await store.put_status(web.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.3.7"))  # elsewhere
+            assert records(await next_delta()) == [("web", "bridge", "10.88.3.7", "")]
+
+            task = container("c3", "api.1.abcdef", service="api")
+            hostnet = container("d4", "hostnet", network="host")
+            for c in (task, hostnet):
+                await store.create_container(c)
+            await store.put_status(hostnet.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.9.9"))
+            await store.put_status(task.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.1.3"))
+            assert records(await next_delta()) == [("api.1.abcdef", "bridge", "10.88.1.3", "api")]
+
+            await store.delete_container(await store.get_container(db.id))
+            m = await next_delta()
+            assert (list(m.removed), list(m.records)) == ([db.id], [])
+        finally:
+            await first.aclose()
+            # The last subscriber gone, the feed and its watches stop.
+            assert hub._feed is None
+            await store.close()
+
+    asyncio.run(main())
