@@ -10,6 +10,7 @@ Exceptions:
     NetworkError             base of every networking failure; the message is meant for a user
      +-- PortInUse           a host port asked for is already published on this host
      +-- AddressesExhausted  the host's subnet has no free address left
+     +-- DnsError            (agent.network.dns) a DNS message that cannot be read, or port 53 not bindable
 """
 
 from __future__ import annotations
