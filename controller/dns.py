@@ -26,6 +26,7 @@ from controller.store import Store, StoreError
 log = logging.getLogger(__name__)
 
 DEFAULT_NETWORK = "bridge"
+MAX_BEHIND = 10_000  # deltas queued for one subscriber before its stream is ended
 SERVICE_LABEL = "berth.service"  # set by controller.services on its tasks, with the service's name
 
 
@@ -158,5 +159,9 @@ class NamesHub:
                 changed.append(rec)
         if changed or removed:
             msg = d.NamesMessage(kind=d.NamesMessage.INCREMENTAL, records=changed, removed=removed)
-            for q in feed.subscribers:
-                q.put_nowait(msg)
+            for q in list(feed.subscribers):
+                if q.qsize() >= MAX_BEHIND:  # a stuck agent: end its stream; it reconnects to a whole table
+                    q.put_nowait(StoreError(f"this agent is {MAX_BEHIND} DNS changes behind; reconnect"))
+                    feed.subscribers.discard(q)
+                else:
+                    q.put_nowait(msg)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
+from controller import dns
 from controller.dns import NamesHub
-from controller.store import Store
+from controller.store import Store, StoreError
 
 RUNNING = t.STATE_RUNNING
 
@@ -30,7 +33,8 @@ def records(msg: d.NamesMessage) -> list[tuple[str, str, str, str]]:
     return sorted((r.name, r.network, r.address, r.service) for r in msg.records)
 
 
-def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str) -> None:
+def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         store = Store(etcd_url)
         await store.connect()
@@ -74,9 +78,23 @@ def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str) -
             await store.put_status(task.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.1.3"))
             assert records(await next_delta()) == [("api.1.abcdef", "bridge", "10.88.1.3", "api")]
 
+            await store.put_status(task.id, t.ContainerStatus(state=t.STATE_LOST, ip_address="10.88.1.3"))  # host died
+            m = await next_delta()
+            assert (list(m.removed), list(m.records)) == ([task.id], [])
+
             await store.delete_container(await store.get_container(db.id))
             m = await next_delta()
             assert (list(m.removed), list(m.records)) == ([db.id], [])
+            # A subscriber that does not read is ended after MAX_BEHIND changes, not kept forever.
+            stuck = hub.subscribe()
+            await asyncio.wait_for(anext(stuck), 10)
+            monkeypatch.setattr(dns, "MAX_BEHIND", 2)
+            for i in range(3):
+                await store.put_status(web.id, t.ContainerStatus(state=RUNNING, ip_address=f"10.88.4.{i + 1}"))
+                await next_delta()
+            with pytest.raises(StoreError, match="DNS changes behind"):
+                while True:
+                    await asyncio.wait_for(anext(stuck), 10)
         finally:
             await first.aclose()
             # The last subscriber gone, the feed and its watches stop.
