@@ -302,6 +302,7 @@ def _wait(conn: Connection, sid: str, timeout: float) -> types_pb2.Service:
     from berth.api import types_pb2 as t
 
     deadline = time.monotonic() + timeout
+    checking: list[types_pb2.Container] = []
     while True:
         svc = conn.control.InspectService(control_pb2.ServiceRef(ref=sid), timeout=CALL_TIMEOUT_S)
         if svc.update_state == "paused":
@@ -310,7 +311,10 @@ def _wait(conn: Connection, sid: str, timeout: float) -> types_pb2.Service:
             tasks = _tasks(conn, svc)
             waiting = [c for c in tasks if c.service_version == svc.version and not c.node_id and c.pending_reason
                        and c.status.state == t.STATE_PENDING]
-            if svc.running + len(waiting) >= svc.desired and len(tasks) == svc.desired:
+            # issue 6: with a health check, a running container counts once it is healthy (as Swarm)
+            checking = [c for c in tasks if c.status.state == t.STATE_RUNNING and c.status.health.status
+                        and c.status.health.status != "healthy"]
+            if svc.running + len(waiting) >= svc.desired and len(tasks) == svc.desired and not checking:
                 if waiting:
                     print(f"berthctl: warning: {len(waiting)} of {svc.desired} containers of service "
                           f"{svc.spec.name} are pending: {waiting[0].pending_reason}; they start when a host fits "
@@ -318,7 +322,9 @@ def _wait(conn: Connection, sid: str, timeout: float) -> types_pb2.Service:
                 return svc
         if time.monotonic() > deadline:
             raise CLIError(f"service {svc.spec.name} did not converge in {timeout:g}s: {svc.running}/{svc.desired} "
-                           f"running ({svc.update_state or 'no update'}); see berthctl service ps {svc.spec.name}")
+                           f"running ({svc.update_state or 'no update'})"
+                           + (f", {len(checking)} not healthy" if checking else "")
+                           + f"; see berthctl service ps {svc.spec.name}")
         time.sleep(0.2)
 
 

@@ -199,8 +199,10 @@ class ServiceReconciler:
         if unhealthy(task):  # issue 6
             last = task.status.health.log[-1] if task.status.health.log else None
             detail = (last.output.strip().splitlines() or [f"exit code {last.exit_code}"])[-1] if last else ""
-            message = (f"task {task.spec.name} unhealthy after {task.status.health.failing_streak} failed health "
-                       f"checks" + (f": {detail}" if detail else ""))
+            retries = healthcheck.effective(task.spec.healthcheck).retries if healthcheck.enabled(
+                task.spec.healthcheck) else task.status.health.failing_streak
+            message = (f"task {task.spec.name} unhealthy after {retries} failed health checks"
+                       + (f": {detail}" if detail else ""))
         if unplaceable(task):  # issue 6
             message = f"task {task.spec.name} cannot be placed: {task.pending_reason}"
             if order == "start-first" and " in use" in task.pending_reason:

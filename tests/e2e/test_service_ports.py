@@ -1,7 +1,8 @@
 """Services with published ports (issue 6) on the session's 3-host cluster: each replica publishes on its own
 host (host mode), so the scheduler keeps two off one host and a fourth waits with the reason; a stop-first
 rolling update hands each host's port from the old container to its successor; a start-first update, whose
-successor would need the port its predecessor holds, fails with a clear reason and is rolled back."""
+successor would need the port its predecessor holds, fails with a clear reason and is rolled back; with a
+host to spare, a start-first update places each successor there."""
 
 from __future__ import annotations
 
@@ -65,13 +66,13 @@ def test_replicas_publish_on_their_own_hosts_and_updates_hand_the_port_over(
     table = berthctl("service", "ps", "pub").stdout
     assert reason in table and f"0.0.0.0:{PORT}->80/tcp" in table
 
-    def served() -> dict[str, str]:
-        """What each host answers on the published port, asked from another host."""
+    def served(ts: list[dict[str, Any]]) -> dict[str, str]:
+        """What the hosts of these tasks answer on the published port, asked from another host."""
         hosts = {h.name: h for h in cluster.hosts}
-        return {name: http_get(hosts["host1" if name != "host1" else "host2"].netns,
-                               f"http://{h.address}:{PORT}/") for name, h in hosts.items()}
+        return {t["node"]: http_get(hosts["host1" if t["node"] != "host1" else "host2"].netns,
+                                    f"http://{hosts[t['node']].address}:{PORT}/") for t in ts}
 
-    assert served() == {t["node"]: t["name"] for t in running}
+    assert served(running) == {t["node"]: t["name"] for t in running}
     doc = json.loads(berthctl("service", "inspect", "pub").stdout)[0]
     assert doc["endpoint"]["mode"] == "host"
     assert doc["endpoint"]["ports"] == [{"published_port": int(PORT), "target_port": 80, "protocol": "tcp",
@@ -87,7 +88,7 @@ def test_replicas_publish_on_their_own_hosts_and_updates_hand_the_port_over(
     assert sorted(t["node"] for t in running) == ["host1", "host2", "host3"]
     assert not {t["id"] for t in running} & {t["id"] for t in before}
     assert [t["pending_reason"] for t in updated if t["state"] == "pending"] == [reason]
-    assert served() == {t["node"]: t["name"] for t in running}
+    assert served(running) == {t["node"]: t["name"] for t in running}
 
     # start-first: a successor would need a port its predecessor still holds on every host.
     out = berthctl("service", "update", "--env-add", "V=3", "--update-order", "start-first",
@@ -99,3 +100,15 @@ def test_replicas_publish_on_their_own_hosts_and_updates_hand_the_port_over(
                      and sum(t["state"] == "running" for t in ts) == 3 and ts, 60, "the rollback to settle")
     assert {t["service_version"] for t in after} == {2}
     assert {t["id"] for t in after if t["state"] == "running"} == {t["id"] for t in running}
+
+    # start-first with a host to spare: each successor goes where the port is free, then its predecessor goes.
+    out = berthctl("service", "scale", "pub=2", timeout=120)
+    assert out.returncode == 0, out.stderr
+    two = tasks(berthctl)
+    assert len(two) == 2 and all(t["state"] == "running" for t in two)
+    out = berthctl("service", "update", "--env-add", "V=4", "--update-order", "start-first", "pub", timeout=180)
+    assert out.returncode == 0, out.stderr
+    final = tasks(berthctl)
+    assert len(final) == 2 and all(t["state"] == "running" and t["service_version"] == 4 for t in final)
+    assert len({t["node"] for t in final}) == 2 and not {t["id"] for t in final} & {t["id"] for t in two}
+    assert served(final) == {t["node"]: t["name"] for t in final}
