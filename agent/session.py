@@ -148,7 +148,8 @@ class Session:
                         log.exception("applying the DNS records")
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    return  # an older controller: no names
+                    await self.on_names(d.NamesMessage())  # an older controller: an empty table, all forwarded
+                    return
                 log.warning("names stream: %s %s", exc.code().name, exc.details())
             await asyncio.sleep(1.0)
 

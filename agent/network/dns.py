@@ -407,13 +407,17 @@ class DnsServer:
         self._listeners: dict[str, _Listener] = {}  # listen address -> listener
         self._tasks: set[asyncio.Task[None]] = set()
         self._conns: set[asyncio.StreamWriter] = set()
+        self._lock = asyncio.Lock()
 
     # ---- where ---------------------------------------------------------------------------------------
 
     async def listen(self, network: str, address: str, subnet: str) -> None:
         """Answer `network`'s containers (addresses in `subnet`) at address:port. Idempotent; a network that
         moved to another address or subnet is listened for at the new one only."""
-        net = ipaddress.IPv4Network(subnet, strict=False)
+        async with self._lock:  # containers of a new network may start at once, each making sure of it
+            await self._listen(network, address, ipaddress.IPv4Network(subnet, strict=False))
+
+    async def _listen(self, network: str, address: str, net: ipaddress.IPv4Network) -> None:
         old = self._listeners.get(address)
         if old is not None and old.network == network and old.subnet == net:
             return
