@@ -1,0 +1,88 @@
+"""agent.network.host on the real kernel, in a scratch host namespace of the test's own (issue 2): a
+container's veth is made on the bridge and up in one request, its eth0 has its address, and the same
+container can be attached again right after a detach while its old namespace (and veth) still exists, as
+when the kernel has not reaped it yet; nothing is left after teardown."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.network.host import create_netns, netns_dir, remove_netns
+from tests.agent.conftest import REPO, needs_root
+
+SCRIPT = """
+import asyncio, json, os, sys
+from pathlib import Path
+from pyroute2 import IPRoute
+from agent.network.host import HostNetwork, host_veth, in_netns, netns_dir
+
+state = Path(sys.argv[1])
+cid = "ab" * 32
+
+def inside():
+    with IPRoute() as ns:
+        eth0 = ns.link_lookup(ifname="eth0")[0]
+        up = bool(ns.get_links(eth0)[0]["flags"] & 1)
+        return up, [a.get("address") for a in ns.get_addr(index=eth0, family=2)]
+
+def check(att):  # pyroute2's blocking calls, off the event loop (as the agent makes them)
+    with IPRoute() as ipr:
+        link = ipr.get_links(ifname=host_veth(cid))[0]
+        bridge = ipr.link_lookup(ifname="berth0")[0]
+        on_bridge, up = link.get("master") == bridge, bool(link["flags"] & 1)
+    eth0_up, addresses = in_netns(Path(att.netns), inside)
+    return {"on_bridge": on_bridge, "up": up, "eth0_up": eth0_up, "addresses": addresses, "address": att.address}
+
+def links():
+    with IPRoute() as ipr:
+        return [link.get("ifname") for link in ipr.get_links()]
+
+async def main():
+    net = HostNetwork(state, bridge="berth0")
+    await net.configure("10.123.9.0/24")
+    rounds = []
+    held = -1
+    for _ in range(2):
+        att = await net.attach(cid, [])
+        rounds.append(await asyncio.to_thread(check, att))
+        if held < 0:  # keeps the first namespace, and its veth, alive: as one the kernel has not reaped yet
+            held = os.open(att.netns, os.O_RDONLY)
+        await net.detach(cid)
+    os.close(held)
+    await net.teardown()
+    ns_dir = netns_dir(state)
+    print(json.dumps({"rounds": rounds, "links": await asyncio.to_thread(links),
+                      "namespaces": sorted(p.name for p in ns_dir.iterdir()) if ns_dir.is_dir() else []}))
+
+asyncio.run(main())
+"""
+
+
+def test_attach_detach_attach_again_and_nothing_left(tmp_path: Path) -> None:
+    needs_root()
+    host = tmp_path / "host-netns"
+    state = tmp_path / "state"
+    create_netns(host)
+    try:
+        out = subprocess.run(
+            ["nsenter", f"--net={host}", sys.executable, "-c", SCRIPT, str(state)],
+            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert len(result["rounds"]) == 2
+        for r in result["rounds"]:
+            assert r["on_bridge"] and r["up"] and r["eth0_up"], r
+            assert r["addresses"] == [r["address"]], r
+        assert not [name for name in result["links"] if name.startswith("bv")], result["links"]
+        assert result["namespaces"] == []
+    finally:
+        leftovers = netns_dir(state)
+        if leftovers.is_dir():
+            for path in leftovers.iterdir():
+                remove_netns(path)
+            leftovers.rmdir()
+        remove_netns(host)
