@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from agent.executor import ContainerConfig, ContainerInfo, Executor, ExecutorError, ProcessState
 from agent.handoff import await_port_holders
 from agent.images import Image, ImageError, ImageNotFound
-from agent.metrics import AgentMetrics
+from agent.metrics import AgentMetrics, StartPhases
 from agent.network import NetworkError
 from agent.network.dns import DnsServer
 from agent.network.host import HostNetwork
@@ -311,14 +311,19 @@ class Worker:
 
     async def _start(self, cid: str, a: t.Assignment) -> None:
         t0 = time.perf_counter()
+        phases = StartPhases()
         self.reporter.report(cid, t.ContainerStatus(state=t.STATE_PREPARING, generation=a.generation))
         try:
             image = await self._image(a.spec)
             config = build_config(cid, a.spec, image)
+            phases.lap("image")
             config = dataclasses.replace(config, netns=await self._netns(cid, a.spec))
             config = self._network_files(config, a.spec)
+            phases.lap("network")
             await self.executor.create(config)
+            phases.lap("create")
             info = await self.executor.start(cid)
+            phases.lap("start")
         except (ImageError, ExecutorError, NetworkError) as exc:
             self._mark_started(cid, a.generation)
             self.reporter.report(
@@ -327,6 +332,8 @@ class Worker:
             return
         self._mark_started(cid, a.generation)
         self.metrics.start_latency.observe(time.perf_counter() - t0)
+        phases.observe(self.metrics)
+        log.debug("container %s started in %s", cid[:12], phases)
         exited = self.info.get(cid)
         early = self._early_exits.pop(cid, None)
         if early is not None and early.pid == info.pid:

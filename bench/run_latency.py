@@ -4,6 +4,9 @@
 (b) CLI: wall time of the whole `berthctl run --rm busybox true` against `podman run --rm IMAGE true` of
     the same image (pulled by podman from the dev cluster's registry), alternating, N runs each.
 
+Before it, on stderr: the sorted API samples, and where the agents' starts spent their time during the
+counted runs (means of berth_agent_container_start_phase_seconds, from each agent's /metrics).
+
 Prints one last line: RESULT {"api_p50_ms", "api_p99_ms", "cli_ms", "podman_ms", "ratio"} (medians;
 ratio = cli / podman).
 
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +35,11 @@ from berth.api import types_pb2 as t  # noqa: E402
 from berth.rpc import sync_channel  # noqa: E402
 from berthctl.dev import cluster as dev  # noqa: E402
 
-NAME, SUBNET = "bbench", "10.77.4.0/24"
+# Each test slot (BERTH_TEST_SLOT) gets its own cluster name and subnets, as the tests do.
+SLOT = int(os.environ.get("BERTH_TEST_SLOT", "0"))
+NAME = "bbench" if SLOT == 0 else f"bbench{SLOT}"
+SUBNET = f"10.{77 + SLOT}.14.0/24"
+CIDR = f"10.{88 + 2 * SLOT}.0.0/16"
 PODMAN_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
 
 
@@ -41,11 +49,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def api_latency(controller: str, runs: int) -> list[float]:
-    stub = control_pb2_grpc.ControlStub(sync_channel(controller))
+def start_phases(info: dev.ClusterInfo) -> dict[str, tuple[float, float]]:
+    """phase -> (sum of seconds, count) of the agents' start-phase histograms, all hosts together."""
+    totals: dict[str, list[float]] = {}
+    for host in info.hosts:
+        with urllib.request.urlopen(f"http://{host.metrics_address}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        for line in text.splitlines():
+            for suffix, slot in (("_sum{", 0), ("_count{", 1)):
+                prefix = "berth_agent_container_start_phase_seconds" + suffix
+                if line.startswith(prefix):
+                    phase = line.split('phase="', 1)[1].split('"', 1)[0]
+                    totals.setdefault(phase, [0.0, 0.0])[slot] += float(line.rsplit(" ", 1)[1])
+    return {phase: (v[0], v[1]) for phase, v in totals.items()}
+
+
+def api_latency(info: dev.ClusterInfo, runs: int) -> tuple[list[float], dict[str, float]]:
+    """The samples (ms), and the mean of each start phase on the agents over the counted runs (ms)."""
+    stub = control_pb2_grpc.ControlStub(sync_channel(info.controller))
     stub.ListNodes(control_pb2.ListNodesRequest())  # warm the channel
     samples = []
+    before: dict[str, tuple[float, float]] = {}
     for i in range(runs + 3):
+        if i == 3:
+            before = start_phases(info)
         spec = t.ContainerSpec(name=f"lat{i}", image="busybox", command=["sleep", "1000"])
         t0 = time.perf_counter()
         events = list(stub.Run(control_pb2.RunRequest(spec=spec)))
@@ -54,7 +81,13 @@ def api_latency(controller: str, runs: int) -> list[float]:
         if i >= 3:  # the first runs pull the image onto each host
             samples.append(elapsed * 1000)
         stub.Remove(control_pb2.RemoveRequest(ref=f"lat{i}", force=True))
-    return samples
+    after = start_phases(info)
+    means = {}
+    for phase, (total, count) in after.items():
+        old_total, old_count = before.get(phase, (0.0, 0.0))
+        if count > old_count:
+            means[phase] = (total - old_total) / (count - old_count) * 1000
+    return samples, means
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
@@ -71,10 +104,11 @@ def main() -> None:
         sys.exit("podman is not installed: apt-get install podman (scripts/install-deps does)")
     state = Path(tempfile.mkdtemp(prefix="berth-bench-"))
     dev.down(NAME, state)
-    info = dev.up(NAME, 3, SUBNET, state, write_config=False)
+    info = dev.up(NAME, 3, SUBNET, state, write_config=False, container_cidr=CIDR)
     try:
-        api = api_latency(info.controller, args.runs)
+        api, phases = api_latency(info, args.runs)
         print("api ms, sorted:", " ".join(f"{x:.0f}" for x in sorted(api)), file=sys.stderr)
+        print("agent start phases, mean ms:", ", ".join(f"{p} {ms:.1f}" for p, ms in phases.items()), file=sys.stderr)
         image = f"{info.registry}/library/busybox:latest"
         subprocess.run(["podman", "pull", "--tls-verify=false", "-q", image], check=True,
                        stdout=subprocess.DEVNULL)

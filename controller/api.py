@@ -257,6 +257,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
     # ---- RPCs -------------------------------------------------------------------------------------
 
     async def Run(self, request: control_pb2.RunRequest, context: Ctx) -> AsyncIterator[control_pb2.RunEvent]:
+        began = time.perf_counter()  # issue 2: Run's latency by step, in the debug log
         spec = request.spec
         problem = validate(spec)
         if problem:
@@ -275,6 +276,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 c.spec.name = await self._free_name()
             await self.store.create_container(c)
             placed = await self.orchestrator.schedule(c.id)
+            placed_at = time.perf_counter()
         except StoreError as exc:
             tracker.close()
             self._count("Run", grpc.StatusCode.ABORTED)
@@ -298,6 +300,9 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 await self.orchestrator.remove(c.id)
                 self._count("Run", grpc.StatusCode.FAILED_PRECONDITION)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
+            log.debug("run %s: placed on %s in %.1f ms, %s %.1f ms later", c.id[:12], placed.node_id,
+                      (placed_at - began) * 1000, t.ContainerState.Name(status.state),
+                      (time.perf_counter() - placed_at) * 1000)
             self._count("Run", grpc.StatusCode.OK)
             view = self._decorate(placed, status, {})
             view.node_name = placed.node_id
