@@ -145,6 +145,9 @@ async def serve(args: argparse.Namespace) -> None:
 
     session = Session(args.controller.split(","), join, worker, reporter, metrics, on_join=on_join,
                       on_peers=on_peers, on_names=on_names)
+    from agent.network.usernet import attacher
+
+    network.attacher = attacher(session.network_attach)  # issue 5: user networks' addresses
 
     server = rpc.aio_server()
     api = AgentAPI3b(executor, worker)  # issue 3b: + exec, volumes

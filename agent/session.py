@@ -119,6 +119,13 @@ class Session:
             self.worker.apply(msg)
             self.revision = msg.revision
 
+    async def network_attach(self, cid: str) -> d.NetworkAttachment:
+        """issue 5: a container's address on its user network and this host's gateway on it, from the controller."""
+        if self._stub is None:
+            raise ConnectionError("not connected to a controller")
+        return await self._stub.NetworkAttach(d.NetworkAttachRequest(node_id=self.node_id, container_id=cid),
+                                              timeout=10)
+
     async def _peers(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub) -> None:
         """issue 5: follow the Peers stream for the session's life; a broken stream is opened again."""
         assert self.on_peers is not None

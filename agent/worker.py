@@ -368,15 +368,14 @@ class Worker:
             if spec.ports:
                 raise NetworkError("published ports (-p) make no sense with --network host; drop -p")
             return "host"
-        if mode != "bridge":
-            raise NetworkError(f"network {mode!r} is not available on this host")
-        if self.network is None and not spec.ports:
+        user = "" if mode == "bridge" else mode  # issue 5: a user network's name
+        if self.network is None and not spec.ports and not user:
             return ""  # a worker without container networking (tests of other parts): only lo
         if self.network is None or not self.network.configured:
             raise NetworkError("this host has no container network: the controller gave it no subnet")
         ports = [Port(p.host_ip, p.host_port, p.container_port, p.protocol or "tcp") for p in spec.ports]
         await await_port_holders(self, cid, ports)  # issue 6: a replaced container on its way out
-        return (await self.network.attach(cid, ports)).netns
+        return (await self.network.attach(cid, ports, user)).netns
 
     def _network_files(self, config: ContainerConfig, spec: t.ContainerSpec) -> ContainerConfig:
         """issue 5: /etc/hosts and /etc/resolv.conf (--add-host, --dns) bind-mounted over the image's."""
@@ -402,6 +401,7 @@ class Worker:
         if a is None:
             return
         status.ip_address = a.address
+        status.network = self.network.network_name(cid) if self.network is not None else ""  # issue 5
         for p in a.ports:
             status.ports.add(
                 host_ip=p.host_ip, host_port=p.host_port, container_port=p.container_port, protocol=p.protocol

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from berthctl import lifecycle
 
     lifecycle.register(sub)  # issue 3a: create, kill, restart, pause, unpause
+    from berthctl import network_verbs
+
+    network_verbs.register(sub)  # issue 5: network create, ls, inspect, rm
     return parser
 
 
@@ -243,6 +246,7 @@ def container_json(c: types_pb2.Container) -> dict[str, Any]:
         "image_digest": c.status.image_digest,
         "pid": c.status.pid,
         "ip_address": c.status.ip_address,
+        "network": c.spec.network or "bridge",  # issue 5
         "ports": berthctl_network.ports_of(c),
         "health": c.status.health.status if c.status.state == 4 else "",  # issue 6: starting, healthy, unhealthy
         **_lifecycle_json(c),

@@ -20,8 +20,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="publish a container port on the host (PORT alone: a free host port is chosen)")
     p.add_argument("--dns", action="append", default=[], metavar="IP", help="a nameserver for /etc/resolv.conf")
     p.add_argument("--add-host", action="append", default=[], metavar="NAME:IP", help="a line for /etc/hosts")
-    p.add_argument("--network", default="bridge", metavar="MODE",
-                   help="bridge (default: the host's container network), none (only lo) or host")
+    p.add_argument("--network", default="bridge", metavar="NETWORK",
+                   help="bridge (default: the host's container network), none (only lo), host, or the name of a "
+                        "user network (berthctl network create)")
 
 
 def _port(text: str, what: str, flag: str, allow_zero: bool = False) -> int:
@@ -64,8 +65,8 @@ def parse_publish(flag: str) -> types_pb2.PortMapping:
 
 
 def apply_run_flags(spec: types_pb2.ContainerSpec, args: argparse.Namespace) -> None:
-    if args.network not in NETWORK_MODES:
-        raise CLIError(f"invalid --network {args.network!r}: use one of {', '.join(NETWORK_MODES)}")
+    if not args.network:
+        raise CLIError("invalid --network '': give bridge, none, host or a user network's name")
     spec.network = "" if args.network == "bridge" else args.network
     for flag in args.publish:
         spec.ports.append(parse_publish(flag))
@@ -84,8 +85,8 @@ def apply_run_flags(spec: types_pb2.ContainerSpec, args: argparse.Namespace) -> 
         if not sep or not name:
             raise CLIError(f"invalid --add-host {item!r}: write NAME:IP, e.g. db:10.0.0.5")
         spec.extra_hosts.append(item)
-    if spec.ports and spec.network:
-        raise CLIError(f"-p needs the bridge network, not --network {spec.network}")
+    if spec.ports and spec.network in ("none", "host"):
+        raise CLIError(f"-p needs the bridge network or a user network, not --network {spec.network}")
 
 
 def port_text(p: types_pb2.PortMapping) -> str:

@@ -24,6 +24,7 @@ from controller.exec_volumes import ExecVolumesMixin
 from controller.images import ImageRoutes
 from controller.lifecycle import LifecycleMixin
 from controller.metrics import ControllerMetrics
+from controller.network_api import NetworksAPI
 from controller.orchestrator import TERMINAL, Orchestrator
 from controller.scheduler import STRATEGIES, Constraint
 from controller.services import ServicesAPI
@@ -185,7 +186,8 @@ async def _abort(context: Ctx, exc: StoreError) -> NoReturn:
 
 
 class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (create, kill, pause)
-    ImageRoutes, ServicesAPI, EventsAPI, ExecVolumesMixin, LifecycleMixin, control_pb2_grpc.ControlServicer
+    ImageRoutes, ServicesAPI, EventsAPI, ExecVolumesMixin, LifecycleMixin, NetworksAPI,  # issue 5: NetworksAPI
+    control_pb2_grpc.ControlServicer,
 ):
     def __init__(
         self, store: Store, orchestrator: Orchestrator, metrics: ControllerMetrics,
@@ -264,6 +266,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             self._count("Run", grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         await self.pin_to_volumes(spec, context)  # issue 3b
+        await self.check_network(spec, context)  # issue 5: --network NAME exists
         c = t.Container(
             id=secrets.token_hex(32), spec=spec, created_at_ns=int(self.clock() * 1e9),
             desired_state=t.DESIRED_RUNNING, generation=1, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S,

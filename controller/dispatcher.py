@@ -22,7 +22,8 @@ from controller.dns import NamesHub
 from controller.metrics import ControllerMetrics
 from controller.network import SubnetAllocator, peers
 from controller.orchestrator import Orchestrator
-from controller.store import Store, StoreError, Unavailable
+from controller.store import NotFound, Store, StoreError, Unavailable
+from controller.user_networks import UserNetworks
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._leases: dict[str, int] = {}
         self.subnets: SubnetAllocator | None = None  # issue 5: set by main; None gives no container network
         self.names = NamesHub(store)  # issue 5 (names): the containers' DNS records
+        self.networks: UserNetworks | None = None  # issue 5: user networks, set by main
 
     async def Join(self, request: d.JoinRequest, context: grpc.aio.ServicerContext[d.JoinRequest, d.JoinResponse]) -> d.JoinResponse:  # noqa: E501
         if not request.name:
@@ -153,3 +155,18 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 yield msg
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def NetworkAttach(self, request: d.NetworkAttachRequest, context: grpc.aio.ServicerContext[d.NetworkAttachRequest, d.NetworkAttachment]) -> d.NetworkAttachment:  # noqa: E501
+        """issue 5: a container's address on its user network, and the host's gateway on it."""
+        if self.networks is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this controller has no user networks")
+            raise AssertionError
+        try:
+            return await self.networks.attach(request.node_id, request.container_id)
+        except NotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        raise AssertionError

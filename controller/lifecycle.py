@@ -51,6 +51,7 @@ class LifecycleMixin:
         problem = validate(spec)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await self.check_network(spec, context)  # type: ignore[attr-defined]  # issue 5: NetworksAPI
         # generation 0 and desired stopped: nothing places or runs it until start makes run 1 of it.
         c = t.Container(
             id=secrets.token_hex(32), spec=spec, created_at_ns=int(self.clock() * 1e9),

@@ -21,6 +21,7 @@ from controller.network import NetworkConfigError, SubnetAllocator
 from controller.orchestrator import Orchestrator
 from controller.services import ServiceReconciler
 from controller.store import Store, StoreError
+from controller.user_networks import DEFAULT_POOL, UserNetworks
 
 log = logging.getLogger("berth.controller")
 
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--container-cidr", default="10.88.0.0/16",
                    help="addresses of containers, cut into one subnet per host (default %(default)s)")
     p.add_argument("--node-subnet-size", type=int, default=24, help="prefix length of each host's subnet")
+    p.add_argument("--network-pool", default=DEFAULT_POOL,
+                   help="where user networks made without --subnet get a /24 (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -65,6 +68,10 @@ async def serve(args: argparse.Namespace) -> None:
         dispatcher.subnets = SubnetAllocator(store, args.container_cidr, args.node_subnet_size)
     except NetworkConfigError as exc:
         raise SystemExit(f"berth-controller: {exc}") from None
+    try:  # issue 5: user networks
+        api.networks = dispatcher.networks = UserNetworks(store, args.container_cidr, args.network_pool)
+    except ValueError as exc:
+        raise SystemExit(f"berth-controller: invalid --network-pool: {exc}") from None
     dispatcher_pb2_grpc.add_DispatcherServicer_to_server(dispatcher, server)
     health_servicer = await serving.start(
         server, args.listen, "berth-controller", lambda: metrics.serve(args.metrics_listen)

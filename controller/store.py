@@ -13,6 +13,13 @@ Keys (values are serialized protobuf messages from berth.api.types):
     /berth/service-names/<name>            the id owning a service name
     /berth/subnets/<net>_<len>             the node id a container subnet belongs to (issue 5; claimed by txn
                                            create-only, so two nodes never share one; kept across restarts)
+    /berth/networks/<id>                   Network: a user network (issue 5; controller.user_networks)
+    /berth/networks-rev                    rewritten by every network create/rm, whose transactions compare
+                                           its mod_revision: they run one at a time (names, subnets, VNIs)
+    /berth/network-ips/<net-id>/<ip>       who holds an address of a user network: c/<container-id> or
+                                           gw/<node-id> (that host's gateway on the network's bridge)
+    /berth/network-attachments/<id>        "<net-id> <ip>": the container's address; deleted with the
+                                           container, so its c/ claim is stale from then on (free again)
 
 Every write that changes who owns a container (placement, desired state) compares the container key's
 mod_revision, so two controllers can never both place one container: the loser gets Conflict and retries
@@ -55,6 +62,10 @@ LEADER = PREFIX + b"leader"
 SERVICES = PREFIX + b"services/"
 SERVICE_NAMES = PREFIX + b"service-names/"
 SUBNETS = PREFIX + b"subnets/"
+NETWORKS = PREFIX + b"networks/"  # issue 5: user networks
+NETWORKS_REV = PREFIX + b"networks-rev"
+NETWORK_IPS = PREFIX + b"network-ips/"
+NETWORK_ATTACHMENTS = PREFIX + b"network-attachments/"
 
 M = TypeVar("M", bound=Message)
 
@@ -108,6 +119,11 @@ def node_key(node_id: str) -> bytes:
 
 def alive_key(node_id: str) -> bytes:
     return ALIVE + node_id.encode()
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The range end that covers every key starting with `prefix`."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 def _parse(cls: type[M], data: bytes) -> M:
@@ -279,6 +295,7 @@ class Store:
         if c.node_id:
             ops.append(tx.delete(assignment_key(c.node_id, c.id)))
         ops += [tx.delete(assignment_key(n, c.id)) for n in c.stale_nodes if n != c.node_id]
+        ops.append(tx.delete(NETWORK_ATTACHMENTS + c.id.encode()))  # issue 5: frees its user network address
         compares = [tx.mod(container_key(c.id)) == old.mod_revision]
         ok, _ = await self._txn(compares, ops, [])
         if not ok:
@@ -547,6 +564,64 @@ class Store:
         """Give `subnet` to `node_id` unless another node already has it; True when claimed."""
         key = SUBNETS + subnet.replace("/", "_").encode()
         ok, _ = await self._txn([self._tx.version(key) == 0], [self._tx.put(key, node_id.encode())], [])
+        return ok
+
+    # ---- user networks (issue 5) --------------------------------------------------------------------
+
+    async def list_networks(self) -> tuple[int, list[t.Network]]:
+        """Every user network, and the mod_revision of NETWORKS_REV to give back to create/delete_network."""
+        kv = await self._get(NETWORKS_REV)
+        rev = int(kv.mod_revision) if kv is not None else 0
+        return rev, [_parse(t.Network, kv.value) for kv in await self._get_prefix(NETWORKS)]
+
+    async def create_network(self, net: t.Network, rev: int) -> bool:
+        """Store a network if no network was created or removed since `rev` was read; False if one was."""
+        tx = self._tx
+        ok, _ = await self._txn(
+            [tx.mod(NETWORKS_REV) == rev],
+            [tx.put(NETWORKS + net.id.encode(), net.SerializeToString()), tx.put(NETWORKS_REV, net.id.encode())],
+            [],
+        )
+        return ok
+
+    async def delete_network(self, net: t.Network, rev: int) -> bool:
+        """Remove a network and every address claim in it, if no network changed since `rev`."""
+        tx = self._tx
+        ips = NETWORK_IPS + net.id.encode() + b"/"
+        ok, _ = await self._txn(
+            [tx.mod(NETWORKS_REV) == rev],
+            [tx.delete(NETWORKS + net.id.encode()), tx.delete(ips, range_end=_prefix_end(ips)),
+             tx.put(NETWORKS_REV, net.id.encode())],
+            [],
+        )
+        return ok
+
+    async def network_ips(self, net_id: str) -> dict[str, str]:
+        """address -> owner (c/<container-id> or gw/<node-id>) of one network's claims, stale ones too."""
+        prefix = NETWORK_IPS + net_id.encode() + b"/"
+        return {bytes(kv.key[len(prefix):]).decode(): bytes(kv.value).decode() for kv in await self._get_prefix(prefix)}
+
+    async def network_attachments(self) -> dict[str, tuple[str, str]]:
+        """container id -> (network id, address) of every container on a user network."""
+        out: dict[str, tuple[str, str]] = {}
+        for kv in await self._get_prefix(NETWORK_ATTACHMENTS):
+            net_id, _, ip = bytes(kv.value).decode().partition(" ")
+            out[bytes(kv.key[len(NETWORK_ATTACHMENTS):]).decode()] = (net_id, ip)
+        return out
+
+    async def claim_network_ip(self, net_id: str, ip: str, owner: str, stale: str = "", cid: str = "") -> bool:
+        """Give address `ip` of a network to `owner`: a free one, or one whose claim is still the `stale`
+        owner's. With `cid`, also the container's attachment, only while the container exists and has
+        none. Only while the network exists. True when claimed."""
+        tx = self._tx
+        key = NETWORK_IPS + net_id.encode() + b"/" + ip.encode()
+        compares = [tx.version(NETWORKS + net_id.encode()) > 0,
+                    tx.value(key) == stale.encode() if stale else tx.version(key) == 0]
+        ops = [tx.put(key, owner.encode())]
+        if cid:
+            compares += [tx.version(container_key(cid)) > 0, tx.version(NETWORK_ATTACHMENTS + cid.encode()) == 0]
+            ops.append(tx.put(NETWORK_ATTACHMENTS + cid.encode(), f"{net_id} {ip}".encode()))
+        ok, _ = await self._txn(compares, ops, [])
         return ok
 
     # ---- plumbing ---------------------------------------------------------------------------------

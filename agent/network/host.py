@@ -9,6 +9,9 @@ dir, so several agents of a dev cluster never share one; outside the state dir, 
     attach(id, ports)  before start: the namespace, ready, and its path for ContainerConfig.netns
     detach(id)         after remove: veth, namespace, address, published ports and their rules are gone
 
+A container on a user network (attach(..., network=NAME)) gets its address and this host's gateway from the
+controller (`attacher`) and its veth on that network's bridge (agent.network.usernet).
+
 Every method is idempotent. Netlink work is pyroute2's, run in a thread so the agent's loop never blocks.
 """
 
@@ -20,14 +23,14 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from pyroute2 import IPRoute, NetlinkError
 
-from agent.network import NetworkError, files, nat, overlay
+from agent.network import NetworkError, files, nat, overlay, usernet
 from agent.network.ipam import Allocation, Ipam, Port
 from agent.runtime import syscalls as sc
 
@@ -142,6 +145,9 @@ class HostNetwork:
         self.address = ""  # the host's own address: the overlay's tunnel end ("" : no overlay)
         self.mtu = 0  # containers' MTU under the overlay (0: the kernel's default)
         self._nat_applied: str | None = None  # the ruleset nft holds now, as this process loaded it
+        self.user = usernet.Present(state_dir)  # issue 5: user networks present here
+        # issue 5: container id -> (its user network, its address on it), asked of the controller
+        self.attacher: Callable[[str], Awaitable[tuple[usernet.Lease, str]]] | None = None
 
     # ---- host ---------------------------------------------------------------------------------------
 
@@ -162,6 +168,7 @@ class HostNetwork:
         try:
             with IPRoute() as ipr:
                 overlay.sync(ipr, self.address, peers)
+                self.user.set_peers(ipr, self.ipam, self.address, [p.address for p in peers])
         except NetlinkError as e:
             raise NetworkError(f"cannot update the overlay's routes: {_why(e)}") from e
 
@@ -196,6 +203,8 @@ class HostNetwork:
             for cid in set(self.ipam.containers) - keep:
                 self.ipam.release(cid)
         self._prune()
+        with IPRoute() as ipr:
+            self.user.reconcile(ipr, self.ipam, self.address, self.mtu)
         self._apply_nat()
 
     def _prune(self) -> None:
@@ -219,7 +228,7 @@ class HostNetwork:
         most containers publish no port, and `nft -f` costs tens of milliseconds per container start."""
         published = [(a.address, p) for a in self.ipam.containers.values() for p in a.ports]
         rules = nat.ruleset(self.bridge, str(self.ipam.subnet) if self.ipam.subnet else None, published,
-                            overlay=overlay.VXLAN if self.address else None)
+                            overlay=overlay.VXLAN if self.address else None, user_networks=self.user.nat(self.ipam))
         if rules == self._nat_applied:
             return
         self._nat_applied = None  # unknown until nft has said yes
@@ -239,6 +248,7 @@ class HostNetwork:
             if idx is not None:
                 ipr.link("del", index=idx)
             overlay.remove(ipr)
+            self.user.reconcile(ipr, self.ipam, "", 0)
         nat.remove()
         self._nat_applied = None
         with contextlib.suppress(OSError):
@@ -247,17 +257,26 @@ class HostNetwork:
 
     # ---- containers ---------------------------------------------------------------------------------
 
-    async def attach(self, cid: str, ports: list[Port]) -> Attachment:
+    async def attach(self, cid: str, ports: list[Port], network: str = "") -> Attachment:
+        """`network`: a user network's name ("": the host's default network)."""
+        lease, address = None, ""
+        if network and cid not in self.ipam.containers:
+            if self.attacher is None:
+                raise NetworkError(f"network {network!r} is not available on this host")
+            lease, address = await self.attacher(cid)
         async with self._lock:
-            return await asyncio.to_thread(self._attach, cid, ports)
+            return await asyncio.to_thread(self._attach, cid, ports, lease, address)
 
-    def _attach(self, cid: str, ports: list[Port]) -> Attachment:
+    def _attach(self, cid: str, ports: list[Port], lease: usernet.Lease | None = None,
+                address: str = "") -> Attachment:
         if not self.configured:
             raise NetworkError("this host has no container network yet (not joined to a controller)")
         new = cid not in self.ipam.containers
-        a = self.ipam.allocate(cid, ports)
+        a = self.ipam.allocate(cid, ports, address, lease.id if lease is not None else "")
         path = self.ns_dir / cid
         try:
+            if a.network:
+                self._setup_user(a.network, lease)
             if new or not self._wired(cid, path, a):
                 self._rewire(cid, path, a, fresh=new)
             if new:
@@ -266,6 +285,9 @@ class HostNetwork:
             self._unwire(cid, path)
             if new:
                 self.ipam.release(cid)
+                if a.network:
+                    with IPRoute() as ipr:
+                        self.user.release_if_unused(ipr, self.ipam, a.network)
                 with contextlib.suppress(NetworkError):
                     self._apply_nat()
             raise
@@ -283,6 +305,30 @@ class HostNetwork:
                 log.info("container %s: %s; clearing and trying again", cid[:12], e)
         self._unwire(cid, path)
         self._wire(cid, path, a)
+
+    def _setup_user(self, net_id: str, lease: usernet.Lease | None) -> None:
+        lease = lease or self.user.leases.by_id.get(net_id)
+        if lease is None:
+            raise NetworkError(f"network {net_id[:12]} is unknown here; remove the container and run it again")
+        try:
+            with IPRoute() as ipr:
+                self.user.setup(ipr, lease, self.address, self.mtu)
+        except NetlinkError as e:
+            raise NetworkError(f"cannot set up network {lease.name!r} on this host: {_why(e)}") from e
+
+    def gateway(self, network: str = "") -> str | None:
+        """This host's gateway address on a network: "" or "bridge" the default network's, else a user
+        network's (by name or id) while a container here is on it; None when there is none."""
+        if network in ("", "bridge"):
+            return str(self.ipam.gateway.ip) if self.ipam.subnet is not None else None
+        lease = self.user.leases.find(network)
+        return lease.gateway if lease is not None else None
+
+    def network_name(self, cid: str) -> str:
+        """The network a container with an address here is on ("bridge" or a user network's name)."""
+        a = self.ipam.containers.get(cid)
+        lease = self.user.leases.by_id.get(a.network) if a is not None and a.network else None
+        return lease.name if lease is not None else "bridge"
 
     def _wired(self, cid: str, path: Path, a: Allocation) -> bool:
         if not os.path.ismount(path):
@@ -307,7 +353,9 @@ class HostNetwork:
         """The container's namespace with eth0 (the veth's peer, made directly inside it: moving a link
         between namespaces waits for an RCU grace period, 15-40 ms here, on every container start), its
         address and default route, and lo up; the host end on the bridge."""
-        gw = self.ipam.gateway
+        lease = self.user.leases.by_id.get(a.network) if a.network else None
+        gw = lease.interface if lease is not None else self.ipam.gateway
+        bridge = lease.bridge if lease is not None else self.bridge
         veth = host_veth(cid)
         step = "create its network namespace"
         try:
@@ -315,9 +363,9 @@ class HostNetwork:
             step = f"create veth {veth}"
             with IPRoute() as ipr:
                 mtu = {"mtu": self.mtu} if self.mtu else {}
-                br = _lookup(ipr, self.bridge)
+                br = _lookup(ipr, bridge)
                 if br is None:
-                    raise NetworkError(f"bridge {self.bridge} vanished")
+                    raise NetworkError(f"bridge {bridge} vanished")
                 # One request makes the pair and puts the host end on the bridge, up.
                 ipr.link("add", ifname=veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": str(path), **mtu},
                          master=br, state="up", **mtu)
@@ -360,8 +408,12 @@ class HostNetwork:
         # the next container's start needs.
         self._remove_ns(self.ns_dir / cid)
         files.remove(self.state_dir, cid)
-        if cid in self.ipam.containers:
+        a = self.ipam.containers.get(cid)
+        if a is not None:
             self.ipam.release(cid)
+            if a.network:  # issue 5: the last container of a user network here takes its links with it
+                with IPRoute() as ipr:
+                    self.user.release_if_unused(ipr, self.ipam, a.network)
             if apply and self.configured:
                 self._apply_nat()
 

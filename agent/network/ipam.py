@@ -4,6 +4,9 @@ an allocation: `<state-dir>/network/ipam.json`
     {"subnet": "10.88.3.0/24",
      "containers": {"<id>": {"address": "10.88.3.2", "ports": [[host_ip, host_port, container_port, proto]]}}}
 
+A container on a user network (agent.network.usernet) has the address the controller gave it, and
+"network": the network's id.
+
 The subnet's first address is the bridge's (the containers' gateway); containers get the lowest free one
 after it. Written to a temporary name and renamed, so a reader never sees half a file.
 """
@@ -40,6 +43,7 @@ class Port:
 class Allocation:
     address: str
     ports: list[Port] = field(default_factory=list)
+    network: str = ""  # a user network's id ("": the host's default network)
 
 
 class Ipam:
@@ -57,7 +61,8 @@ class Ipam:
         if raw:
             self.subnet = ipaddress.IPv4Network(raw["subnet"]) if raw.get("subnet") else None
             for cid, a in raw.get("containers", {}).items():
-                self.containers[cid] = Allocation(a["address"], [Port(*p) for p in a.get("ports", [])])
+                self.containers[cid] = Allocation(a["address"], [Port(*p) for p in a.get("ports", [])],
+                                                  a.get("network", ""))
 
     @property
     def gateway(self) -> ipaddress.IPv4Interface:
@@ -74,17 +79,20 @@ class Ipam:
         self.subnet = net
         self.save()
 
-    def allocate(self, cid: str, ports: list[Port]) -> Allocation:
-        """The container's allocation: the existing one, or a new address and its ports (0: a free one)."""
+    def allocate(self, cid: str, ports: list[Port], address: str = "", network: str = "") -> Allocation:
+        """The container's allocation: the existing one, or a new address and its ports (0: a free one).
+        On a user network (`network`: its id) the address is the controller's."""
         have = self.containers.get(cid)
         if have is not None:
             return have
-        if self.subnet is None:
+        if self.subnet is None and not network:
             raise NetworkError("this host has no container subnet yet")
-        taken = {a.address for a in self.containers.values()}
-        address = next((str(ip) for ip in list(self.subnet.hosts())[1:] if str(ip) not in taken), None)
-        if address is None:
-            raise AddressesExhausted(f"no free address left in this host's subnet {self.subnet}")
+        if not network:
+            assert self.subnet is not None
+            taken = {a.address for a in self.containers.values()}
+            address = next((str(ip) for ip in list(self.subnet.hosts())[1:] if str(ip) not in taken), "")
+            if not address:
+                raise AddressesExhausted(f"no free address left in this host's subnet {self.subnet}")
         bound: list[Port] = []
         for asked in ports:
             p = asked
@@ -99,7 +107,7 @@ class Ipam:
             if any(p.clashes(q) for q in bound):
                 raise PortInUse(f"port {p.host_port}/{p.protocol} is published twice; give it once")
             bound.append(p)
-        a = self.containers[cid] = Allocation(address, bound)
+        a = self.containers[cid] = Allocation(address, bound, network)
         self.save()
         return a
 
@@ -123,7 +131,8 @@ class Ipam:
             "subnet": str(self.subnet) if self.subnet else "",
             "containers": {
                 cid: {"address": a.address, "ports": [[p.host_ip, p.host_port, p.container_port, p.protocol]
-                                                        for p in a.ports]}
+                                                        for p in a.ports],
+                      **({"network": a.network} if a.network else {})}
                 for cid, a in sorted(self.containers.items())
             },
         }

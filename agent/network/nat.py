@@ -11,6 +11,11 @@ duplicates one, and removing the last container leaves no rule behind; nothing e
     output (dstnat)      the same for connections made on the host itself to its own addresses
     postrouting (srcnat) containers' traffic leaving through any other link than the bridge is masqueraded,
                          and so is hairpin traffic (a container to a port published on its own host)
+    forward (filter)     only while user networks are present (issue 5): isolation. Into a user network's
+                         bridge only from that bridge (its containers, here and, through its vxlan port, on
+                         other hosts), replies, and published ports (DNAT); from it, never into the default
+                         network (berth0, berth.vx) except to a published port. So containers of two networks
+                         never reach each other, on one host or across hosts, in either direction.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ TABLE = "berth"
 
 
 def ruleset(bridge: str, subnet: str | None, published: Iterable[tuple[str, Port]],
-            overlay: str | None = None) -> str:
+            overlay: str | None = None, user_networks: Iterable[tuple[str, str]] = ()) -> str:
     """The whole `ip berth` table for a bridge, its subnet and (container address, port) pairs. Traffic into
-    the `overlay` device goes to other hosts' containers and keeps its source address."""
+    the `overlay` device goes to other hosts' containers and keeps its source address. `user_networks`:
+    (bridge, subnet) of each user network present."""
     dnat: list[str] = []
     for address, p in sorted(published, key=lambda x: (x[1].protocol, x[1].host_port, x[1].host_ip)):
         match = f"ip daddr {p.host_ip}" if p.host_ip else "fib daddr type local"
@@ -53,7 +59,25 @@ def ruleset(bridge: str, subnet: str | None, published: Iterable[tuple[str, Port
         # Hairpin: a container reaching a port published on its own host comes back out on the bridge;
         # without this the server would answer it directly and the client would drop the reply.
         lines.append(f'    ip saddr {subnet} oifname "{bridge}" ct status dnat masquerade')
-    lines += ["  }", "}", ""]
+    users = sorted(user_networks)
+    for ubridge, usubnet in users:
+        lines.append(f'    ip saddr {usubnet} oifname != "{ubridge}" masquerade')
+        lines.append(f'    ip saddr {usubnet} oifname "{ubridge}" ct status dnat masquerade')
+    lines.append("  }")
+    if users:
+        lines += ["  chain forward {", "    type filter hook forward priority filter; policy accept;"]
+        for ubridge, _ in users:
+            lines += [
+                f'    oifname "{ubridge}" iifname != "{ubridge}" ct state established,related accept',
+                f'    oifname "{ubridge}" iifname != "{ubridge}" ct status dnat accept',
+                f'    oifname "{ubridge}" iifname != "{ubridge}" drop',
+            ]
+            for default in (bridge, overlay):
+                if default:
+                    lines += [f'    iifname "{ubridge}" oifname "{default}" ct status dnat accept',
+                              f'    iifname "{ubridge}" oifname "{default}" drop']
+        lines.append("  }")
+    lines += ["}", ""]
     return "\n".join(lines)
 
 

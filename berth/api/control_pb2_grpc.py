@@ -221,6 +221,26 @@ class ControlStub:
                 request_serializer=berth_dot_api_dot_control__pb2.ContainerRef.SerializeToString,
                 response_deserializer=berth_dot_api_dot_types__pb2.Container.FromString,
                 _registered_method=True)
+        self.NetworkCreate = channel.unary_unary(
+                '/berth.api.Control/NetworkCreate',
+                request_serializer=berth_dot_api_dot_control__pb2.NetworkCreateRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Network.FromString,
+                _registered_method=True)
+        self.NetworkList = channel.unary_unary(
+                '/berth.api.Control/NetworkList',
+                request_serializer=berth_dot_api_dot_control__pb2.NetworkListRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_control__pb2.NetworkListResponse.FromString,
+                _registered_method=True)
+        self.NetworkInspect = channel.unary_unary(
+                '/berth.api.Control/NetworkInspect',
+                request_serializer=berth_dot_api_dot_control__pb2.NetworkRef.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Network.FromString,
+                _registered_method=True)
+        self.NetworkRemove = channel.unary_unary(
+                '/berth.api.Control/NetworkRemove',
+                request_serializer=berth_dot_api_dot_control__pb2.NetworkRef.SerializeToString,
+                response_deserializer=berth_dot_api_dot_types__pb2.Network.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -460,6 +480,31 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NetworkCreate(self, request, context):
+        """issue 5: user networks (berthctl network create|ls|inspect|rm)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NetworkList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NetworkInspect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NetworkRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -647,6 +692,26 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Unpause,
                     request_deserializer=berth_dot_api_dot_control__pb2.ContainerRef.FromString,
                     response_serializer=berth_dot_api_dot_types__pb2.Container.SerializeToString,
+            ),
+            'NetworkCreate': grpc.unary_unary_rpc_method_handler(
+                    servicer.NetworkCreate,
+                    request_deserializer=berth_dot_api_dot_control__pb2.NetworkCreateRequest.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Network.SerializeToString,
+            ),
+            'NetworkList': grpc.unary_unary_rpc_method_handler(
+                    servicer.NetworkList,
+                    request_deserializer=berth_dot_api_dot_control__pb2.NetworkListRequest.FromString,
+                    response_serializer=berth_dot_api_dot_control__pb2.NetworkListResponse.SerializeToString,
+            ),
+            'NetworkInspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.NetworkInspect,
+                    request_deserializer=berth_dot_api_dot_control__pb2.NetworkRef.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Network.SerializeToString,
+            ),
+            'NetworkRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.NetworkRemove,
+                    request_deserializer=berth_dot_api_dot_control__pb2.NetworkRef.FromString,
+                    response_serializer=berth_dot_api_dot_types__pb2.Network.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1648,6 +1713,114 @@ class Control:
             '/berth.api.Control/Unpause',
             berth_dot_api_dot_control__pb2.ContainerRef.SerializeToString,
             berth_dot_api_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NetworkCreate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/NetworkCreate',
+            berth_dot_api_dot_control__pb2.NetworkCreateRequest.SerializeToString,
+            berth_dot_api_dot_types__pb2.Network.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NetworkList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/NetworkList',
+            berth_dot_api_dot_control__pb2.NetworkListRequest.SerializeToString,
+            berth_dot_api_dot_control__pb2.NetworkListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NetworkInspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/NetworkInspect',
+            berth_dot_api_dot_control__pb2.NetworkRef.SerializeToString,
+            berth_dot_api_dot_types__pb2.Network.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NetworkRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Control/NetworkRemove',
+            berth_dot_api_dot_control__pb2.NetworkRef.SerializeToString,
+            berth_dot_api_dot_types__pb2.Network.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,11 @@ class ControlStub:
     Kill: _grpc.UnaryUnaryMultiCallable[_control_pb2.KillRequest, _types_pb2.Container]
     Pause: _grpc.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _types_pb2.Container]
     Unpause: _grpc.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _types_pb2.Container]
+    NetworkCreate: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkCreateRequest, _types_pb2.Network]
+    """issue 5: user networks (berthctl network create|ls|inspect|rm)"""
+    NetworkList: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkListRequest, _control_pb2.NetworkListResponse]
+    NetworkInspect: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]
+    NetworkRemove: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -139,6 +144,11 @@ class ControlAsyncStub(ControlStub):
     Kill: _aio.UnaryUnaryMultiCallable[_control_pb2.KillRequest, _types_pb2.Container]  # type: ignore[assignment]
     Pause: _aio.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _types_pb2.Container]  # type: ignore[assignment]
     Unpause: _aio.UnaryUnaryMultiCallable[_control_pb2.ContainerRef, _types_pb2.Container]  # type: ignore[assignment]
+    NetworkCreate: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkCreateRequest, _types_pb2.Network]  # type: ignore[assignment]
+    """issue 5: user networks (berthctl network create|ls|inspect|rm)"""
+    NetworkList: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkListRequest, _control_pb2.NetworkListResponse]  # type: ignore[assignment]
+    NetworkInspect: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]  # type: ignore[assignment]
+    NetworkRemove: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]  # type: ignore[assignment]
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -413,5 +423,34 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.ContainerRef,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.Container, _abc.Awaitable[_types_pb2.Container]]: ...
+
+    @_abc_1.abstractmethod
+    def NetworkCreate(
+        self,
+        request: _control_pb2.NetworkCreateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Network, _abc.Awaitable[_types_pb2.Network]]:
+        """issue 5: user networks (berthctl network create|ls|inspect|rm)"""
+
+    @_abc_1.abstractmethod
+    def NetworkList(
+        self,
+        request: _control_pb2.NetworkListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.NetworkListResponse, _abc.Awaitable[_control_pb2.NetworkListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def NetworkInspect(
+        self,
+        request: _control_pb2.NetworkRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Network, _abc.Awaitable[_types_pb2.Network]]: ...
+
+    @_abc_1.abstractmethod
+    def NetworkRemove(
+        self,
+        request: _control_pb2.NetworkRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Network, _abc.Awaitable[_types_pb2.Network]]: ...
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -500,3 +500,66 @@ class NamesMessage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NamesMessage: _TypeAlias = NamesMessage  # noqa: Y015
+
+@_typing.final
+class NetworkAttachRequest(_message.Message):
+    """issue 5, user networks"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    container_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        container_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkAttachRequest: _TypeAlias = NetworkAttachRequest  # noqa: Y015
+
+@_typing.final
+class NetworkAttachment(_message.Message):
+    """issue 5, user networks: what an agent needs to put a container on a user network."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SUBNET_FIELD_NUMBER: _builtins.int
+    VNI_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    network_id: _builtins.str
+    name: _builtins.str
+    subnet: _builtins.str
+    """the whole network's subnet, e.g. 10.89.0.0/24"""
+    vni: _builtins.int
+    gateway: _builtins.str
+    """this host's address on the network's bridge (the containers' default route)"""
+    address: _builtins.str
+    """the container's address"""
+    def __init__(
+        self,
+        *,
+        network_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        subnet: _builtins.str = ...,
+        vni: _builtins.int = ...,
+        gateway: _builtins.str = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "gateway", b"gateway", "name", b"name", "network_id", b"network_id", "subnet", b"subnet", "vni", b"vni"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkAttachment: _TypeAlias = NetworkAttachment  # noqa: Y015

@@ -64,6 +64,11 @@ class DispatcherStub:
                 request_serializer=berth_dot_api_dot_dispatcher__pb2.NamesRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_dispatcher__pb2.NamesMessage.FromString,
                 _registered_method=True)
+        self.NetworkAttach = channel.unary_unary(
+                '/berth.api.Dispatcher/NetworkAttach',
+                request_serializer=berth_dot_api_dot_dispatcher__pb2.NetworkAttachRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_dispatcher__pb2.NetworkAttachment.FromString,
+                _registered_method=True)
 
 
 class DispatcherServicer:
@@ -114,6 +119,14 @@ class DispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NetworkAttach(self, request, context):
+        """issue 5, user networks: a container's address on its user network, with the network and this host's
+        gateway on it (allocated by the controller on first call, the same afterwards).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_DispatcherServicer_to_server(servicer, server):
                     servicer.Names,
                     request_deserializer=berth_dot_api_dot_dispatcher__pb2.NamesRequest.FromString,
                     response_serializer=berth_dot_api_dot_dispatcher__pb2.NamesMessage.SerializeToString,
+            ),
+            'NetworkAttach': grpc.unary_unary_rpc_method_handler(
+                    servicer.NetworkAttach,
+                    request_deserializer=berth_dot_api_dot_dispatcher__pb2.NetworkAttachRequest.FromString,
+                    response_serializer=berth_dot_api_dot_dispatcher__pb2.NetworkAttachment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class Dispatcher:
             '/berth.api.Dispatcher/Names',
             berth_dot_api_dot_dispatcher__pb2.NamesRequest.SerializeToString,
             berth_dot_api_dot_dispatcher__pb2.NamesMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NetworkAttach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.api.Dispatcher/NetworkAttach',
+            berth_dot_api_dot_dispatcher__pb2.NetworkAttachRequest.SerializeToString,
+            berth_dot_api_dot_dispatcher__pb2.NetworkAttachment.FromString,
             options,
             channel_credentials,
             insecure,

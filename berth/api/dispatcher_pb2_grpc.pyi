@@ -52,6 +52,10 @@ class DispatcherStub:
     """issue 5 (names): the records of the containers' DNS (agent.network.dns): every running container's
     name, short id, network, address and service; the full table first, then changes.
     """
+    NetworkAttach: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.NetworkAttachRequest, _dispatcher_pb2.NetworkAttachment]
+    """issue 5, user networks: a container's address on its user network, with the network and this host's
+    gateway on it (allocated by the controller on first call, the same afterwards).
+    """
 
 @_typing.type_check_only
 class DispatcherAsyncStub(DispatcherStub):
@@ -74,6 +78,10 @@ class DispatcherAsyncStub(DispatcherStub):
     Names: _aio.UnaryStreamMultiCallable[_dispatcher_pb2.NamesRequest, _dispatcher_pb2.NamesMessage]  # type: ignore[assignment]
     """issue 5 (names): the records of the containers' DNS (agent.network.dns): every running container's
     name, short id, network, address and service; the full table first, then changes.
+    """
+    NetworkAttach: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.NetworkAttachRequest, _dispatcher_pb2.NetworkAttachment]  # type: ignore[assignment]
+    """issue 5, user networks: a container's address on its user network, with the network and this host's
+    gateway on it (allocated by the controller on first call, the same afterwards).
     """
 
 class DispatcherServicer(metaclass=_abc_1.ABCMeta):
@@ -130,6 +138,16 @@ class DispatcherServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.NamesMessage], _abc.AsyncIterator[_dispatcher_pb2.NamesMessage]]:
         """issue 5 (names): the records of the containers' DNS (agent.network.dns): every running container's
         name, short id, network, address and service; the full table first, then changes.
+        """
+
+    @_abc_1.abstractmethod
+    def NetworkAttach(
+        self,
+        request: _dispatcher_pb2.NetworkAttachRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.NetworkAttachment, _abc.Awaitable[_dispatcher_pb2.NetworkAttachment]]:
+        """issue 5, user networks: a container's address on its user network, with the network and this host's
+        gateway on it (allocated by the controller on first call, the same afterwards).
         """
 
 def add_DispatcherServicer_to_server(servicer: DispatcherServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -347,6 +347,7 @@ class ContainerStatus(_message.Message):
     IP_ADDRESS_FIELD_NUMBER: _builtins.int
     PORTS_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     state: Global___ContainerState.ValueType
     exit_code: _builtins.int
     message: _builtins.str
@@ -364,6 +365,10 @@ class ContainerStatus(_message.Message):
     ip_address: _builtins.str
     """issue 5 (networking), fields 35-44.
     the container's address on its network
+    """
+    network: _builtins.str
+    """issue 5, user networks (net: 50-54): the network the container is attached to ("bridge", or a user
+    network's name; empty for none/host), with ip_address above as its address on it.
     """
     @_builtins.property
     def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortMapping]:
@@ -390,10 +395,11 @@ class ContainerStatus(_message.Message):
         ip_address: _builtins.str = ...,
         ports: _abc.Iterable[Global___PortMapping] | None = ...,
         health: Global___Health | None = ...,
+        network: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "health", b"health", "image_digest", b"image_digest", "ip_address", b"ip_address", "message", b"message", "oom_killed", b"oom_killed", "pid", b"pid", "ports", b"ports", "restart_count", b"restart_count", "signal", b"signal", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "health", b"health", "image_digest", b"image_digest", "ip_address", b"ip_address", "message", b"message", "network", b"network", "oom_killed", b"oom_killed", "pid", b"pid", "ports", b"ports", "restart_count", b"restart_count", "signal", b"signal", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1260,3 +1266,76 @@ class Health(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Health: _TypeAlias = Health  # noqa: Y015
+
+@_typing.final
+class Network(_message.Message):
+    """issue 5, user networks: one network made by `berthctl network create`, stored under /berth/networks/<id>."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SUBNET_FIELD_NUMBER: _builtins.int
+    VNI_FIELD_NUMBER: _builtins.int
+    CREATED_AT_NS_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    subnet: _builtins.str
+    """e.g. 10.89.0.0/24; container addresses and hosts' gateways come from it"""
+    vni: _builtins.int
+    """its VXLAN network identifier (the default network has 1)"""
+    created_at_ns: _builtins.int
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___NetworkEndpoint]:
+        """Filled on read, never stored: who is on it."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        subnet: _builtins.str = ...,
+        vni: _builtins.int = ...,
+        created_at_ns: _builtins.int = ...,
+        endpoints: _abc.Iterable[Global___NetworkEndpoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ns", b"created_at_ns", "endpoints", b"endpoints", "id", b"id", "name", b"name", "subnet", b"subnet", "vni", b"vni"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Network: _TypeAlias = Network  # noqa: Y015
+
+@_typing.final
+class NetworkEndpoint(_message.Message):
+    """issue 5: an address taken in a user network: a container's, or a host's gateway on its bridge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    CONTAINER_NAME_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    container_id: _builtins.str
+    """empty for a gateway"""
+    container_name: _builtins.str
+    node_id: _builtins.str
+    """the gateway's host (for a container: where it runs, if placed)"""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        container_id: _builtins.str = ...,
+        container_name: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "container_id", b"container_id", "container_name", b"container_name", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkEndpoint: _TypeAlias = NetworkEndpoint  # noqa: Y015
