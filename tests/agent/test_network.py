@@ -118,3 +118,31 @@ def test_hosts_and_resolv_conf(tmp_path: Path) -> None:
     assert files.resolv_text(["10.96.0.53"], host_resolv) == "nameserver 10.96.0.53\nsearch example.org\n"
     with pytest.raises(NetworkError, match="invalid --dns"):
         files.resolv_text(["dns.example"], host_resolv)
+
+
+def test_user_networks_get_an_isolating_forward_chain_only_while_present(tmp_path: Path) -> None:
+    """issue 5: the forward chain nft accepts, present only with user networks; their allocations on disk."""
+    from agent.network.usernet import Lease, Leases, gateway
+
+    users = [("bnaaaaaaaaaaaa", "10.128.0.0/24"), ("bnbbbbbbbbbbbb", "10.128.1.0/24")]
+    rules = nat.ruleset("berth0", "10.96.3.0/24", [], overlay="berth.vx", user_networks=users)
+    for bridge, subnet in users:
+        assert f'oifname "{bridge}" iifname != "{bridge}" drop' in rules
+        assert f'iifname "{bridge}" oifname "berth0" drop' in rules
+        assert f'iifname "{bridge}" oifname "berth.vx" drop' in rules
+        assert f'ip saddr {subnet} oifname != "{bridge}" masquerade' in rules
+    out = subprocess.run(["nft", "-c", "-f", "-"], input=rules, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "chain forward" not in nat.ruleset("berth0", "10.96.3.0/24", [], overlay="berth.vx")
+
+    ipam = Ipam(tmp_path)
+    ipam.set_subnet("10.96.3.0/24")
+    a = ipam.allocate("a" * 64, [], "10.128.0.7", "f" * 64)
+    assert (a.address, a.network) == ("10.128.0.7", "f" * 64)
+    assert ipam.allocate("b" * 64, []).address == "10.96.3.2"  # the default network's own addresses
+    assert Ipam(tmp_path).containers["a" * 64].network == "f" * 64
+    leases = Leases(tmp_path)
+    leases.put(Lease("f" * 64, "red", "10.128.0.0/24", 256, "10.128.0.1"))
+    assert str(leases.by_id["f" * 64].interface) == "10.128.0.1/24"
+    assert gateway(tmp_path, "red") == gateway(tmp_path, "f" * 64) == "10.128.0.1"
+    assert gateway(tmp_path, "blue") is None

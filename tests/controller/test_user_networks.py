@@ -1,0 +1,95 @@
+"""User networks' objects and addresses (controller.user_networks, issue 5) over a real etcd: concurrent creates
+never share a name, a subnet or a VNI; a host's gateway and a container's address are claimed once and kept;
+a removed container's address is free again; a full network says so; removing a network removes its claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+
+import pytest
+
+from berth.api import types_pb2 as t
+from controller.store import Store
+from controller.user_networks import AddressesExhausted, NetworkRequestError, UserNetworks
+from tests.support import etcd_keys
+
+CIDR = "10.88.0.0/16"
+
+
+def container(name: str, network: str) -> t.Container:
+    return t.Container(id=secrets.token_hex(32), spec=t.ContainerSpec(name=name, image="busybox", network=network))
+
+
+async def fresh(etcd_url: str) -> tuple[Store, UserNetworks]:
+    store = Store(etcd_url)
+    await store.connect()
+    nets = UserNetworks(store, CIDR)
+    for n in (await nets.list())[3:]:
+        for v in await store.list_containers():
+            await store.delete_container(v)
+        await nets.remove(n.name)
+    return store, nets
+
+
+def test_concurrent_creates_never_share_a_name_subnet_or_vni(etcd_url: str) -> None:
+    async def main() -> None:
+        store, nets = await fresh(etcd_url)
+        made = await asyncio.gather(*(nets.create(f"n{i}") for i in range(8)))
+        subnets = [ipaddress.IPv4Network(n.subnet) for n in made]
+        assert all(not a.overlaps(b) for i, a in enumerate(subnets) for b in subnets[i + 1:])
+        assert len({n.vni for n in made}) == 8 and min(n.vni for n in made) >= 256
+        same = await asyncio.gather(*(nets.create("twin") for _ in range(4)), return_exceptions=True)
+        assert sum(isinstance(r, t.Network) for r in same) == 1
+        assert all("already exists" in str(r) for r in same if not isinstance(r, t.Network))
+        assert [n.name for n in await nets.list()] == ["bridge", "host", "none", *(f"n{i}" for i in range(8)), "twin"]
+        for n in made:
+            await nets.remove(n.name)
+        await nets.remove("twin")
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_addresses_gateways_reuse_exhaustion_and_removal(etcd_url: str) -> None:
+    async def main() -> None:
+        store, nets = await fresh(etcd_url)
+        net = await nets.create("small", "10.200.0.0/29")  # 6 addresses
+        a, b = container("a", "small"), container("b", "small")
+        for c in (a, b):
+            await store.create_container(c)
+        first = await nets.attach("host1", a.id)
+        assert (first.gateway, first.address, first.subnet, first.vni) == ("10.200.0.1", "10.200.0.2",
+                                                                            net.subnet, net.vni)
+        assert await nets.attach("host1", a.id) == first  # the same on every later call
+        second = await nets.attach("host2", b.id)
+        assert (second.gateway, second.address) == ("10.200.0.3", "10.200.0.4")
+        doc = await nets.inspect("small")
+        assert {(e.address, e.container_name, e.node_id) for e in doc.endpoints} == {
+            ("10.200.0.1", "", "host1"), ("10.200.0.2", "a", ""), ("10.200.0.3", "", "host2"),
+            ("10.200.0.4", "b", "")}
+        # a removed: its address is free for the next container; the hosts keep their gateways.
+        await store.delete_container(await store.get_container(a.id))
+        c = container("c", "small")
+        await store.create_container(c)
+        assert (await nets.attach("host1", c.id)).address == "10.200.0.2"
+        # Full: 10.200.0.5 and .6 left, then a clear error.
+        for name in ("d", "e"):
+            x = container(name, "small")
+            await store.create_container(x)
+            await nets.attach("host1", x.id)
+        full = container("f", "small")
+        await store.create_container(full)
+        with pytest.raises(AddressesExhausted, match=r"no free address left in 10\.200\.0\.0/29"):
+            await nets.attach("host1", full.id)
+        with pytest.raises(NetworkRequestError, match=r"in use by 5 container\(s\)"):
+            await nets.remove("small")
+        for v in await store.list_containers():
+            await store.delete_container(v)
+        await nets.remove("small")
+        assert not [k for k in etcd_keys(etcd_url) if k.startswith(("/berth/networks/", "/berth/network-"))]
+        await store.close()
+
+    asyncio.run(main())
