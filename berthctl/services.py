@@ -54,6 +54,8 @@ def register(sub: Any) -> None:
     q.add_argument("-p", "--publish", action="append", default=[], metavar="[HOSTIP:]HOSTPORT:PORT[/PROTO]",
                    help="publish a port on each container's host (host mode: one container per host and port)")
     health.add_arguments(q)  # issue 6
+    q.add_argument("--network", default="", metavar="NETWORK",  # issue 5: user networks
+                   help="bridge (default), host, none or a user network (berthctl network create)")
     _update_flags(q)
     q.add_argument("image", metavar="IMAGE")
     q.add_argument("args", nargs=argparse.REMAINDER, metavar="COMMAND")
@@ -132,6 +134,7 @@ def cmd_create(args: argparse.Namespace, conn: Connection) -> int:
         raise CLIError(str(exc)) from None
     for flag in args.publish:  # issue 6: host-mode published ports
         template.ports.append(parse_publish(flag))
+    template.network = "" if args.network == "bridge" else args.network  # issue 5
     health.fill_spec(args, template)  # issue 6
     spec = t.ServiceSpec(name=args.name, template=template, replicas=args.replicas,
                          global_mode=args.mode == "global")

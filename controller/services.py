@@ -254,6 +254,7 @@ class ServicesAPI:
         problem = validate_service(request)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await self.check_network(request.template, context)  # type: ignore[attr-defined]  # issue 5: NetworksAPI
         svc = t.Service(id=secrets.token_hex(16), spec=request, version=1, created_at_ns=int(self.clock() * 1e9))
         try:
             await self.store.create_service(svc)

@@ -148,10 +148,13 @@ class UserNetworks:
             rev, _ = await self.store.list_networks()
             users = [v.container.spec.name for v in await self.store.list_containers()
                      if v.container.spec.network == net.name]
+            users += [f"service {svc.spec.name}" for svc, _ in await self.store.list_services()
+                      if svc.spec.template.network == net.name]
             if users:
                 shown = ", ".join(sorted(users)[:5]) + (", ..." if len(users) > 5 else "")
                 raise NetworkRequestError(
-                    f"network {net.name!r} is in use by {len(users)} container(s) ({shown}); remove them first"
+                    f"network {net.name!r} is in use by {len(users)} container(s) or service(s) ({shown}); "
+                    "remove them first"
                 )
             if await self.store.delete_network(net, rev):
                 return net

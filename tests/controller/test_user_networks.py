@@ -84,7 +84,7 @@ def test_addresses_gateways_reuse_exhaustion_and_removal(etcd_url: str) -> None:
         await store.create_container(full)
         with pytest.raises(AddressesExhausted, match=r"no free address left in 10\.200\.0\.0/29"):
             await nets.attach("host1", full.id)
-        with pytest.raises(NetworkRequestError, match=r"in use by 5 container\(s\)"):
+        with pytest.raises(NetworkRequestError, match=r"in use by 5 container\(s\) or service\(s\)"):
             await nets.remove("small")
         for v in await store.list_containers():
             await store.delete_container(v)

@@ -168,7 +168,8 @@ def test_network_verbs_and_bad_input(unet: ClusterInfo, ctl: Ctl) -> None:
     # In use (even by a stopped container): refused; once it is gone, removed with its address claims.
     start(ctl, "r1", "red", "host1", "sleep", "1000")
     ok(ctl("stop", "-t", "1", "r1"))
-    refused(ctl("network", "rm", "red"), "network 'red' is in use by 1 container(s) (r1)", "remove them first")
+    refused(ctl("network", "rm", "red"), "network 'red' is in use by 1 container(s) or service(s) (r1)",
+            "remove them first")
     assert any(k.startswith(f"/berth/network-ips/{red_id}/") for k in etcd_keys(unet.etcd))
     ok(ctl("rm", "r1"))
     assert ok(ctl("network", "rm", "red", "blue")).split() == ["red", "blue"]
@@ -209,6 +210,25 @@ def test_one_network_across_hosts_tcp_udp_and_gateways(unet: ClusterInfo, ctl: C
     d1 = start(ctl, "d1", "", "host3")
     d2 = start(ctl, "d2", "", "host2", "sleep", "1000")
     assert reaches(ctl, "d2", d1["ip_address"]) == d2["ip_address"]
+
+
+def test_a_service_on_a_user_network(unet: ClusterInfo, ctl: Ctl) -> None:
+    ok(ctl("network", "create", "--subnet", BLUE_SUBNET, "blue"))
+    refused(ctl("service", "create", "--name", "x", "--network", "nosuch", "busybox", "true"),
+            "network 'nosuch' not found")
+    try:
+        ok(ctl("service", "create", "--name", "web", "--network", "blue", "--replicas", "2",
+               "--constraint", "node.name!=host3", "busybox", "sh", "-c", WEB))
+        tasks = [running(ctl, n) for n in sorted(x["name"] for x in ps(ctl))]
+        assert len(tasks) == 2 and {x["network"] for x in tasks} == {"blue"}
+        assert {x["node"] for x in tasks} == {"host1", "host2"}
+        import ipaddress
+
+        assert all(ipaddress.IPv4Address(x["ip_address"]) in ipaddress.IPv4Network(BLUE_SUBNET) for x in tasks)
+        assert reaches(ctl, tasks[0]["name"], tasks[1]["ip_address"]) == tasks[0]["ip_address"]
+        refused(ctl("network", "rm", "blue"), "service web", "remove them first")
+    finally:
+        ctl("service", "rm", "web")
 
 
 def test_two_networks_cannot_reach_each_other(unet: ClusterInfo, ctl: Ctl) -> None:
