@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.executor import ContainerConfig, ContainerInfo, ContainerNotFound, ProcessState
+
+JOIN_WAVE = 25  # agents of one process that join together
 
 
 class HollowExecutor:
@@ -81,6 +84,7 @@ async def run_many(controllers: list[str], count: int, prefix: str, state_dir: P
     mirrors = {"docker.io": f"http://{registry}"} if registry else {}
     images = ImageStore(state_dir / "images", RegistryConfig(mirrors=mirrors, insecure={registry} - {""}))
     tasks = []
+    sessions = []
     for i in range(count):
         name = f"{prefix}{i}"
         agent_dir = state_dir / name
@@ -94,7 +98,15 @@ async def run_many(controllers: list[str], count: int, prefix: str, state_dir: P
             capacity=t.Resources(memory_bytes=64 << 30, nano_cpus=32 * 10**9), platform="linux/amd64",
             labels={"hollow": "true"},
         )
-        tasks.append(asyncio.create_task(Session(controllers, join, worker, reporter, metrics).run()))
+        session = Session(controllers, join, worker, reporter, metrics)
+        sessions.append(session)
+        tasks.append(asyncio.create_task(session.run()))
+        if len(sessions) % JOIN_WAVE == 0:
+            # Join in waves, as hosts of a real cluster do not all join in one second: a thousand joins at
+            # once time out and retry for ever on a loaded controller.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await asyncio.gather(*(s.joined.wait() for s in sessions[-JOIN_WAVE:]))
     await asyncio.gather(*tasks)
 
 

@@ -34,6 +34,7 @@ from berth import rpc  # noqa: E402
 from berth.api import control_pb2, control_pb2_grpc  # noqa: E402
 from berth.api import types_pb2 as t  # noqa: E402
 from berthctl.dev import cluster as dev  # noqa: E402
+from berthctl.dev import etcd as etcd_server  # noqa: E402
 from tests.conftest import slot_name, slot_subnet  # noqa: E402
 
 NAME, SUBNET = slot_name("bsched"), slot_subnet("10.77.72.0/24")
@@ -42,6 +43,16 @@ NAME, SUBNET = slot_name("bsched"), slot_subnet("10.77.72.0/24")
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_shares(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {role: sum(cpu_s(p) for p in ps) for role, ps in pids.items()}
 
 
 def peak_mib(pid: int) -> float:
@@ -72,7 +83,7 @@ async def run_one(stub: control_pb2_grpc.ControlAsyncStub, spec: t.ContainerSpec
 
 
 async def bench(controller: str, containers: int, agents: int, processes: int, concurrency: int,
-                hollow_procs: list[subprocess.Popen[bytes]]) -> tuple[float, list[float]]:
+                hollow_procs: list[subprocess.Popen[bytes]], pids: dict[str, list[int]]) -> tuple[float, list[float]]:
     channel = rpc.aio_channel(controller)
     stub = control_pb2_grpc.ControlStub(channel)
     deadline = time.monotonic() + 600
@@ -98,11 +109,24 @@ async def bench(controller: str, containers: int, agents: int, processes: int, c
             spec = t.ContainerSpec(name=f"c{i}", image="busybox", command=["sleep", "1000"])
             latencies.append(await run_one(stub, spec))
 
+    before = cpu_shares(pids)
     t0 = time.perf_counter()
     await asyncio.gather(*(submitter() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
+    # Where the 2 cores went while measuring (CPU seconds per role, and its share of the wall time)
+    used = {role: round(s - before[role], 1) for role, s in cpu_shares(pids).items()}
+    print(f"CPU seconds during the {elapsed:.1f} s run: {json.dumps(used)} "
+          f"(total {sum(used.values()):.1f} of {2 * elapsed:.1f} on 2 cores)", file=sys.stderr)
     await channel.close()
     return elapsed, latencies
+
+
+def _is_etcd(proc: Path, url: str) -> bool:
+    try:
+        cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"etcd") and f"--listen-client-urls={url}".encode() in cmdline
 
 
 def main() -> None:
@@ -127,7 +151,9 @@ def main() -> None:
                 [sys.executable, *(["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]] if os.environ.get(
                     "BENCH_PROFILE") else []), "-m", "controller", "--etcd", info.etcd, "--listen", controller,
                  "--metrics-listen", f"{info.gateway}:7071", "--sample", str(args.sample),
-                 "--lease-ttl", str(args.lease_ttl), "--log-level", "WARNING"],
+                 "--lease-ttl", str(args.lease_ttl), "--log-level", "WARNING",
+                 # a /24 for each of 1,000 hosts (the default /16 has 256); hollow agents configure none
+                 "--container-cidr", "10.128.0.0/12", "--max-txn-ops", str(etcd_server.MAX_TXN_OPS)],
                 stdout=log, stderr=subprocess.STDOUT)
         procs.append(ctl)
         per = args.agents // args.processes
@@ -140,8 +166,11 @@ def main() -> None:
                      "--prefix", f"hollow-p{i}-", "--state-dir", str(state / f"hollow{i}"),
                      "--registry", info.registry], stdout=log, stderr=subprocess.STDOUT))
         procs += hollow
+        etcd_pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_etcd(p, info.etcd)]
+        pids = {"controller": [ctl.pid], "etcd": etcd_pids, "hollow_agents": [p.pid for p in hollow],
+                "client": [os.getpid()]}
         elapsed, latencies = asyncio.run(
-            bench(controller, args.containers, args.agents, args.processes, args.concurrency, hollow))
+            bench(controller, args.containers, args.agents, args.processes, args.concurrency, hollow, pids))
         result = {
             "containers": args.containers, "agents": args.agents,
             "per_second": round(args.containers / elapsed, 1),

@@ -19,6 +19,7 @@ from berth import healthcheck
 from berth.api import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
 from berth.rpc import aio_channel
+from controller.cache import ClusterCache
 from controller.events import EventsAPI
 from controller.exec_volumes import ExecVolumesMixin
 from controller.images import ImageRoutes
@@ -57,10 +58,12 @@ class StatusTracker:
         self._task = asyncio.create_task(self._follow(events))
 
     @classmethod
-    async def before_changes(cls, store: Store, cid: str) -> StatusTracker:
+    async def before_changes(cls, store: Store, cid: str, cache: ClusterCache | None = None) -> StatusTracker:
         """A tracker whose etcd watch is in place before the caller writes: it sees every later status
-        at once (a watch from a past revision would be caught up only by etcd's 100 ms sync loop)."""
-        return cls(await store.open_status_watch(cid), cid, None)
+        at once (a watch from a past revision would be caught up only by etcd's 100 ms sync loop). With the
+        controller's cache following etcd, its watch serves (issue 6)."""
+        events = cache.open_status_watch(cid) if cache is not None else None
+        return cls(events if events is not None else await store.open_status_watch(cid), cid, None)
 
     @classmethod
     def after(cls, store: Store, cid: str, revision: int, current: t.ContainerStatus) -> StatusTracker:
@@ -273,12 +276,11 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         )
         # The status watch goes in before the container exists, so every status of this run is seen, at
         # once, even when an --rm container is deleted right after its exit.
-        tracker = await StatusTracker.before_changes(self.store, c.id)
+        tracker = await StatusTracker.before_changes(self.store, c.id, self.orchestrator.cache)
         try:
             if not c.spec.name:
                 c.spec.name = await self._free_name()
-            await self.store.create_container(c)
-            placed = await self.orchestrator.schedule(c.id)
+            placed = await self.orchestrator.create_and_place(c)  # issue 6: group-committed on the leader
             placed_at = time.perf_counter()
         except StoreError as exc:
             tracker.close()

@@ -8,6 +8,7 @@ down within one TTL.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,11 +19,12 @@ import grpc.aio
 from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
+from controller.cache import ClusterCache
 from controller.dns import NamesHub
 from controller.metrics import ControllerMetrics
 from controller.network import SubnetAllocator, peers
 from controller.orchestrator import Orchestrator
-from controller.store import NotFound, Store, StoreError, Unavailable
+from controller.store import AssignmentEvent, NotFound, Store, StoreError, Unavailable
 from controller.user_networks import UserNetworks
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: join first")
                     raise AssertionError  # abort raises; this line is for the type checker
                 lease = node.lease_id
-            ttl = await self.store.refresh_lease(lease)
+            ttl = await self.store.keep_alive(lease)  # issue 6: one etcd stream for every heartbeat
             if ttl <= 0:
                 # The lease expired (the node was partitioned for longer than the TTL): make it ready again.
                 node = await self.store.get_node(request.node_id)
@@ -100,7 +102,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
     async def Assignments(self, request: d.AssignmentsRequest, context: grpc.aio.ServicerContext[d.AssignmentsRequest, d.AssignmentsMessage]) -> AsyncIterator[d.AssignmentsMessage]:  # noqa: E501
         node_id = request.node_id
         self.metrics.agent_sessions.inc()
+        cache = self.orchestrator.cache
+        follow = cache.follow_assignments(node_id) if cache is not None else None
         try:
+            if cache is not None and follow is not None:  # issue 6: fed by the cache's watch
+                async for msg in self._from_cache(cache, node_id, request.after_revision, *follow):
+                    yield msg
+                return
             revision = request.after_revision
             if revision <= 0:
                 revision, assignments = await self.store.assignments(node_id)
@@ -132,10 +140,38 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         finally:
             self.metrics.agent_sessions.dec()
 
+    async def _from_cache(self, cache: ClusterCache, node_id: str, after: int, current: int,
+                          queue: asyncio.Queue[AssignmentEvent | BaseException]) -> AsyncIterator[d.AssignmentsMessage]:
+        """The Assignments stream from the cache's watch: the changes after `current` come through `queue`;
+        an agent that resumes from before it (or starts) gets the complete set as of `current` first."""
+        try:
+            if after < current:
+                assignments = await self.store.assignments_at(node_id, current)
+                yield d.AssignmentsMessage(kind=d.AssignmentsMessage.COMPLETE, revision=current, changes=[
+                    d.AssignmentChange(action=d.AssignmentChange.UPDATE, container_id=a.container_id, assignment=a)
+                    for a in assignments])
+                after = current
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if event.revision <= after:
+                    continue
+                change = d.AssignmentChange(container_id=event.container_id)
+                if event.assignment is None:
+                    change.action = d.AssignmentChange.REMOVE
+                else:
+                    change.action = d.AssignmentChange.UPDATE
+                    change.assignment.CopyFrom(event.assignment)
+                yield d.AssignmentsMessage(kind=d.AssignmentsMessage.INCREMENTAL, revision=event.revision,
+                                           changes=[change])
+        finally:
+            cache.unfollow_assignments(node_id, queue)
+
     async def ReportStatus(self, request: d.StatusReport, context: grpc.aio.ServicerContext[d.StatusReport, d.StatusReportResponse]) -> d.StatusReportResponse:  # noqa: E501
         try:
-            for update in request.updates:
-                await self.orchestrator.on_status(update.container_id, update.status)
+            # issue 6: committed with the other reports in flight (Orchestrator.on_statuses)
+            await self.orchestrator.on_statuses([(u.container_id, u.status) for u in request.updates])
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return d.StatusReportResponse()

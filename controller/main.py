@@ -14,6 +14,7 @@ import sys
 from berth import rpc, serving
 from berth.api import control_pb2_grpc, dispatcher_pb2_grpc
 from controller.api import ControlAPI
+from controller.cache import ClusterCache
 from controller.dispatcher import Dispatcher
 from controller.leader import Leadership
 from controller.metrics import ControllerMetrics
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--node-subnet-size", type=int, default=24, help="prefix length of each host's subnet")
     p.add_argument("--network-pool", default=DEFAULT_POOL,
                    help="where user networks made without --subnet get a /24 (default %(default)s)")
+    p.add_argument("--max-txn-ops", type=int, default=128,
+                   help="operations per etcd transaction: etcd's --max-txn-ops (default %(default)s, etcd's own)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -57,6 +60,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = ControllerMetrics()
     orchestrator = Orchestrator(store, metrics)
     orchestrator.strategy, orchestrator.sample = args.strategy, args.sample
+    orchestrator.cache, orchestrator.max_txn_ops = ClusterCache(store), max(4, args.max_txn_ops)  # issue 6
     orchestrator.reconcilers.append(ServiceReconciler(store, orchestrator).reconcile)
     leadership = Leadership(store, args.id or f"{socket.gethostname()}:{args.listen}", args.leader_ttl,
                             orchestrator.lead)
@@ -79,7 +83,8 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("controller listening on %s, metrics on %s, etcd %s", args.listen, args.metrics_listen, args.etcd)
     tasks = [
         asyncio.create_task(leadership.run()),
-        asyncio.create_task(metrics.run_refresh_loop(store)),
+        asyncio.create_task(metrics.run_refresh_loop(store, cache=orchestrator.cache)),
+        asyncio.create_task(orchestrator.cache.run()),
     ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

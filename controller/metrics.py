@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
@@ -16,6 +17,9 @@ from prometheus_client import Counter as PromCounter
 from berth.api import types_pb2 as t
 from berth.metrics_http import serve_metrics
 from controller.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from controller.cache import ClusterCache
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +55,30 @@ class ControllerMetrics:
     async def serve(self, address: str) -> asyncio.Server:
         return await serve_metrics(self.registry, address)
 
-    async def refresh(self, store: Store) -> None:
+    async def refresh(self, store: Store, cache: ClusterCache | None = None) -> None:
         containers: Counter[str] = Counter({state_name(s): 0 for s in t.ContainerState.values() if s})
-        for v in await store.list_containers():
-            containers[state_name(v.container.status.state or t.STATE_PENDING)] += 1
+        if cache is not None and cache.ready:  # issue 6: no read of every container every 2 s
+            for code, count in cache.state_counts().items():
+                containers[state_name(code)] += count
+        else:
+            for v in await store.list_containers():
+                containers[state_name(v.container.status.state or t.STATE_PENDING)] += 1
         for state, n in containers.items():
             self.containers.labels(state=state).set(n)
         nodes = Counter({"ready": 0, "down": 0})
-        for node in await store.list_nodes():
-            nodes["ready" if node.state == t.NODE_READY else "down"] += 1
+        if cache is not None and cache.ready:
+            nodes["ready"] = sum(1 for node_id in cache.nodes if node_id in cache.alive)
+            nodes["down"] = len(cache.nodes) - nodes["ready"]
+        else:
+            for node in await store.list_nodes():
+                nodes["ready" if node.state == t.NODE_READY else "down"] += 1
         for state, n in nodes.items():
             self.nodes.labels(state=state).set(n)
 
-    async def run_refresh_loop(self, store: Store, period_s: float = 2.0) -> None:
+    async def run_refresh_loop(self, store: Store, period_s: float = 2.0, cache: ClusterCache | None = None) -> None:
         while True:
             try:
-                await self.refresh(store)
+                await self.refresh(store, cache)
             except StoreError as exc:
                 log.warning("metrics refresh: %s", exc)
             await asyncio.sleep(period_s)

@@ -7,6 +7,7 @@ and forwarding entries in line with them (agent.network.overlay).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 from collections.abc import AsyncIterator
@@ -38,9 +39,16 @@ class SubnetAllocator:
             )
         self.prefixlen = prefixlen
         self.store = store
+        # issue 6: this controller's joins claim one after another; at once they all chose the same first free
+        # subnet, and hundreds of hosts joining together failed their five tries
+        self._claiming = asyncio.Lock()
 
     async def subnet_for(self, node_id: str) -> str:
         """The node's subnet: the one it has, else the first free one (claimed atomically)."""
+        async with self._claiming:
+            return await self._subnet_for(node_id)
+
+    async def _subnet_for(self, node_id: str) -> str:
         for _ in range(5):
             claims = await self.store.subnet_claims()
             for subnet, owner in sorted(claims.items()):

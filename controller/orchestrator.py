@@ -13,12 +13,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from berth.api import types_pb2 as t
 from controller import scheduler
 from controller.metrics import ControllerMetrics
 from controller.store import Conflict, NotFound, Store, StoreError, Versioned
+
+if TYPE_CHECKING:
+    from controller.cache import ClusterCache
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ def assignment_of(c: t.Container) -> t.Assignment:
 # Restart policies under which a container is moved off a dead host (issue 6).
 MOVABLE_POLICIES = ("always", "on-failure", "unless-stopped")
 BATCH = 32  # containers per placement transaction: 3 operations each, under etcd's 128
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops; the controller's --max-txn-ops when etcd allows more
 SWEEP_GAP_S = 0.1
 
 
@@ -61,9 +65,25 @@ class Orchestrator:
         # More of the leader's work, each given the sweep's snapshot (services: controller.services); each
         # returns whether it may have changed containers
         self.reconcilers: list[Callable[[list[Versioned]], Coroutine[Any, Any, bool]]] = []
+        # issue 6 (throughput): the watch-fed copy of the cluster (controller.cache), read instead of etcd
+        # when set and loaded; Run calls and status reports in flight are committed together.
+        self.cache: ClusterCache | None = None
+        self.max_txn_ops = MAX_TXN_OPS
+        self._admissions: list[tuple[t.Container, asyncio.Future[t.Container]]] = []
+        self._admit_wake = asyncio.Event()
+        self._admitter: asyncio.Task[None] | None = None
+        self._reports: list[tuple[str, t.ContainerStatus, int, asyncio.Future[None]]] = []
+        self._report_wake = asyncio.Event()
+        self._reporter: asyncio.Task[None] | None = None
+
+    def _cached(self) -> ClusterCache | None:
+        return self.cache if self.cache is not None and self.cache.ready else None
 
     async def hosts(self, containers: list[Versioned] | None = None) -> list[scheduler.HostView]:
         """The scheduler's view: nodes with what is already placed on them."""
+        cache = self._cached()
+        if cache is not None:
+            return cache.hosts()  # its indexes hold what is placed on every host
         nodes = await self.store.list_nodes()
         if containers is None:
             containers = await self.store.list_containers()
@@ -103,9 +123,12 @@ class Orchestrator:
     def _resolve(self, containers: list[Versioned], outcome: dict[str, t.Container]) -> list[str]:
         """Answer the schedule() calls the sweep decided; returns those it did not see (to place alone)."""
         seen = {v.container.id: v.container for v in containers}
+        cache = self._cached()
         alone = []
         for cid in list(self._waiting):
             c = outcome.get(cid) or seen.get(cid)
+            if c is None and cache is not None and (cached := cache.container(cid)) is not None:
+                c = cached.container
             tries = self._tries.get(cid, 0)
             if c is None and tries < 3:  # created after the snapshot: the next sweep sees it
                 self._tries[cid] = tries + 1
@@ -235,8 +258,12 @@ class Orchestrator:
 
     async def _place_pending(self, containers: list[Versioned] | None, outcome: dict[str, t.Container]) -> int:
         async with self._placing:
+            cache = self._cached()
             if containers is None:
-                containers = await self.store.list_containers()
+                if cache is not None:
+                    containers = [cache.containers[cid] for cid in cache.pending]
+                else:
+                    containers = await self.store.list_containers()
             pending = [v for v in containers if not v.container.node_id
                        and v.container.desired_state == t.DESIRED_RUNNING]
             if not pending:
@@ -262,16 +289,20 @@ class Orchestrator:
                                t.ContainerStatus(state=t.STATE_ASSIGNED, generation=new.generation)))
             placed = 0
             retry: list[str] = []
-            batches = [writes[start:start + BATCH] for start in range(0, len(writes), BATCH)]
+            per = max(1, self.max_txn_ops // 3)
+            batches = [writes[start:start + per] for start in range(0, len(writes), per)]
             # Committed together: etcd folds concurrent transactions into one disk write.
             results = await asyncio.gather(*(self.store.update_containers(b) for b in batches))
             for batch, committed in zip(batches, results, strict=True):
                 if committed:
                     placed += len(batch)
                     now = self.clock()
-                    for old, placed_c, _, _ in batch:
+                    for old, placed_c, _, status in batch:
                         self.metrics.scheduling_latency.observe(max(0.0, now - old.container.created_at_ns / 1e9))
                         outcome[placed_c.id] = placed_c
+                        if cache is not None:
+                            cache.put_container(placed_c, committed)
+                            cache.put_status(placed_c.id, status, committed)
                 else:
                     retry += [old.container.id for old, _, _, _ in batch]
             for v, reason in unplaced:
@@ -280,10 +311,12 @@ class Orchestrator:
                     new.CopyFrom(v.container)
                     new.pending_reason = reason
                     try:
-                        await self.store.update_container(v, new)
+                        revision = await self.store.update_container(v, new)
                     except Conflict:
                         retry.append(v.container.id)
                         continue
+                    if cache is not None:
+                        cache.put_container(new, revision)
                     outcome[new.id] = new
                 else:
                     outcome[v.container.id] = v.container
@@ -299,6 +332,9 @@ class Orchestrator:
     async def heal(self, containers: list[Versioned] | None = None) -> int:
         """Move containers off hosts that are down or drained, when they may move (see `movable`); the
         others stay (on a dead host, shown as lost). Returns how many were taken off."""
+        cache = self._cached()
+        if cache is not None and containers is None:
+            return await self._heal_cached(cache)
         nodes = {n.id: n for n in await self.store.list_nodes()}
         if containers is None:
             containers = await self.store.list_containers()
@@ -318,6 +354,26 @@ class Orchestrator:
                 continue  # it changed meanwhile; the next sweep looks again
         return moved
 
+    async def _heal_cached(self, cache: ClusterCache) -> int:
+        """heal() on the cache's indexes: only the containers of hosts that are down or drained are looked at."""
+        moved = 0
+        for node_id, cids in list(cache.on_node.items()):
+            entry = cache.nodes.get(node_id)
+            node = entry[0] if entry is not None else None
+            draining = node is not None and node.availability == t.AVAILABILITY_DRAIN
+            if node is not None and node_id in cache.alive and not draining:
+                continue
+            for cid in list(cids):
+                v = cache.containers.get(cid)
+                if v is None or v.container.desired_state != t.DESIRED_RUNNING or not movable(v.container.spec):
+                    continue
+                try:
+                    await self.move_off(v, f"its host {node_id} is drained" if draining else "")
+                    moved += 1
+                except Conflict:
+                    continue  # it changed meanwhile; the next sweep looks again
+        return moved
+
     async def move_off(self, v: Versioned, reason: str = "") -> None:
         """Take a container off its host: the host is told to stop its copy (and keep its files), the
         container becomes pending with a new generation, for the next placement."""
@@ -332,7 +388,10 @@ class Orchestrator:
         new.generation += 1
         new.pending_reason = reason or f"its host {c.node_id} is down; placing it elsewhere"
         status = t.ContainerStatus(state=t.STATE_PENDING, generation=new.generation, message=new.pending_reason)
-        await self.store.move_off(v, new, stale, status)
+        revision = await self.store.move_off(v, new, stale, status)
+        if self.cache is not None:
+            self.cache.put_container(new, revision)
+            self.cache.put_status(new.id, status, revision)
         log.info("container %s moved off %s", c.id[:12], c.node_id)
 
     async def lead(self, period_s: float = 1.0) -> None:
@@ -367,11 +426,21 @@ class Orchestrator:
         while True:
             started = time.monotonic()
             try:
-                containers = await self.store.list_containers()
-                changed = await self.heal(containers)
-                for reconcile in self.reconcilers:
-                    changed = await reconcile(containers) or changed
-                await self.place_pending(await self.store.list_containers() if changed else containers)
+                cache = self._cached()
+                if cache is not None:  # issue 6: the sweep reads the cache's indexes, not every container
+                    moved = await self.heal() > 0
+                    services = cache.with_status(cache.of_services) if self.reconcilers else []
+                    for reconcile in self.reconcilers:
+                        moved = await reconcile(services) or moved
+                    if moved:  # place what they made in this sweep: wait for the watch to bring it
+                        await cache.caught_up(await self.store.revision())
+                    await self.place_pending()
+                else:
+                    containers = await self.store.list_containers()
+                    changed = await self.heal(containers)
+                    for reconcile in self.reconcilers:
+                        changed = await reconcile(containers) or changed
+                    await self.place_pending(await self.store.list_containers() if changed else containers)
             except StoreError as exc:
                 log.warning("leader sweep: %s", exc)
             # A sweep reads every container: before the next, rest as long as this one took (at most
@@ -406,6 +475,158 @@ class Orchestrator:
         if c.spec.auto_remove and status.state in TERMINAL:
             await self.remove(cid)
         return True
+
+    # ---- issue 6 (throughput): Run calls and status reports in flight, committed together ------------
+
+    async def create_and_place(self, c: t.Container) -> t.Container:
+        """Store a new container and place it; returns it as stored (placed, or pending with the reason).
+        Raises NameInUse. On the leader with its cache loaded, the Run calls in flight are group-committed:
+        one transaction creates a batch (names, containers, pending statuses, a compare on each name and
+        id), then the batch is placed as a sweep places (one decision each, a compare on each container's
+        revision), without waiting for the next sweep."""
+        if self.kick is None or self._cached() is None:
+            await self.store.create_container(c)
+            return await self.schedule(c.id)
+        future: asyncio.Future[t.Container] = asyncio.get_running_loop().create_future()
+        self._admissions.append((c, future))
+        if self._admitter is None or self._admitter.done():
+            self._admitter = asyncio.create_task(self._admit_loop())
+        self._admit_wake.set()
+        return await future
+
+    async def _admit_loop(self) -> None:
+        while True:
+            await self._admit_wake.wait()
+            self._admit_wake.clear()
+            while self._admissions:
+                batch, self._admissions = self._admissions, []
+                try:
+                    await self._admit(batch)
+                except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+
+    async def _admit(self, batch: list[tuple[t.Container, asyncio.Future[t.Container]]]) -> None:
+        items: list[tuple[t.Container, t.ContainerStatus, t.Assignment | None]] = [
+            (c, t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation), None) for c, _ in batch]
+        per = max(1, self.max_txn_ops // 3)  # name, container, status
+        chunks = [items[i:i + per] for i in range(0, len(items), per)]
+        revisions = await asyncio.gather(*(self.store.create_placed(chunk) for chunk in chunks))
+        created: list[Versioned] = []
+        alone: list[t.Container] = []
+        for chunk, revision in zip(chunks, revisions, strict=True):
+            if not revision:
+                alone += [c for c, _, _ in chunk]  # a name in use: one by one, to tell which
+                continue
+            for c, status, _ in chunk:
+                created.append(Versioned(c, revision))
+                if self.cache is not None:
+                    self.cache.put_container(c, revision)
+                    self.cache.put_status(c.id, status, revision)
+        outcome: dict[str, t.Container] = {}
+        if created:
+            await self._place_pending(created, outcome)
+        for c, future in batch:
+            if future.done():
+                continue
+            if c.id in outcome:
+                future.set_result(outcome[c.id])
+            elif any(c is other for other in alone):
+                self._background(self._admit_alone(c, future))
+            else:  # created, but its placement raced: it waits for a sweep, as any pending container
+                self._background(self._admit_alone(c, future, created=True))
+
+    async def _admit_alone(self, c: t.Container, future: asyncio.Future[t.Container], created: bool = False) -> None:
+        try:
+            if not created:
+                await self.store.create_container(c)
+            result = await self.schedule(c.id)
+        except Exception as exc:  # noqa: BLE001 - handed to the Run call
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(result)
+
+    async def on_statuses(self, updates: list[tuple[str, t.ContainerStatus]]) -> None:
+        """Record a report's statuses (as on_status). With the cache loaded, the generation is checked on the
+        cached container and the statuses of every report in flight are written together, one transaction
+        comparing each container's revision with the one checked; one that changed meanwhile is redone
+        alone on a fresh read."""
+        cache = self._cached()
+        if cache is None:
+            for cid, status in updates:
+                await self.on_status(cid, status)
+            return
+        futures = []
+        for cid, status in updates:
+            v = cache.container(cid)
+            if v is None:
+                await self.on_status(cid, status)  # not seen yet (or gone): read etcd
+                continue
+            if status.generation < v.container.generation:
+                continue  # a report of an older run
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._reports.append((cid, status, v.mod_revision, future))
+            futures.append(future)
+        if not futures:
+            return
+        if self._reporter is None or self._reporter.done():
+            self._reporter = asyncio.create_task(self._report_loop())
+        self._report_wake.set()
+        await asyncio.gather(*futures)
+
+    async def _report_loop(self) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        while True:
+            await self._report_wake.wait()
+            self._report_wake.clear()
+            while self._reports:
+                if len(in_flight) >= 4:  # a few commits at once: etcd folds them into one disk write
+                    _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                batch, self._reports = self._reports[:self.max_txn_ops], self._reports[self.max_txn_ops:]
+                task = asyncio.create_task(self._commit_reports(batch))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+
+    async def _commit_reports(self, batch: list[tuple[str, t.ContainerStatus, int, asyncio.Future[None]]]) -> None:
+        latest = {cid: (cid, status, mod) for cid, status, mod, _ in batch}  # one put per key in a transaction
+        items = list(latest.values())
+        try:
+            revision = await self.store.put_statuses(items)
+        except StoreError as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if not revision:  # one changed since checked: each alone, on a fresh read
+            for cid, status, _, future in batch:
+                try:
+                    await self.on_status(cid, status)
+                except StoreError as exc:
+                    if not future.done():
+                        future.set_exception(exc)
+                    continue
+                if not future.done():
+                    future.set_result(None)
+            return
+        for cid, status, _ in items:
+            if self.cache is not None:
+                self.cache.put_status(cid, status, revision)
+                v = self.cache.container(cid)
+                if v is not None and v.container.spec.auto_remove and status.state in TERMINAL:
+                    self._background(self._remove_quietly(cid))
+        for *_, future in batch:
+            if not future.done():
+                future.set_result(None)
+
+    async def _remove_quietly(self, cid: str) -> None:
+        try:
+            await self.remove(cid)
+        except StoreError as exc:
+            log.warning("removing %s (--rm): %s", cid[:12], exc)
 
 
 def _placed(c: t.Container, node_id: str) -> None:

@@ -47,6 +47,7 @@ import aetcd
 import aetcd.exceptions
 import grpc
 import grpc.aio
+from aetcd import rpc as etcdrpc
 from google.protobuf.message import Message
 
 from berth.api import types_pb2 as t
@@ -423,21 +424,19 @@ class Store:
         tx = self._tx
         await self._txn([tx.value(LEADER) == identity.encode()], [tx.delete(LEADER)], [])
 
-    async def update_containers(self, writes: list[tuple[Versioned, t.Container, t.Assignment, t.ContainerStatus]]) -> bool:  # noqa: E501
+    async def update_containers(self, writes: list[tuple[Versioned, t.Container, t.Assignment, t.ContainerStatus]]) -> int:  # noqa: E501
         """Place several containers in one transaction: each written back with its assignment and status,
-        all or none, and only if none of them changed since read. False on a conflict (retry one by one)."""
-        tx = self._tx
+        all or none, and only if none of them changed since read. The revision, 0 on a conflict (retry one by one)."""
         compares = []
         ops = []
         for old, new, assignment, status in writes:
-            compares.append(tx.mod(container_key(new.id)) == old.mod_revision)
-            ops.append(tx.put(container_key(new.id), new.SerializeToString()))
-            ops.append(tx.put(assignment_key(new.node_id, new.id), assignment.SerializeToString()))
-            ops.append(tx.put(status_key(new.id), status.SerializeToString()))
-        ok, _ = await self._txn(compares, ops, [])
-        return ok
+            compares.append(_mod_is(container_key(new.id), old.mod_revision))
+            ops.append(_put(container_key(new.id), new.SerializeToString()))
+            ops.append(_put(assignment_key(new.node_id, new.id), assignment.SerializeToString()))
+            ops.append(_put(status_key(new.id), status.SerializeToString()))
+        return await self._raw_txn(compares, ops)  # issue 6: the revision, for the cluster cache
 
-    async def move_off(self, old: Versioned, new: t.Container, stale: t.Assignment, status: t.ContainerStatus) -> None:
+    async def move_off(self, old: Versioned, new: t.Container, stale: t.Assignment, status: t.ContainerStatus) -> int:
         """Take a container off a dead host: the host keeps an assignment that says stopped (so it stops
         its copy when it comes back, keeping the files), the container goes back to pending."""
         tx = self._tx
@@ -446,9 +445,10 @@ class Store:
             tx.put(assignment_key(old.container.node_id, new.id), stale.SerializeToString()),
             tx.put(status_key(new.id), status.SerializeToString()),
         ]
-        ok, _ = await self._txn([tx.mod(container_key(new.id)) == old.mod_revision], ops, [])
+        ok, responses = await self._txn([tx.mod(container_key(new.id)) == old.mod_revision], ops, [])
         if not ok:
             raise Conflict(f"container {new.id[:12]} changed concurrently")
+        return int(responses[0].response_put.header.revision)
 
     async def update_node(self, node_id: str, change: Any) -> t.Node:
         """Apply change(node) to a stored node with a compare on its mod_revision, retrying on conflict."""
@@ -668,6 +668,170 @@ class Store:
         if hub is None:
             hub = self._status_hub = _StatusHub(self)
         return await hub.subscribe(cid)
+
+
+    # ---- issue 6 (throughput): the cluster cache's reads, shared lease keep-alives, big transactions ----
+
+    async def read_prefixes(self, prefixes: tuple[bytes, ...]) -> tuple[int, dict[bytes, list[tuple[bytes, bytes, int]]]]:  # noqa: E501
+        """(key, value, mod_revision) of every key under each prefix, all read at one revision, and that
+        revision (watch from the next one to follow them without a gap)."""
+        out: dict[bytes, list[tuple[bytes, bytes, int]]] = {}
+        revision = 0
+        for prefix in prefixes:
+            request = self._client._build_get_range_request(prefix, range_end=_prefix_end(prefix))
+            if revision:
+                request.revision = revision
+            reply = await self._rpc(self._client.kvstub.Range, request)
+            revision = revision or int(reply.header.revision)
+            out[prefix] = [(bytes(kv.key), bytes(kv.value), int(kv.mod_revision)) for kv in reply.kvs]
+        return revision, out
+
+    async def watch_prefix(self, prefix: bytes, after_revision: int) -> AsyncIterator[tuple[bool, bytes, bytes, int]]:
+        """(put, key, value, mod_revision) of every change under a prefix after a revision, in order."""
+        async for kind, kv in self._watch(prefix, after_revision + 1, prefix=True):
+            yield kind == "PUT", bytes(kv.key), bytes(kv.value), int(kv.mod_revision)
+
+    async def assignments_at(self, node_id: str, revision: int) -> list[t.Assignment]:
+        """The node's whole assignment set as it was at a revision."""
+        prefix = assignment_prefix(node_id)
+        request = self._client._build_get_range_request(prefix, range_end=_prefix_end(prefix))
+        request.revision = revision
+        reply = await self._rpc(self._client.kvstub.Range, request)
+        return [_parse(t.Assignment, kv.value) for kv in reply.kvs]
+
+    async def watch_batches(self, prefix: bytes, after_revision: int) -> AsyncIterator[list[tuple[bool, bytes, bytes, int]]]:  # noqa: E501
+        """Like watch_prefix, on a Watch stream of its own, each etcd reply's events at once: (put, key, value,
+        mod_revision) lists in revision order, without a task, a queue and a parse per event on the way."""
+        request = etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+            key=prefix, range_end=_prefix_end(prefix), start_revision=after_revision + 1))
+        closed = asyncio.Event()
+
+        async def requests() -> AsyncIterator[Any]:
+            yield request
+            await closed.wait()
+
+        call = etcdrpc.WatchStub(self._client.channel).Watch(requests(), metadata=self._client.metadata)
+        try:
+            async for reply in call:
+                if reply.compact_revision:
+                    raise StoreError(f"etcd compacted revision {after_revision + 1} away ({reply.compact_revision})")
+                if reply.canceled:
+                    raise StoreError(f"etcd cancelled a watch: {reply.cancel_reason or 'no reason given'}")
+                if reply.events:
+                    yield [(e.type == etcdrpc.Event.PUT, e.kv.key, e.kv.value, e.kv.mod_revision) for e in reply.events]
+            raise Unavailable("etcd ended a watch")
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"etcd is unreachable: {exc.details()}") from exc
+        finally:
+            closed.set()
+            call.cancel()
+
+    async def create_placed(self, items: list[tuple[t.Container, t.ContainerStatus, t.Assignment | None]]) -> int:
+        """Create several containers in one transaction, each with its name claimed, its status, and its
+        assignment when it is already placed: all or none, only if none of the names and ids exist. Returns
+        the revision, 0 when a compare failed (a name in use: create them one by one to learn which)."""
+        compares = []
+        ops = []
+        for c, status, assignment in items:
+            name, key = name_key(c.spec.name), container_key(c.id)
+            compares += [_version_is(name, 0), _version_is(key, 0)]
+            ops += [_put(name, c.id.encode()), _put(key, c.SerializeToString()),
+                    _put(status_key(c.id), status.SerializeToString())]
+            if assignment is not None:
+                ops.append(_put(assignment_key(c.node_id, c.id), assignment.SerializeToString()))
+        return await self._raw_txn(compares, ops)
+
+    async def put_statuses(self, items: list[tuple[str, t.ContainerStatus, int]]) -> int:
+        """Record several agents' reports in one transaction, each only if its container is unchanged
+        since the mod_revision given (its generation was checked on that version). Returns the revision,
+        0 when a compare failed (record them one by one)."""
+        compares = [_mod_is(container_key(cid), mod) for cid, _, mod in items]
+        ops = [_put(status_key(cid), status.SerializeToString()) for cid, status, _ in items]
+        return await self._raw_txn(compares, ops)
+
+    async def keep_alive(self, lease_id: int) -> int:
+        """Like refresh_lease, over one LeaseKeepAlive stream shared by every call (a heartbeat costs a
+        message each way instead of a new etcd stream). Returns the TTL left, 0 if the lease expired."""
+        keeper = getattr(self, "_keeper", None)
+        if keeper is None:
+            keeper = self._keeper = _KeepAlive(self._client)
+        return await keeper.refresh(lease_id)
+
+    async def _rpc(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=10, metadata=self._client.metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"etcd is unreachable: {exc.details()}") from exc
+            raise StoreError(f"etcd: {exc.details()}") from exc
+
+    async def _raw_txn(self, compares: list[Any], ops: list[Any]) -> int:
+        """A transaction built straight from etcd's messages (aetcd's builders cost more than the write
+        for a few hundred operations). The revision it committed at, 0 if a compare failed."""
+        reply = await self._rpc(self._client.kvstub.Txn, etcdrpc.TxnRequest(compare=compares, success=ops))
+        return int(reply.header.revision) if reply.succeeded else 0
+
+
+def _version_is(key: bytes, version: int) -> Any:
+    return etcdrpc.Compare(key=key, result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.VERSION, version=version)
+
+
+def _mod_is(key: bytes, revision: int) -> Any:
+    return etcdrpc.Compare(key=key, result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.MOD,
+                           mod_revision=revision)
+
+
+def _put(key: bytes, value: bytes) -> Any:
+    return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value))
+
+
+class _KeepAlive:
+    """One LeaseKeepAlive stream to etcd for every lease this controller refreshes (issue 6)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.queue: asyncio.Queue[int] = asyncio.Queue()
+        self.waiters: dict[int, list[asyncio.Future[int]]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    async def refresh(self, lease_id: int) -> int:
+        if self.task is None or self.task.done():
+            self.queue = asyncio.Queue()
+            self.task = asyncio.create_task(self._run(self.queue))
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(lease_id, []).append(future)
+        self.queue.put_nowait(lease_id)
+        try:
+            async with asyncio.timeout(10):
+                return await future
+        except TimeoutError:
+            raise Unavailable("etcd did not answer a lease keep-alive in 10 s") from None
+        finally:
+            waiting = self.waiters.get(lease_id)
+            if waiting is not None and future in waiting:
+                waiting.remove(future)
+                if not waiting:
+                    del self.waiters[lease_id]
+
+    async def _run(self, queue: asyncio.Queue[int]) -> None:
+        async def requests() -> AsyncIterator[Any]:
+            while True:
+                yield etcdrpc.LeaseKeepAliveRequest(ID=await queue.get())
+
+        error: StoreError = Unavailable("etcd closed the lease keep-alive stream")
+        try:
+            async for reply in self.client.leasestub.LeaseKeepAlive(requests(), metadata=self.client.metadata):
+                for future in self.waiters.pop(int(reply.ID), []):
+                    if not future.done():
+                        future.set_result(int(reply.TTL))
+        except grpc.aio.AioRpcError as exc:
+            error = Unavailable(f"etcd is unreachable: {exc.details()}")
+        finally:
+            waiters, self.waiters = self.waiters, {}
+            for futures in waiters.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(error)
 
 
 class _StatusHub:

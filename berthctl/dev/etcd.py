@@ -18,6 +18,7 @@ from pathlib import Path
 from berthctl.dev import StartError
 
 ETCD_BINARY = "/usr/bin/etcd"
+MAX_TXN_OPS = 1024
 
 
 def client_url(host: str) -> str:
@@ -49,6 +50,8 @@ def command(host: str, data_dir: Path) -> list[str]:
         f"--initial-cluster=dev={peer_url(host)}",
         "--initial-cluster-state=new",
         "--initial-cluster-token=berth-dev",
+        # issue 6: the controller's big batches (berth-controller --max-txn-ops); etcd's default is 128
+        f"--max-txn-ops={MAX_TXN_OPS}",
     ]
 
 

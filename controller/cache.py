@@ -1,0 +1,374 @@
+"""An in-memory copy of the containers, statuses and hosts in etcd, fed by an etcd watch (issue 6): the leader's
+sweeps and the status path read it instead of every container from etcd (kube-scheduler's informers,
+swarmkit's memdb).
+
+It is loaded with one read per prefix at one revision, then follows one watch on /berth/ from the next
+revision, in revision order, so the copy is etcd as of one revision plus this controller's own writes. It
+keeps the indexes the scheduler needs without a scan: the pending containers (in creation order), what is
+placed on each host (memory, CPU, count, host ports), the containers of each host and of services.
+
+The copy is a hint, never the authority: every decision taken on it is committed with a compare on the
+container's mod_revision (controller.store), so a stale entry costs a retry on a fresh read, never a double
+placement. Writes this controller commits are applied at once with the revision etcd gave them
+(`put_container`, `put_status`), so the next decision sees them before their watch event arrives; an event
+older than what is held is ignored. A failed watch drops the copy (`ready` false: callers read etcd) and
+loads it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+
+from berth.api import types_pb2 as t
+from controller import scheduler
+from controller.store import (
+    ALIVE,
+    ASSIGNMENTS,
+    CONTAINERS,
+    NODES,
+    PREFIX,
+    STATUS,
+    AssignmentEvent,
+    StatusEvent,
+    Store,
+    StoreError,
+    Unavailable,
+    Versioned,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _parse_container(data: bytes) -> t.Container:
+    c = t.Container()
+    c.ParseFromString(data)
+    return c
+
+
+def _parse_status(data: bytes) -> t.ContainerStatus:
+    s = t.ContainerStatus()
+    s.ParseFromString(data)
+    return s
+
+
+class ClusterCache:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.ready = False
+        self._synced = asyncio.Event()
+        self.revision = 0  # etcd's revision as of which the copy is complete
+        self._subscribers: dict[str, list[asyncio.Queue[StatusEvent | BaseException]]] = {}
+        self._sessions: dict[str, list[asyncio.Queue[AssignmentEvent | BaseException]]] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.containers: dict[str, Versioned] = {}
+        self.statuses: dict[str, tuple[t.ContainerStatus, int]] = {}
+        self.nodes: dict[str, tuple[t.Node, int]] = {}
+        self.alive: set[str] = set()
+        self.pending: dict[str, None] = {}  # an ordered set: first come, first placed
+        self.on_node: dict[str, set[str]] = {}
+        self.of_services: set[str] = set()
+        self._usage: dict[str, list[int]] = {}  # node -> [memory, cpus, containers]
+        self._ports: dict[str, Counter[tuple[str, int]]] = {}
+        self._labels: dict[str, tuple[tuple[str, str], ...]] = {}
+        self._views: dict[str, scheduler.HostView] = {}
+        # container id -> revision of its deletion, so that a write of ours committed before it and applied
+        # after its event does not bring the container back (bounded: the oldest go first)
+        self._deleted: dict[str, int] = {}
+
+    # ---- reads ------------------------------------------------------------------------------------
+
+    async def wait_ready(self) -> None:
+        await self._synced.wait()
+
+    async def caught_up(self, revision: int, timeout_s: float = 1.0) -> bool:
+        """Wait (a little) until the copy has every change up to a revision; False if it has not."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.revision < revision:
+            if not self.ready or asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    def container(self, cid: str) -> Versioned | None:
+        return self.containers.get(cid)
+
+    def status(self, cid: str) -> t.ContainerStatus | None:
+        entry = self.statuses.get(cid)
+        return entry[0] if entry is not None else None
+
+    def hosts(self) -> list[scheduler.HostView]:
+        """The scheduler's view of every host, as controller.orchestrator.Orchestrator.hosts builds it (kept
+        up to date as containers and hosts change, not built per call)."""
+        return list(self._views.values())
+
+    def _view(self, node_id: str) -> None:
+        entry = self.nodes.get(node_id)
+        if entry is None:
+            self._views.pop(node_id, None)
+            return
+        n = entry[0]
+        u = self._usage.get(node_id, (0, 0, 0))
+        ports = self._ports.get(node_id)
+        self._views[node_id] = scheduler.HostView(
+            n.id, n.name, node_id in self.alive, n.capacity.memory_bytes, n.capacity.nano_cpus,
+            u[0], u[1], u[2], labels=self._labels.get(node_id, ()), platform=n.platform,
+            schedulable=n.availability == t.AVAILABILITY_ACTIVE,
+            ports=frozenset(ports) if ports else frozenset(),
+        )
+
+    def node_list(self) -> list[t.Node]:
+        """Every node with its state filled in (copies)."""
+        out = []
+        for node_id, (n, _) in self.nodes.items():
+            node = t.Node()
+            node.CopyFrom(n)
+            node.state = t.NODE_READY if node_id in self.alive else t.NODE_DOWN
+            out.append(node)
+        return out
+
+    def with_status(self, cids: Iterable[str]) -> list[Versioned]:
+        """Copies of these containers with their status filled in, as Store.list_containers gives them."""
+        out = []
+        for cid in cids:
+            v = self.containers.get(cid)
+            if v is None:
+                continue
+            c = t.Container()
+            c.CopyFrom(v.container)
+            status = self.status(cid)
+            if status is not None:
+                c.status.CopyFrom(status)
+            out.append(Versioned(c, v.mod_revision))
+        return out
+
+    def state_counts(self) -> Counter[int]:
+        """Containers by status state (for the metrics)."""
+        counts: Counter[int] = Counter()
+        for cid in self.containers:
+            status = self.status(cid)
+            counts[(status.state if status is not None else 0) or t.STATE_PENDING] += 1
+        return counts
+
+    # ---- status watches (what Run waits on) ----------------------------------------------------------
+
+    def open_status_watch(self, cid: str) -> AsyncIterator[StatusEvent] | None:
+        """Like Store.open_status_watch, fed by the cache's own watch (no second etcd watch on the statuses):
+        every status of the container committed after this returns is seen. None when the cache is not
+        following etcd now: use the store's."""
+        if not self.ready:
+            return None
+        queue: asyncio.Queue[StatusEvent | BaseException] = asyncio.Queue()
+        self._subscribers.setdefault(cid, []).append(queue)
+        return self._status_events(cid, queue)
+
+    async def _status_events(self, cid: str, queue: asyncio.Queue[StatusEvent | BaseException]) -> AsyncIterator[StatusEvent]:  # noqa: E501
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.status is None:
+                    return
+        finally:
+            queues = self._subscribers.get(cid, [])
+            if queue in queues:
+                queues.remove(queue)
+            if not queues:
+                self._subscribers.pop(cid, None)
+
+    def _fail_subscribers(self, exc: StoreError) -> None:
+        subscribers, self._subscribers = self._subscribers, {}
+        for queues in subscribers.values():
+            for queue in queues:
+                queue.put_nowait(exc)
+        sessions, self._sessions = self._sessions, {}
+        for session_queues in sessions.values():
+            for session_queue in session_queues:
+                session_queue.put_nowait(Unavailable(f"the controller's copy of etcd is being reloaded: {exc}"))
+
+    def follow_assignments(self, node_id: str) -> tuple[int, asyncio.Queue[AssignmentEvent | BaseException]] | None:
+        """A queue of the node's assignment changes after the returned revision, fed by the cache's watch
+        (one etcd watch for every agent session instead of one each); None when the cache is not following
+        etcd now. Give the queue back with `unfollow_assignments`."""
+        if not self.ready:
+            return None
+        queue: asyncio.Queue[AssignmentEvent | BaseException] = asyncio.Queue()
+        self._sessions.setdefault(node_id, []).append(queue)
+        return self.revision, queue
+
+    def unfollow_assignments(self, node_id: str, queue: asyncio.Queue[AssignmentEvent | BaseException]) -> None:
+        queues = self._sessions.get(node_id, [])
+        if queue in queues:
+            queues.remove(queue)
+        if not queues:
+            self._sessions.pop(node_id, None)
+
+    # ---- writes this controller committed -----------------------------------------------------------
+
+    def put_container(self, c: t.Container, revision: int) -> None:
+        old = self.containers.get(c.id)
+        if (old is not None and old.mod_revision > revision) or self._deleted.get(c.id, 0) > revision:
+            return
+        self._unindex(old)
+        v = Versioned(c, revision)
+        self.containers[c.id] = v
+        self._index(v)
+
+    def put_status(self, cid: str, status: t.ContainerStatus, revision: int) -> None:
+        old = self.statuses.get(cid)
+        if (old is None or old[1] <= revision) and self._deleted.get(cid, 0) <= revision:
+            self.statuses[cid] = (status, revision)
+
+    def _delete_container(self, cid: str, revision: int) -> None:
+        old = self.containers.get(cid)
+        if old is not None and old.mod_revision <= revision:
+            self._unindex(old)
+            del self.containers[cid]
+        self._deleted[cid] = revision
+        if len(self._deleted) > 100_000:
+            for gone in list(self._deleted)[:50_000]:
+                del self._deleted[gone]
+
+    def _index(self, v: Versioned) -> None:
+        c = v.container
+        if c.service_id:
+            self.of_services.add(c.id)
+        if not c.node_id:
+            if c.desired_state == t.DESIRED_RUNNING:
+                self.pending[c.id] = None
+            return
+        self.on_node.setdefault(c.node_id, set()).add(c.id)
+        if c.desired_state == t.DESIRED_RUNNING:
+            u = self._usage.setdefault(c.node_id, [0, 0, 0])
+            u[0] += c.spec.memory_bytes
+            u[1] += c.spec.nano_cpus
+            u[2] += 1
+        if c.spec.ports:
+            self._ports.setdefault(c.node_id, Counter()).update(scheduler.host_ports(c.spec))
+        self._view(c.node_id)
+
+    def _unindex(self, v: Versioned | None) -> None:
+        if v is None:
+            return
+        c = v.container
+        self.of_services.discard(c.id)
+        self.pending.pop(c.id, None)
+        if not c.node_id:
+            return
+        on = self.on_node.get(c.node_id)
+        if on is not None:
+            on.discard(c.id)
+        if c.desired_state == t.DESIRED_RUNNING:
+            u = self._usage[c.node_id]
+            u[0] -= c.spec.memory_bytes
+            u[1] -= c.spec.nano_cpus
+            u[2] -= 1
+        if c.spec.ports:
+            ports = self._ports[c.node_id]
+            ports.subtract(scheduler.host_ports(c.spec))
+            for key in [k for k, n in ports.items() if n <= 0]:
+                del ports[key]
+        self._view(c.node_id)
+
+    def _put_node(self, node: t.Node, revision: int) -> None:
+        self.nodes[node.id] = (node, revision)
+        self._labels[node.id] = tuple(sorted({**node.labels, **node.user_labels}.items()))
+        self._view(node.id)
+
+    # ---- loading and following etcd ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Load, then follow etcd for ever; on a failure, drop the copy and load it again."""
+        while True:
+            try:
+                await self._follow()
+            except StoreError as exc:
+                log.warning("cluster cache: %s; loading it again", exc)
+                self._fail_subscribers(exc)
+            except asyncio.CancelledError:
+                self.ready = False
+                self._fail_subscribers(StoreError("the cluster cache stopped"))
+                raise
+            except Exception as exc:
+                log.exception("cluster cache failed; loading it again")
+                self._fail_subscribers(StoreError(f"the cluster cache failed: {exc}"))
+            self.ready = False
+            self._synced.clear()
+            await asyncio.sleep(0.5)
+
+    async def _follow(self) -> None:
+        revision, loaded = await self.store.read_prefixes((CONTAINERS, STATUS, NODES, ALIVE))
+        self._reset()
+        for _, value, mod in loaded[CONTAINERS]:
+            self.put_container(_parse_container(value), mod)
+        for key, value, mod in loaded[STATUS]:
+            self.statuses[key[len(STATUS):].decode()] = (_parse_status(value), mod)
+        for _, value, mod in loaded[NODES]:
+            node = t.Node()
+            node.ParseFromString(value)
+            self._put_node(node, mod)
+        self.alive = {key[len(ALIVE):].decode() for key, _, _ in loaded[ALIVE]}
+        for node_id in self.nodes:
+            self._view(node_id)
+        self.revision = revision
+        self.ready = True
+        self._synced.set()
+        # One watch on the whole tree, not one per prefix: its events come in revision order, so the copy is
+        # always etcd as of one revision (a container is never seen on a host whose join is not seen yet,
+        # which healing would take for a dead host).
+        async for events in self.store.watch_batches(PREFIX, revision):
+            for put, key, value, mod in events:
+                self._apply(put, key, value, mod)
+        raise StoreError("the cache's etcd watch ended")
+
+    def _apply(self, put: bool, key: bytes, value: bytes, mod: int) -> None:
+        self.revision = mod
+        if key.startswith(CONTAINERS):
+            if put:
+                self.put_container(_parse_container(value), mod)
+            else:
+                self._delete_container(key[len(CONTAINERS):].decode(), mod)
+        elif key.startswith(ASSIGNMENTS):
+            node_id, _, cid = key[len(ASSIGNMENTS):].decode().partition("/")
+            sessions = self._sessions.get(node_id)
+            if sessions:
+                assignment = None
+                if put:
+                    assignment = t.Assignment()
+                    assignment.ParseFromString(value)
+                change = AssignmentEvent(mod, cid, assignment)
+                for session in sessions:
+                    session.put_nowait(change)
+        elif key.startswith(STATUS):
+            cid = key[len(STATUS):].decode()
+            status = _parse_status(value) if put else None
+            if status is not None:
+                self.put_status(cid, status, mod)
+            elif cid in self.statuses and self.statuses[cid][1] <= mod:
+                del self.statuses[cid]
+            queues = self._subscribers.get(cid)
+            if queues:
+                event = StatusEvent(mod, status)
+                for queue in queues:
+                    queue.put_nowait(event)
+        elif key.startswith(NODES):
+            if put:
+                node = t.Node()
+                node.ParseFromString(value)
+                self._put_node(node, mod)
+            else:
+                self.nodes.pop(key[len(NODES):].decode(), None)
+                self._view(key[len(NODES):].decode())
+        elif key.startswith(ALIVE):
+            node_id = key[len(ALIVE):].decode()
+            if put:
+                self.alive.add(node_id)
+            else:
+                self.alive.discard(node_id)
+            self._view(node_id)

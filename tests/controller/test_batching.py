@@ -1,0 +1,174 @@
+"""The throughput path of issue 6 on a real etcd: the watch-fed cluster cache, Run calls group-committed on
+the leader, and status reports written together, without giving up the compare on revisions."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+
+import aetcd
+
+from berth.api import types_pb2 as t
+from controller.cache import ClusterCache
+from controller.metrics import ControllerMetrics
+from controller.orchestrator import Orchestrator
+from controller.store import PREFIX, NameInUse, Store
+from tests.controller.test_race import _assignment_puts
+
+MIB = 1 << 20
+
+
+async def _until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def _wipe(url: str) -> None:
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    try:
+        await client.delete_prefix(PREFIX)
+    finally:
+        await client.close()
+
+
+def _container(name: str, memory: int = 0) -> t.Container:
+    return t.Container(id=secrets.token_hex(32), spec=t.ContainerSpec(name=name, image="busybox", memory_bytes=memory),
+                       desired_state=t.DESIRED_RUNNING, generation=1)
+
+
+async def _cache_follows(url: str) -> None:
+    store = Store(url)
+    await store.connect()
+    cache = ClusterCache(store)
+    follower = asyncio.create_task(cache.run())
+    try:
+        await asyncio.wait_for(cache.wait_ready(), 10)
+        lease = await store.grant_lease(60)
+        await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
+                                    capacity=t.Resources(memory_bytes=1 << 30, nano_cpus=10**9)))
+        c = _container("cache-a", memory=64 * MIB)
+        await store.create_container(c)
+        await _until(lambda: c.id in cache.pending and "n1" in cache.alive and "n1" in cache.nodes, "the new container")
+
+        # Placed by another writer (not through this cache): seen through the watch, with its host's usage;
+        # a status watch opened on the cache before the write sees the status, and the removal.
+        watch = cache.open_status_watch(c.id)
+        assert watch is not None
+        v = await store.get_container(c.id)
+        placed = t.Container()
+        placed.CopyFrom(v.container)
+        placed.node_id = "n1"
+        revision = await store.update_container(v, placed, assignment=t.Assignment(container_id=c.id),
+                                                status=t.ContainerStatus(state=t.STATE_ASSIGNED, generation=1))
+        await _until(lambda: (e := cache.container(c.id)) is not None and e.mod_revision == revision, "the placement")
+        [host] = cache.hosts()
+        assert (host.ready, host.containers, host.allocated_memory) == (True, 1, 64 * MIB)
+        assert c.id not in cache.pending and cache.on_node["n1"] == {c.id}
+        status = cache.status(c.id)
+        assert status is not None and status.state == t.STATE_ASSIGNED
+        event = await asyncio.wait_for(anext(watch), 10)
+        assert event.status is not None and event.status.state == t.STATE_ASSIGNED and event.revision == revision
+
+        # A write applied late, older than what the cache holds, changes nothing.
+        cache.put_container(v.container, v.mod_revision)
+        entry = cache.container(c.id)
+        assert entry is not None and entry.container.node_id == "n1"
+
+        # Deleted: gone with its usage, and an older write of ours applied after the deletion's event does
+        # not bring it back.
+        await store.delete_container(await store.get_container(c.id))
+        await _until(lambda: cache.container(c.id) is None, "the deletion")
+        event = await asyncio.wait_for(anext(watch), 10)
+        assert event.status is None
+        assert cache.hosts()[0].containers == 0 and cache.hosts()[0].allocated_memory == 0
+        cache.put_container(placed, revision)
+        assert cache.container(c.id) is None
+
+        # The host's lease ends: it is not ready any more.
+        await store.revoke_lease(lease)
+        await _until(lambda: "n1" not in cache.alive, "the host going down")
+        assert not cache.hosts()[0].ready
+    finally:
+        follower.cancel()
+        await _wipe(url)
+        await store.close()
+
+
+def test_cache_follows_etcd_and_keeps_its_indexes(etcd_url: str) -> None:
+    asyncio.run(_cache_follows(etcd_url))
+
+
+async def _two_leaders(url: str) -> None:
+    """Two controllers that both believe they lead (a stale leader and the new one), each with its cache:
+    each group-commits its own Run calls, and both sweeps race over the same pending containers."""
+    a, b = Store(url), Store(url)
+    await a.connect()
+    await b.connect()
+    one, two = Orchestrator(a, ControllerMetrics()), Orchestrator(b, ControllerMetrics())
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for i in range(3):
+            lease = await a.grant_lease(60)
+            await a.put_node(t.Node(id=f"h{i}", name=f"h{i}", lease_id=lease,
+                                    capacity=t.Resources(memory_bytes=1 << 40, nano_cpus=64 * 10**9)))
+        start = await a.revision()
+        taken = _container("taken")
+        await a.create_container(taken)
+        swept = [_container(f"swept{i}") for i in range(150)]
+        for c in swept:
+            await a.create_container(c)
+        for orchestrator, store in ((one, a), (two, b)):
+            orchestrator.cache = ClusterCache(store)
+            orchestrator.max_txn_ops = 16  # several transactions per batch
+            tasks.append(asyncio.create_task(orchestrator.cache.run()))
+            await asyncio.wait_for(orchestrator.cache.wait_ready(), 10)
+            tasks.append(asyncio.create_task(orchestrator.lead(period_s=0.05)))
+        await _until(lambda: one.kick is not None and two.kick is not None, "both leading")
+
+        runs = [(one if i % 2 else two, _container(f"run{i}")) for i in range(200)]
+        clash = _container("taken")
+        results = await asyncio.gather(*(o.create_and_place(c) for o, c in runs), one.create_and_place(clash),
+                                       return_exceptions=True)
+        assert isinstance(results[-1], NameInUse), results[-1]
+        assert all(isinstance(r, t.Container) and r.node_id for r in results[:-1]), "every Run is placed"
+
+        ids = {c.id for _, c in runs} | {c.id for c in swept} | {taken.id}
+        await _until(lambda: all((e := one.cache.container(cid)) is not None and e.container.node_id  # type: ignore[union-attr]
+                                 for cid in ids), "the sweeps to place every pending container", timeout=30)
+        placed = {v.container.id: v.container.node_id for v in await a.list_containers()}
+        assert all(placed[cid] for cid in ids)
+
+        # The agents report: every status is written, in batches, through either controller.
+        await asyncio.gather(*((one if i % 2 else two).on_statuses(
+            [(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))]) for i, cid in enumerate(sorted(ids))))
+        stale = sorted(ids)[0]  # a report of an older run than the stored one is dropped
+        v = await a.get_container(stale)
+        newer = t.Container()
+        newer.CopyFrom(v.container)
+        newer.generation = 2
+        await a.update_container(v, newer)
+        await one.on_statuses([(stale, t.ContainerStatus(state=t.STATE_EXITED, generation=1))])
+        for cid in ids:
+            status, _ = await a.get_status(cid)
+            assert status.state == t.STATE_RUNNING, cid
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await a.close()
+        await b.close()
+    puts = await _assignment_puts(url, start)  # wipes the keys
+    doubles = {cid: n for cid, n in puts.items() if n != 1}
+    assert not doubles, f"{len(doubles)} containers were placed more than once"
+    assert set(puts) == ids
+
+
+def test_two_leaders_group_committing_never_place_a_container_twice(etcd_url: str) -> None:
+    asyncio.run(_two_leaders(etcd_url))
