@@ -1,7 +1,7 @@
 """Health checks (issue 6) on the session's cluster: the check runs inside the container (it sees the
 container's own files), failures in the start period do not count, a pass makes it healthy and failures in
 a row unhealthy, a check past its timeout fails; ps and inspect show it all; a service's rolling update to a
-spec whose check fails is rolled back."""
+spec whose check fails is rolled back, and a task that turns unhealthy later is replaced."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_bad_health_flags_fail_in_one_line(berthctl: RunBerthctl) -> None:
 def test_rolling_update_to_a_failing_health_check_is_rolled_back(
         cluster: ClusterInfo, berthctl: RunBerthctl) -> None:
     try:
-        ok(berthctl, "service", "create", "--name", "hsvc", "--replicas", "2", "--health-cmd", "true",
+        ok(berthctl, "service", "create", "--name", "hsvc", "--replicas", "2", "--health-cmd", "test ! -e /tmp/bad",
            "--health-interval", "500ms", "--update-monitor", "1", "--update-failure-action", "rollback",
            "busybox", "sleep", "3600")
         before = json.loads(ok(berthctl, "service", "ps", "-o", "json", "hsvc"))
@@ -102,11 +102,19 @@ def test_rolling_update_to_a_failing_health_check_is_rolled_back(
         assert "update rolled back" in out.stderr and "unhealthy after 2 failed health checks" in out.stderr
         svc = json.loads(ok(berthctl, "service", "inspect", "hsvc"))[0]
         assert svc["update_state"] == "rolled_back"
-        assert svc["spec"]["template"]["healthcheck"]["test"] == ["CMD-SHELL", "true"]
+        assert svc["spec"]["template"]["healthcheck"]["test"] == ["CMD-SHELL", "test ! -e /tmp/bad"]
         after = wait_for(lambda: (ts := json.loads(ok(berthctl, "service", "ps", "-o", "json", "hsvc")))
                          and len(ts) == 2 and all(t["health"] == "healthy" for t in ts) and ts, 60,
                          "two healthy replicas of the old spec")
         assert {t["service_version"] for t in after} == {1}
         assert len({t["id"] for t in after} & {t["id"] for t in before}) == 1  # one was replaced, and back
+
+        # Outside an update, a task that turns unhealthy is replaced (as Swarm does).
+        sick = after[0]
+        ok(berthctl, "exec", sick["name"], "touch", "/tmp/bad")
+        healed = wait_for(lambda: (ts := json.loads(ok(berthctl, "service", "ps", "-o", "json", "hsvc")))
+                          and len(ts) == 2 and sick["id"] not in {t["id"] for t in ts}
+                          and all(t["health"] == "healthy" for t in ts) and ts, 90, "the unhealthy task replaced")
+        assert {t["slot"] for t in healed} == {t["slot"] for t in after}
     finally:
         berthctl("service", "rm", "hsvc")
