@@ -171,7 +171,7 @@ def test_infra_up_status_down(state_dir: Path, cleanup: list[str]) -> None:
     info = dev_cluster.up(name, 2, slot_subnet("10.77.201.0/24"), state_dir, infra_only=True, write_config=False)
 
     check_status_json(info, state_dir, berth=False)
-    assert sorted(os.listdir("/var/run/netns")) >= [f"{name}-host1", f"{name}-host2"]
+    assert {f"{name}-host1", f"{name}-host2"} <= set(os.listdir("/var/run/netns"))  # others' clusters may be up
     assert dev_etcd.healthy(info.etcd)
     for host in info.hosts:
         res = connect_from_netns(host.netns, f"{info.gateway}:2379")
