@@ -13,7 +13,8 @@ namespaces (/run/berth/netns/...), so the path measured is exactly a container's
 the underlay link, and back up on the other host. Traffic stays on the dev cluster's own addresses.
 
 Prints one last line: RESULT {"overlay_gbps", "underlay_gbps", "ratio" (overlay / underlay), "overlay_rtt_us",
-"underlay_rtt_us"}.
+"underlay_rtt_us", and the same between two containers of a user network (one L2 segment: veth, the network's
+bridge, its own VXLAN device): "user_gbps", "user_ratio" (user / underlay), "user_rtt_us"}.
 
     sudo .venv/bin/python bench/network.py [--seconds 5] [--pings 2000]
 """
@@ -123,37 +124,48 @@ def main() -> None:
     info = dev.up(NAME, 2, SUBNET, state, write_config=False, container_cidr=CIDR)
     try:
         ctl = info.controller
+        berthctl(ctl, "network", "create", "benchnet")
         for i in (1, 2):
             berthctl(ctl, "run", "-d", "--name", f"n{i}", "--constraint", f"node.name==host{i}", "busybox",
                      "sleep", "100000")
+            berthctl(ctl, "run", "-d", "--name", f"u{i}", "--network", "benchnet", "--constraint",
+                     f"node.name==host{i}", "busybox", "sleep", "100000")
+        names = ("n1", "n2", "u1", "u2")
         deadline = time.monotonic() + 60
         while True:
             cs = {c["name"]: c for c in json.loads(berthctl(ctl, "ps", "-o", "json"))}
-            if all(cs.get(n, {}).get("state") == "running" and cs[n]["ip_address"] for n in ("n1", "n2")):
+            if all(cs.get(n, {}).get("state") == "running" and cs[n]["ip_address"] for n in names):
                 break
             if time.monotonic() > deadline:
                 raise SystemExit(f"bench: containers did not start: {cs}")
             time.sleep(0.2)
         hosts = {h.name: h for h in info.hosts}
-        cns = {n: str(netns_dir(Path(hosts[cs[n]["node"]].state_dir)) / cs[n]["id"]) for n in ("n1", "n2")}
+        cns = {n: str(netns_dir(Path(hosts[cs[n]["node"]].state_dir)) / cs[n]["id"]) for n in names}
         hns = {n: f"/var/run/netns/{hosts[n].netns}" for n in ("host1", "host2")}
         ip2, host2 = cs["n2"]["ip_address"], hosts["host2"].address
         # Interleaved, so that a passing load on the machine touches both about alike.
-        overlay, underlay, o_rtt, u_rtt = [], [], [], []
+        uip2 = cs["u2"]["ip_address"]
+        overlay, underlay, user, o_rtt, u_rtt, user_rtt = [], [], [], [], [], []
         for _ in range(args.rounds):
             overlay.append(iperf(cns["n2"], cns["n1"], ip2, args.seconds))
             underlay.append(iperf(hns["host2"], hns["host1"], host2, args.seconds))
+            user.append(iperf(cns["u2"], cns["u1"], uip2, args.seconds))
             o_rtt.append(rtt(cns["n2"], cns["n1"], ip2, args.pings))
             u_rtt.append(rtt(hns["host2"], hns["host1"], host2, args.pings))
+            user_rtt.append(rtt(cns["u2"], cns["u1"], uip2, args.pings))
         result = {
             "overlay_gbps": round(max(overlay), 2),
             "underlay_gbps": round(max(underlay), 2),
             "ratio": round(max(overlay) / max(underlay), 3),
             "overlay_rtt_us": round(min(o_rtt), 1),
             "underlay_rtt_us": round(min(u_rtt), 1),
+            "user_gbps": round(max(user), 2),
+            "user_ratio": round(max(user) / max(underlay), 3),
+            "user_rtt_us": round(min(user_rtt), 1),
         }
         print(f"overlay  (container host1 -> container host2 {ip2}): {overlay} Gbit/s, RTT {o_rtt} us")
         print(f"underlay (host1 -> host2 {host2}): {underlay} Gbit/s, RTT {u_rtt} us")
+        print(f"user network (container host1 -> container host2 {uip2}): {user} Gbit/s, RTT {user_rtt} us")
         print("RESULT " + json.dumps(result))
     finally:
         dev.down(NAME, state)
