@@ -195,7 +195,9 @@ class Present:
 
     def __init__(self, state_dir: Path) -> None:
         self.leases = Leases(state_dir)
-        self.peers: list[str] = []  # every host's address (the Peers stream), for the flood entries
+        # every host's address (the Peers stream), for the flood entries; None until the stream has said, so
+        # that a set-up at join (an agent restart) keeps the entries there are instead of emptying them first
+        self.peers: list[str] | None = None
 
     def in_use(self, ipam: Ipam) -> list[Lease]:
         ids = {a.network for a in ipam.containers.values() if a.network}
@@ -204,7 +206,7 @@ class Present:
     def setup(self, ipr: IPRoute, lease: Lease, address: str, mtu: int) -> None:
         self.leases.put(lease)
         ensure(ipr, lease, address, mtu)
-        if address:
+        if address and self.peers is not None:
             sync_flood(ipr, lease, address, self.peers)
 
     def reconcile(self, ipr: IPRoute, ipam: Ipam, address: str, mtu: int) -> None:
