@@ -124,7 +124,7 @@ async def serve(args: argparse.Namespace) -> None:
         try:
             await network.configure(reply.subnet, keep=set(worker.info) | set(worker.assignments),
                                     address=args.address)
-            await dns_server.listen("bridge", str(network.ipam.gateway.ip), str(network.ipam.subnet))
+            await dns.serve_networks(dns_server, network)
         except NetworkError as exc:
             logging.getLogger("berth.agent").error("container network: %s", exc)
 

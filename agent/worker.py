@@ -27,7 +27,7 @@ from agent.handoff import await_port_holders
 from agent.images import Image, ImageError, ImageNotFound
 from agent.metrics import AgentMetrics, StartPhases
 from agent.network import NetworkError
-from agent.network.dns import DnsServer
+from agent.network.dns import DnsServer, serve_networks
 from agent.network.host import HostNetwork
 from agent.network.ipam import Port
 from agent.restart import RestartPolicy, RestartPolicyError, RestartTracker
@@ -143,6 +143,9 @@ def run_options(spec: t.ContainerSpec, image_user: str) -> dict[str, Any]:
         "security": security, "memory_swap_bytes": spec.memory_swap_bytes, "cpu_shares": spec.cpu_shares,
         "cpuset_cpus": spec.cpuset_cpus, "mounts": mounts,
     }
+
+
+NOT_USER_NETWORKS = ("", "bridge", "host", "none")
 
 
 class Worker:
@@ -279,6 +282,8 @@ class Worker:
             await self.executor.remove(cid)
             if self.network is not None:
                 await self.network.detach(cid)
+                if self.dns is not None:
+                    await serve_networks(self.dns, self.network)  # issue 5 (names): a network gone from here
             self.info.pop(cid, None)
             self._started.pop(cid, None)
             (self._gen_dir / cid).unlink(missing_ok=True)
@@ -318,6 +323,8 @@ class Worker:
             config = build_config(cid, a.spec, image)
             phases.lap("image")
             config = dataclasses.replace(config, netns=await self._netns(cid, a.spec))
+            if self.dns is not None and self.network is not None and a.spec.network not in NOT_USER_NETWORKS:
+                await serve_networks(self.dns, self.network)  # issue 5 (names): its network's DNS, now here
             config = self._network_files(config, a.spec)
             phases.lap("network")
             await self.executor.create(config)
@@ -388,7 +395,7 @@ class Worker:
         hosts, resolv = files.write(
             self.network.state_dir, config.id,
             files.hosts_text(config.hostname, spec.name, a.address if a else "", list(spec.extra_hosts)),
-            files.resolv_text(list(spec.dns), nameserver=self.dns.nameserver(spec.network or "bridge")
+            files.resolv_text(list(spec.dns), nameserver=self.dns.nameserver(self.network.network_name(config.id))
                               if self.dns is not None else ""),
         )
         taken = {m.target for m in config.mounts}

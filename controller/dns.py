@@ -34,7 +34,7 @@ def record_of(container: t.Container, status: t.ContainerStatus | None) -> d.Nam
     """The record of a container in this state (None: it has no name to resolve now)."""
     if status is None or status.state != t.STATE_RUNNING or not status.ip_address:
         return None
-    network = container.spec.network or DEFAULT_NETWORK
+    network = status.network or container.spec.network or DEFAULT_NETWORK  # status: the name, never an id
     if network in ("host", "none"):
         return None
     service = container.spec.labels.get(SERVICE_LABEL, "") if container.service_id else ""

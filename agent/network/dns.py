@@ -303,12 +303,26 @@ def apply(names: Names, msg: d.NamesMessage) -> None:
         names.update(records, msg.removed)
 
 
+async def serve_networks(server: DnsServer, network: HostNetwork) -> None:
+    """Listen on the gateway of each container network present on this host now: the default one (`berth0`)
+    and each user network one of its containers is on (agent.network.usernet); stop listening on the others."""
+    want: dict[str, tuple[str, str]] = {}
+    if network.configured and network.ipam.subnet is not None:
+        want[str(network.ipam.gateway.ip)] = ("bridge", str(network.ipam.subnet))
+    # Snapshots (one C-level copy each): attach and detach change these dicts in a worker thread meanwhile.
+    used = {a.network for a in list(network.ipam.containers.values()) if a.network}
+    for net_id, lease in list(network.user.leases.by_id.items()):
+        if net_id in used:
+            want[lease.gateway] = (lease.name, lease.subnet)
+    await server.sync(want)
+
+
 def container_upstreams(network: HostNetwork, worker: Worker, host: HostResolvConf) -> Callable[[str], list[str]]:
     """Where to forward a question from a container address of this host: its --dns servers, else the
     host's nameservers."""
 
     def upstreams(client: str) -> list[str]:
-        for cid, allocation in network.ipam.containers.items():
+        for cid, allocation in list(network.ipam.containers.items()):  # a snapshot: see serve_networks
             if allocation.address == client:
                 assignment = worker.assignments.get(cid)
                 if assignment is not None and assignment.spec.dns:
@@ -438,6 +452,17 @@ class DnsServer:
             raise DnsError(f"cannot listen for DNS on {address}:{self.port}/tcp: {e.strerror or e}") from e
         self._listeners[address] = _Listener(network, address, net, udp, proto, tcp)
         log.info("DNS for network %s on %s:%d", network, address, self.port)
+
+    async def sync(self, want: dict[str, tuple[str, str]]) -> None:
+        """Listen on exactly these addresses (address -> (network, subnet)). A network that cannot be listened
+        for is logged, and its containers keep the host's nameservers (`nameserver` says "")."""
+        for address in [a for a in self._listeners if a not in want]:
+            await self.close(address)
+        for address, (network, subnet) in sorted(want.items()):
+            try:
+                await self.listen(network, address, subnet)
+            except DnsError as e:
+                log.error("network %s: %s", network, e)
 
     def nameserver(self, network: str) -> str:
         """The address containers on `network` use as their nameserver ("" when not listening for it)."""

@@ -327,6 +327,29 @@ def test_closing_leaves_no_listener_and_listen_is_idempotent() -> None:
     asyncio.run(main())
 
 
+def test_sync_listens_on_exactly_the_networks_present() -> None:
+    gw2 = f"127.0.{SLOT}.57"
+
+    async def main() -> None:
+        server = DnsServer(Names(), lambda client: [])
+        try:
+            await server.sync({GW: ("bridge", SUBNET), gw2: ("front", "127.0.0.0/8")})
+            assert (server.nameserver("bridge"), server.nameserver("front")) == (GW, gw2)
+            await server.sync({GW: ("bridge", SUBNET)})  # front left this host
+            assert server.nameserver("front") == ""
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((gw2, 53))  # its port is free
+            # One that cannot be bound is logged and left out; the others are served.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+                taken.bind((gw2, 53))
+                await server.sync({GW: ("bridge", SUBNET), gw2: ("front", "127.0.0.0/8")})
+                assert (server.nameserver("bridge"), server.nameserver("front")) == (GW, "")
+        finally:
+            await server.close_all()
+
+    asyncio.run(main())
+
+
 def test_host_resolv_conf_is_read_again_when_it_changes(tmp_path: Path) -> None:
     path = tmp_path / "resolv.conf"
     conf = dns.HostResolvConf(path)

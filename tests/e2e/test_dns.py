@@ -140,9 +140,12 @@ def resolves(ctl: Ctl, client: str, name: str, want: list[str]) -> None:
              what=f"{name} to resolve to {want} in {client}: last {lookup(ctl, client, name)}")
 
 
-def gone(ctl: Ctl, client: str, name: str) -> None:
-    wait_for(lambda: lookup(ctl, client, name)[0] == "NXDOMAIN", timeout=30,
-             what=f"{name} to stop resolving in {client}: last {lookup(ctl, client, name)}")
+def gone(ctl: Ctl, client: str, name: str, asked: list[str] | None = None) -> None:
+    try:
+        wait_for(lambda: lookup(ctl, client, name)[0] == "NXDOMAIN", timeout=30,
+                 what=f"{name} to stop resolving in {client}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: last {lookup(ctl, client, name)}; the upstream was asked {asked}") from None
 
 
 def test_names_and_services_resolve_across_hosts_and_follow_the_containers(
@@ -180,14 +183,14 @@ def test_names_and_services_resolve_across_hosts_and_follow_the_containers(
 
     # A stopped container's name stops resolving, and comes back with it; a removed one's is gone.
     ok(ctl, "stop", "srv")
-    gone(ctl, "peer", "srv")
+    gone(ctl, "peer", "srv", asked)
     ok(ctl, "start", "srv")
     resolves(ctl, "peer", "srv", [running(ctl, "srv")["ip_address"]])
     ok(ctl, "rm", "-f", "srv")
-    gone(ctl, "peer", "srv")
+    gone(ctl, "peer", "srv", asked)
     assert "srv" in asked  # no longer berth's: forwarded, and the upstream said NXDOMAIN
     ok(ctl, "service", "rm", "api")
-    gone(ctl, "peer", "api")
+    gone(ctl, "peer", "api", asked)
 
 
 def agent_pid(host: HostInfo) -> int:
@@ -232,3 +235,40 @@ def test_an_agent_killed_and_restarted_listens_again_and_gets_the_whole_table(
     resolves(ctl, "asker", "one", [one["ip_address"]])
     ok(ctl, "rm", "-f", "one")
     gone(ctl, "asker", "one")
+
+
+def test_names_stay_on_their_network(dns3: ClusterInfo, ctl: Ctl, upstream: tuple[HostInfo, list[str]]) -> None:
+    ns_host, asked = upstream
+    ok(ctl, "network", "create", "front")
+    ok(ctl, "network", "create", "back")
+    try:
+        def run(name: str, network: str, host: str, *command: str) -> dict[str, Any]:
+            ok(ctl, "run", "-d", "--name", name, "--network", network, "--constraint", f"node.name=={host}",
+               "--dns", ns_host.address, "busybox", *(command or ("sleep", "1000")))
+            return running(ctl, name)
+
+        fweb = run("fweb", "front", "host1", "sh", "-c", WEB)
+        fcli = run("fcli", "front", "host2")
+        bsrv = run("bsrv", "back", "host1")
+        bcli = run("bcli", "back", "host2")
+        dcli = run("dcli", "bridge", "host2")
+        # Each container's nameserver is its own network's gateway on its host.
+        for c in (fcli, bcli, dcli):
+            first = ok(ctl, "exec", c["name"], "cat", "/etc/resolv.conf").splitlines()[0]
+            gateway = ipaddress.ip_address(first.removeprefix("nameserver "))
+            assert gateway in ipaddress.IPv4Network(f"{c['ip_address']}/24", strict=False), (c["name"], first)
+        # On one network, across hosts, by name: TCP too, and the server sees the client's own address.
+        resolves(ctl, "fcli", "fweb", [fweb["ip_address"]])
+        seen = ok(ctl, "exec", "fcli", "wget", "-qO-", "http://fweb/cgi-bin/ip").strip()
+        assert seen.strip("[]").removeprefix("::ffff:") == fcli["ip_address"]
+        resolves(ctl, "bcli", "bsrv", [bsrv["ip_address"]])
+        # Another network's names do not exist, and the question does not leave the host.
+        for client, name in (("bcli", "fweb"), ("dcli", "fweb"), ("fcli", "bsrv"), ("fcli", "dcli")):
+            assert lookup(ctl, client, name) == ("NXDOMAIN", []), (client, name)
+        assert not {"fweb", "bsrv", "dcli"} & set(asked)
+    finally:
+        ids = ctl("ps", "-a", "-q").stdout.split()
+        if ids:
+            ctl("rm", "-f", *ids)
+        ctl("network", "rm", "front")
+        ctl("network", "rm", "back")
