@@ -508,13 +508,19 @@ class Orchestrator:
                             future.set_exception(exc)
 
     async def _admit(self, batch: list[tuple[t.Container, asyncio.Future[t.Container]]]) -> None:
-        items: list[tuple[t.Container, t.ContainerStatus, t.Assignment | None]] = [
-            (c, t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation), None) for c, _ in batch]
+        items: list[tuple[t.Container, t.ContainerStatus, t.Assignment | None]] = []
+        alone: list[t.Container] = []
+        names: set[str] = set()
+        for c, _ in batch:
+            if c.spec.name in names:  # etcd refuses a transaction that puts one key twice: this one alone
+                alone.append(c)
+                continue
+            names.add(c.spec.name)
+            items.append((c, t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation), None))
         per = max(1, self.max_txn_ops // 3)  # name, container, status
         chunks = [items[i:i + per] for i in range(0, len(items), per)]
         revisions = await asyncio.gather(*(self.store.create_placed(chunk) for chunk in chunks))
         created: list[Versioned] = []
-        alone: list[t.Container] = []
         for chunk, revision in zip(chunks, revisions, strict=True):
             if not revision:
                 alone += [c for c, _, _ in chunk]  # a name in use: one by one, to tell which

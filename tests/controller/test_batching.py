@@ -158,6 +158,9 @@ async def _two_leaders(url: str) -> None:
         for cid in ids:
             status, _ = await a.get_status(cid)
             assert status.state == t.STATE_RUNNING, cid
+    except BaseException:
+        await _wipe(url)  # the keys of a failed run would be in the next test's way
+        raise
     finally:
         for task in tasks:
             task.cancel()
@@ -172,3 +175,34 @@ async def _two_leaders(url: str) -> None:
 
 def test_two_leaders_group_committing_never_place_a_container_twice(etcd_url: str) -> None:
     asyncio.run(_two_leaders(etcd_url))
+
+
+async def _same_name_in_one_batch(url: str) -> None:
+    """Two Run calls for one new name committed in the same group: one gets the name, the other NameInUse,
+    and the other Run calls of the group are not failed with them."""
+    store = Store(url)
+    await store.connect()
+    orchestrator = Orchestrator(store, ControllerMetrics())
+    orchestrator.cache = ClusterCache(store)
+    tasks = [asyncio.create_task(orchestrator.cache.run())]
+    try:
+        await asyncio.wait_for(orchestrator.cache.wait_ready(), 10)
+        tasks.append(asyncio.create_task(orchestrator.lead(period_s=0.05)))
+        await _until(lambda: orchestrator.kick is not None, "leading")
+        twins = [_container("twin"), _container("twin")]
+        other = _container("other")
+        results = await asyncio.gather(*(orchestrator.create_and_place(c) for c in (*twins, other)),
+                                       return_exceptions=True)
+        assert sorted(type(r).__name__ for r in results[:2]) == ["Container", "NameInUse"], results
+        assert isinstance(results[2], t.Container), results[2]
+        assert sorted(v.container.spec.name for v in await store.list_containers()) == ["other", "twin"]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _wipe(url)
+        await store.close()
+
+
+def test_two_runs_of_one_new_name_in_one_group_commit(etcd_url: str) -> None:
+    asyncio.run(_same_name_in_one_batch(etcd_url))
