@@ -41,6 +41,8 @@ from controller.store import (
 
 log = logging.getLogger(__name__)
 
+MAX_BEHIND = 10_000  # assignment changes queued for one agent session before its stream is ended
+
 
 def _parse_container(data: bytes) -> t.Container:
     c = t.Container()
@@ -343,8 +345,13 @@ class ClusterCache:
                     assignment = t.Assignment()
                     assignment.ParseFromString(value)
                 change = AssignmentEvent(mod, cid, assignment)
-                for session in sessions:
-                    session.put_nowait(change)
+                for session in list(sessions):
+                    if session.qsize() >= MAX_BEHIND:  # an agent that stopped reading: end its stream
+                        session.put_nowait(Unavailable(f"agent {node_id} is {MAX_BEHIND} assignment changes "
+                                                       "behind; it resumes from its revision when it reconnects"))
+                        self.unfollow_assignments(node_id, session)
+                    else:
+                        session.put_nowait(change)
         elif key.startswith(STATUS):
             cid = key[len(STATUS):].decode()
             status = _parse_status(value) if put else None

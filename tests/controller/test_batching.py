@@ -9,12 +9,14 @@ import time
 from collections.abc import Callable
 
 import aetcd
+import pytest
 
 from berth.api import types_pb2 as t
+from controller import cache as cache_module
 from controller.cache import ClusterCache
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import PREFIX, NameInUse, Store
+from controller.store import PREFIX, AssignmentEvent, NameInUse, Store, Unavailable, assignment_key
 from tests.controller.test_race import _assignment_puts
 
 MIB = 1 << 20
@@ -206,3 +208,37 @@ async def _same_name_in_one_batch(url: str) -> None:
 
 def test_two_runs_of_one_new_name_in_one_group_commit(etcd_url: str) -> None:
     asyncio.run(_same_name_in_one_batch(etcd_url))
+
+
+async def _stuck_session(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(url)
+    await store.connect()
+    cache = ClusterCache(store)
+    follower = asyncio.create_task(cache.run())
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    try:
+        await asyncio.wait_for(cache.wait_ready(), 10)
+        monkeypatch.setattr(cache_module, "MAX_BEHIND", 2)
+        follow = cache.follow_assignments("n1")
+        assert follow is not None
+        _, queue = follow
+        for i in range(3):  # nobody reads the queue
+            await client.put(assignment_key("n1", f"c{i}"), t.Assignment(container_id=f"c{i}").SerializeToString())
+        await _until(lambda: queue.qsize() == 3, "the third change")
+        got = [queue.get_nowait() for _ in range(3)]
+        assert [e.container_id for e in got[:2] if isinstance(e, AssignmentEvent)] == ["c0", "c1"]
+        assert isinstance(got[2], Unavailable) and "agent n1 is 2 assignment changes behind" in str(got[2])
+        assert "n1" not in cache._sessions  # no more changes queued for it
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await client.delete_prefix(PREFIX)
+        await client.close()
+        await store.close()
+
+
+def test_an_agent_session_that_stops_reading_is_ended_not_queued_for_ever(etcd_url: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_stuck_session(etcd_url, monkeypatch))
