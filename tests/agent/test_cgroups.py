@@ -264,4 +264,4 @@ def test_real_join_files_move_a_single_threaded_child_into_every_hierarchy(
         os.close(ready_r)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    cg.remove()
+        cg.remove()  # also when an assertion failed: no cgroup left behind

@@ -6,6 +6,9 @@ the last subscriber gone, the feed stops."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -16,6 +19,14 @@ from controller.dns import NamesHub
 from controller.store import Store, StoreError
 
 RUNNING = t.STATE_RUNNING
+
+
+@pytest.fixture(autouse=True)
+def _wipe_after(etcd_url: str) -> Iterator[None]:
+    """The keys a test wrote go with it, also when it fails (the module shares one etcd)."""
+    yield
+    subprocess.run(["etcdctl", f"--endpoints={etcd_url}", "del", "--prefix", "/berth/"], capture_output=True,
+                   check=True, env={**os.environ, "ETCDCTL_API": "3"})
 
 
 def container(cid: str, name: str, **kw: object) -> t.Container:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import secrets
+import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,6 +20,14 @@ from controller.user_networks import AddressesExhausted, NetworkRequestError, Us
 from tests.support import etcd_keys
 
 CIDR = "10.88.0.0/16"
+
+
+@pytest.fixture(autouse=True)
+def _wipe_after(etcd_url: str) -> Iterator[None]:
+    """The keys a test wrote go with it, also when it fails (the module shares one etcd)."""
+    yield
+    subprocess.run(["etcdctl", f"--endpoints={etcd_url}", "del", "--prefix", "/berth/"], capture_output=True,
+                   check=True, env={**os.environ, "ETCDCTL_API": "3"})
 
 
 def container(name: str, network: str) -> t.Container:
