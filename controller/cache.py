@@ -76,7 +76,6 @@ class ClusterCache:
         self.of_services: set[str] = set()
         self._usage: dict[str, list[int]] = {}  # node -> [memory, cpus, containers]
         self._ports: dict[str, Counter[tuple[str, int]]] = {}
-        self._labels: dict[str, tuple[tuple[str, str], ...]] = {}
         self._views: dict[str, scheduler.HostView] = {}
         # container id -> revision of its deletion, so that a write of ours committed before it and applied
         # after its event does not bring the container back (bounded: the oldest go first)
@@ -113,15 +112,9 @@ class ClusterCache:
         if entry is None:
             self._views.pop(node_id, None)
             return
-        n = entry[0]
-        u = self._usage.get(node_id, (0, 0, 0))
         ports = self._ports.get(node_id)
-        self._views[node_id] = scheduler.HostView(
-            n.id, n.name, node_id in self.alive, n.capacity.memory_bytes, n.capacity.nano_cpus,
-            u[0], u[1], u[2], labels=self._labels.get(node_id, ()), platform=n.platform,
-            schedulable=n.availability == t.AVAILABILITY_ACTIVE,
-            ports=frozenset(ports) if ports else frozenset(),
-        )
+        self._views[node_id] = scheduler.host_view(entry[0], node_id in self.alive, self._usage.get(node_id, (0, 0, 0)),
+                                                   frozenset(ports) if ports else frozenset())
 
     def node_list(self) -> list[t.Node]:
         """Every node with its state filled in (copies)."""
@@ -280,7 +273,6 @@ class ClusterCache:
 
     def _put_node(self, node: t.Node, revision: int) -> None:
         self.nodes[node.id] = (node, revision)
-        self._labels[node.id] = tuple(sorted({**node.labels, **node.user_labels}.items()))
         self._view(node.id)
 
     # ---- loading and following etcd ----------------------------------------------------------------

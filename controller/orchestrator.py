@@ -98,17 +98,8 @@ class Orchestrator:
                 u[0] += c.spec.memory_bytes
                 u[1] += c.spec.nano_cpus
                 u[2] += 1
-        zero = [0, 0, 0]
-        return [
-            scheduler.HostView(
-                n.id, n.name, n.state == t.NODE_READY, n.capacity.memory_bytes, n.capacity.nano_cpus,
-                used.get(n.id, zero)[0], used.get(n.id, zero)[1], used.get(n.id, zero)[2],
-                labels=tuple(sorted({**n.labels, **n.user_labels}.items())), platform=n.platform,
-                schedulable=n.availability == t.AVAILABILITY_ACTIVE,
-                ports=ports.get(n.id, frozenset()),
-            )
-            for n in nodes
-        ]
+        return [scheduler.host_view(n, n.state == t.NODE_READY, used.get(n.id, (0, 0, 0)), ports.get(n.id, frozenset()))
+                for n in nodes]
 
     async def schedule(self, cid: str) -> t.Container:
         """Place one pending container; returns it as stored (placed, or pending with the reason). On the

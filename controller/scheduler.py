@@ -131,6 +131,16 @@ FILTERS: tuple[Filter, ...] = (host_ready, schedulable, constraints, enough_memo
 STRATEGIES = ("spread", "binpack")
 
 
+def host_view(n: t.Node, ready: bool, used: Sequence[int], ports: frozenset[tuple[str, int]]) -> HostView:
+    """The scheduler's view of a stored node: `used` is (memory, CPUs, containers) placed on it; operator labels
+    win over the agent's. The one place both controller.orchestrator and controller.cache build it."""
+    return HostView(
+        n.id, n.name, ready, n.capacity.memory_bytes, n.capacity.nano_cpus, used[0], used[1], used[2],
+        labels=tuple(sorted({**n.labels, **n.user_labels}.items())), platform=n.platform,
+        schedulable=n.availability == t.AVAILABILITY_ACTIVE, ports=ports,
+    )
+
+
 def host_ports(spec: t.ContainerSpec) -> frozenset[tuple[str, int]]:
     """(protocol, host port) of the spec's -p flags with a fixed host port (issue 5)."""
     return frozenset((p.protocol or "tcp", p.host_port) for p in spec.ports if p.host_port)

@@ -128,3 +128,13 @@ def test_a_container_or_service_may_choose_its_own_strategy_over_the_clusters() 
     o.strategy = "binpack"
     assert o.decide(spread, hosts).host == hosts[1]
     assert o.decide(t.Container(id="x", spec=t.ContainerSpec(placement_strategy="spread")), hosts).host == hosts[0]
+
+
+def test_host_view_of_a_node_operator_labels_win_and_drained_is_unschedulable() -> None:
+    n = t.Node(id="n1", name="h1", platform="linux/amd64", availability=t.AVAILABILITY_DRAIN,
+               capacity=t.Resources(memory_bytes=GIB, nano_cpus=10**9),
+               labels={"disk": "hdd", "rack": "r1"}, user_labels={"disk": "ssd"})
+    view = scheduler.host_view(n, True, (GIB // 2, 10**8, 3), frozenset({("tcp", 80)}))
+    assert view == HostView("n1", "h1", True, GIB, 10**9, GIB // 2, 10**8, 3,
+                            labels=(("disk", "ssd"), ("rack", "r1")), platform="linux/amd64",
+                            schedulable=False, ports=frozenset({("tcp", 80)}))
