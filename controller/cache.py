@@ -324,10 +324,13 @@ class ClusterCache:
     def _apply(self, put: bool, key: bytes, value: bytes, mod: int) -> None:
         self.revision = mod
         if key.startswith(CONTAINERS):
+            cid = key[len(CONTAINERS):].decode()
             if put:
-                self.put_container(_parse_container(value), mod)
+                held = self.containers.get(cid)
+                if held is None or held.mod_revision < mod:  # not when it is our own write, applied already
+                    self.put_container(_parse_container(value), mod)
             else:
-                self._delete_container(key[len(CONTAINERS):].decode(), mod)
+                self._delete_container(cid, mod)
         elif key.startswith(ASSIGNMENTS):
             node_id, _, cid = key[len(ASSIGNMENTS):].decode().partition("/")
             sessions = self._sessions.get(node_id)
@@ -346,9 +349,14 @@ class ClusterCache:
                         session.put_nowait(change)
         elif key.startswith(STATUS):
             cid = key[len(STATUS):].decode()
-            status = _parse_status(value) if put else None
-            if status is not None:
-                self.put_status(cid, status, mod)
+            status = None
+            if put:
+                written = self.statuses.get(cid)
+                if written is not None and written[1] == mod:
+                    status = written[0]  # our own write, applied already
+                else:
+                    status = _parse_status(value)
+                    self.put_status(cid, status, mod)
             elif cid in self.statuses and self.statuses[cid][1] <= mod:
                 del self.statuses[cid]
             queues = self._subscribers.get(cid)
