@@ -510,11 +510,12 @@ class Orchestrator:
             items.append((c, t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation), None))
         per = max(1, self.max_txn_ops // 3)  # name, container, status
         chunks = [items[i:i + per] for i in range(0, len(items), per)]
-        revisions = await asyncio.gather(*(self.store.create_placed(chunk) for chunk in chunks))
+        revisions = await asyncio.gather(*(self.store.create_placed(chunk) for chunk in chunks),
+                                         return_exceptions=True)
         created: list[Versioned] = []
         for chunk, revision in zip(chunks, revisions, strict=True):
-            if not revision:
-                alone += [c for c, _, _ in chunk]  # a name in use: one by one, to tell which
+            if isinstance(revision, BaseException) or not revision:
+                alone += [c for c, _, _ in chunk]  # a name in use (or etcd failed): one by one, to tell which
                 continue
             for c, status, _ in chunk:
                 created.append(Versioned(c, revision))

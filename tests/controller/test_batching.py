@@ -136,12 +136,17 @@ async def _two_leaders(url: str) -> None:
 
         runs = [(one if i % 2 else two, _container(f"run{i}")) for i in range(200)]
         clash = _container("taken")
+        twins = [_container("twin"), _container("twin")]  # one name twice in one batch
         results = await asyncio.gather(*(o.create_and_place(c) for o, c in runs), one.create_and_place(clash),
-                                       return_exceptions=True)
-        assert isinstance(results[-1], NameInUse), results[-1]
-        assert all(isinstance(r, t.Container) and r.node_id for r in results[:-1]), "every Run is placed"
+                                       *(one.create_and_place(c) for c in twins), return_exceptions=True)
+        assert isinstance(results[200], NameInUse), results[200]
+        assert all(isinstance(r, t.Container) and r.node_id for r in results[:200]), "every Run is placed"
+        twin_results = results[201:]
+        assert sum(isinstance(r, NameInUse) for r in twin_results) == 1, twin_results
+        [twin] = [r for r in twin_results if isinstance(r, t.Container)]
+        assert twin.node_id
 
-        ids = {c.id for _, c in runs} | {c.id for c in swept} | {taken.id}
+        ids = {c.id for _, c in runs} | {c.id for c in swept} | {taken.id, twin.id}
         await _until(lambda: all((e := one.cache.container(cid)) is not None and e.container.node_id  # type: ignore[union-attr]
                                  for cid in ids), "the sweeps to place every pending container", timeout=30)
         placed = {v.container.id: v.container.node_id for v in await a.list_containers()}
