@@ -118,8 +118,9 @@ class Orchestrator:
         alone = []
         for cid in list(self._waiting):
             c = outcome.get(cid) or seen.get(cid)
-            if c is None and cache is not None and (cached := cache.container(cid)) is not None:
-                c = cached.container
+            if c is None and cache is not None and (cached := cache.container(cid)) is not None and (
+                    cached.container.node_id or cached.container.desired_state != t.DESIRED_RUNNING):
+                c = cached.container  # placed meanwhile (the sweep's snapshot holds pending containers only)
             tries = self._tries.get(cid, 0)
             if c is None and tries < 3:  # created after the snapshot: the next sweep sees it
                 self._tries[cid] = tries + 1
