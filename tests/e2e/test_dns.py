@@ -225,11 +225,13 @@ def test_an_agent_killed_and_restarted_listens_again_and_gets_the_whole_table(
     assert len(dns_sockets(host2, gateway)) == 2  # UDP and TCP
 
     cmdline, environ = kill_9_keeping_command(agent_pid(host2))
-    wait_for(lambda: dns_sockets(host2, gateway) == [], timeout=30, what="the killed agent's sockets to close")
-    # While host2 has no agent, a container starts elsewhere: the new agent must learn of it.
-    ok(ctl, "run", "-d", "--name", "two", "--constraint", "node.name==host3", "busybox", "sleep", "1000")
-    two = running(ctl, "two")
-    respawn(cmdline, environ, host2.log)
+    try:
+        wait_for(lambda: dns_sockets(host2, gateway) == [], timeout=30, what="the killed agent's sockets to close")
+        # While host2 has no agent, a container starts elsewhere: the new agent must learn of it.
+        ok(ctl, "run", "-d", "--name", "two", "--constraint", "node.name==host3", "busybox", "sleep", "1000")
+        two = running(ctl, "two")
+    finally:
+        respawn(cmdline, environ, host2.log)  # also when the test failed: the module's next tests need host2
     wait_for(lambda: len(dns_sockets(host2, gateway)) == 2, timeout=30, what="the new agent to listen")
     resolves(ctl, "asker", "two", [two["ip_address"]])
     resolves(ctl, "asker", "one", [one["ip_address"]])
