@@ -203,8 +203,14 @@ class HostNetwork:
             for cid in set(self.ipam.containers) - keep:
                 self.ipam.release(cid)
         self._prune()
-        with IPRoute() as ipr:
-            self.user.reconcile(ipr, self.ipam, self.address, self.mtu)
+        try:
+            with IPRoute() as ipr:
+                self.user.reconcile(ipr, self.ipam, self.address, self.mtu)
+        except NetlinkError as e:
+            # The host's own network works without them: say so and go on; the start of a container on a
+            # broken one fails saying why (_setup_user), and the next join tries them again.
+            log.error("cannot set up network %s on this host: %s; its containers here are cut off until it is fixed",
+                      ", ".join(repr(x.name) for x in self.user.in_use(self.ipam)), _why(e))
         self._apply_nat()
 
     def _prune(self) -> None:

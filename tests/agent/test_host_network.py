@@ -86,3 +86,62 @@ def test_attach_detach_attach_again_and_nothing_left(tmp_path: Path) -> None:
                 remove_netns(path)
             leftovers.rmdir()
         remove_netns(host)
+
+
+BROKEN_USER_NETWORK = """
+import asyncio, json, sys
+from pathlib import Path
+from pyroute2 import IPRoute
+from agent.network.host import HostNetwork
+from agent.network.usernet import Lease, Leases
+
+state = Path(sys.argv[1])
+net_id = "f" * 64
+(state / "network").mkdir(parents=True)
+(state / "network" / "ipam.json").write_text(json.dumps({"subnet": "10.123.9.0/24", "containers": {
+    "ab" * 32: {"address": "10.128.0.2", "ports": [], "network": net_id}}}))
+Leases(state).put(Lease(net_id, "red", "10.128.0.0/24", 300, "10.128.0.1"))
+with IPRoute() as ipr:
+    ipr.link("add", ifname="under", kind="veth", peer="underp")
+    under = ipr.link_lookup(ifname="under")[0]
+    ipr.addr("add", index=under, address="192.0.2.1", prefixlen=24)
+    ipr.link("set", index=under, state="up")
+    # A device that already holds the network's VNI: the network's own vxlan device cannot be made.
+    ipr.link("add", ifname="squat", kind="vxlan", vxlan_id=300, vxlan_local="192.0.2.1", vxlan_link=under,
+             vxlan_port=4789)
+
+async def main():
+    net = HostNetwork(state, bridge="berth0")
+    try:
+        await net.configure("10.123.9.0/24", address="192.0.2.1")
+        error = ""
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    print(json.dumps({"error": error, "configured": net.configured, "links": await asyncio.to_thread(links)}))
+
+def links():  # pyroute2's blocking calls, off the event loop
+    with IPRoute() as ipr:
+        return sorted(link.get("ifname") for link in ipr.get_links())
+
+asyncio.run(main())
+"""
+
+
+def test_a_user_network_that_cannot_be_set_up_leaves_the_default_network_configured(tmp_path: Path) -> None:
+    """A broken user network at join (here its VNI is taken) is logged; the host's own network still works."""
+    needs_root()
+    host = tmp_path / "host-netns"
+    state = tmp_path / "state"
+    create_netns(host)
+    try:
+        out = subprocess.run(
+            ["nsenter", f"--net={host}", sys.executable, "-c", BROKEN_USER_NETWORK, str(state)],
+            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["error"] == "" and result["configured"], result
+        assert "berth0" in result["links"] and "berth.vx" in result["links"], result["links"]
+        assert "cannot set up network 'red' on this host" in out.stderr, out.stderr
+    finally:
+        remove_netns(host)
