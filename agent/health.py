@@ -111,11 +111,15 @@ class HealthReporter(Reporter):
             spec = await exec_session.prepare(self.executor, t.ExecStart(container=cid, args=hc.args))
         except ExecError as exc:
             return t.HealthResult(start_ns=start, end_ns=time.time_ns(), exit_code=-1, output=str(exc))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.runtime.exec", spec.to_json(),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            cwd="/",
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent.runtime.exec", spec.to_json(),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                cwd="/",
+            )
+        except OSError as exc:  # a failed check, not the end of the probe (which would keep the last health)
+            return t.HealthResult(start_ns=start, end_ns=time.time_ns(), exit_code=-1,
+                                  output=f"cannot run the health check on this host: {exc.strerror or exc}")
         try:
             async with asyncio.timeout(hc.timeout_s):
                 out, _ = await proc.communicate()
