@@ -595,7 +595,7 @@ class Orchestrator:
         items = list(latest.values())
         try:
             revision = await self.store.put_statuses(items)
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - every report of the batch gets it (none waits for ever)
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -604,7 +604,7 @@ class Orchestrator:
             for cid, status, _, future in batch:
                 try:
                     await self.on_status(cid, status)
-                except StoreError as exc:
+                except Exception as exc:  # noqa: BLE001 - handed to that report's caller
                     if not future.done():
                         future.set_exception(exc)
                     continue

@@ -247,3 +247,34 @@ async def _stuck_session(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_agent_session_that_stops_reading_is_ended_not_queued_for_ever(etcd_url: str,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_stuck_session(etcd_url, monkeypatch))
+
+
+async def _report_fails(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(url)
+    await store.connect()
+    orchestrator = Orchestrator(store, ControllerMetrics())
+    orchestrator.cache = ClusterCache(store)
+    follower = asyncio.create_task(orchestrator.cache.run())
+    try:
+        await asyncio.wait_for(orchestrator.cache.wait_ready(), 10)
+        c = _container("reported")
+        await store.create_container(c)
+        await _until(lambda: orchestrator.cache.container(c.id) is not None, "the container")  # type: ignore[union-attr]
+
+        async def broken(items: object) -> int:
+            raise RuntimeError("a bug in the batched write")
+
+        monkeypatch.setattr(store, "put_statuses", broken)
+        report = orchestrator.on_statuses([(c.id, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))])
+        with pytest.raises(RuntimeError, match="a bug in the batched write"):
+            await asyncio.wait_for(report, 10)  # the agent's report fails; it does not hang
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await _wipe(url)
+        await store.close()
+
+
+def test_a_batched_status_write_that_fails_unexpectedly_fails_its_reports(etcd_url: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_report_fails(etcd_url, monkeypatch))
