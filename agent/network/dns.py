@@ -49,6 +49,7 @@ FORWARD_TIMEOUT_S = 2.0
 MAX_UPSTREAMS = 3
 MAX_IN_FLIGHT = 512  # UDP questions being answered at once; more are dropped (the client retries)
 TCP_IDLE_S = 10.0
+MAX_TCP_CONNECTIONS = 256  # open at once on all listeners; more are closed at once (the client retries)
 
 A, PTR, AAAA, ANY = 1, 12, 28, 255
 IN = 1
@@ -560,6 +561,9 @@ class DnsServer:
             log.error("answering a DNS question: %s", task.exception())
 
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str) -> None:
+        if len(self._conns) >= MAX_TCP_CONNECTIONS:  # each is held up to TCP_IDLE_S: keep their number bounded
+            writer.close()
+            return
         self._conns.add(writer)
         try:
             lst = self._listeners.get(address)

@@ -385,3 +385,29 @@ def test_codec_edges() -> None:
     _, rcode, answers = decode(reply)
     assert len(reply) <= 512 and rcode & 0x100 and len(answers) == (512 - 12 - 17) // 16
     assert ipaddress.IPv4Address(answers[0][1]) == ipaddress.IPv4Address("10.0.0.1")
+
+
+def test_tcp_connections_beyond_the_limit_are_closed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dns, "MAX_TCP_CONNECTIONS", 2)
+
+    async def test(server: DnsServer, up: Upstream) -> None:
+        idle = [await asyncio.open_connection(GW, 53, local_addr=(CLIENT, 0)) for _ in range(2)]
+        try:
+            reader, writer = await asyncio.open_connection(GW, 53, local_addr=(CLIENT, 0))
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server, not held
+            writer.close()
+        finally:
+            for _, w in idle:
+                w.close()
+                await w.wait_closed()
+        _, rcode, answers = decode(await asyncio.wait_for(until_answered(), 10))  # served again once below
+        assert (rcode, addresses(answers)) == (0, [f"127.0.{SLOT}.60"])
+
+    async def until_answered() -> bytes:
+        while True:
+            try:
+                return await ask_tcp(query("web"))
+            except (asyncio.IncompleteReadError, ConnectionError):
+                await asyncio.sleep(0.01)  # the server has not seen the idle ones close yet
+
+    run(test)
