@@ -32,7 +32,9 @@ async def await_port_holders(worker: Worker, cid: str, ports: list[Port],
     if network is None or not fixed:
         return
     holders: dict[str, asyncio.Task[None]] = {}
-    for other, allocation in network.ipam.containers.items():
+    # A snapshot (one C-level copy): the network's thread attaches and detaches meanwhile, as it does the
+    # old container's detach during exactly this wait; iterating the live dict could raise RuntimeError.
+    for other, allocation in list(network.ipam.containers.items()):
         if other == cid or other in worker.assignments:
             continue
         if any(p.clashes(q) for p in fixed for q in allocation.ports):
