@@ -11,21 +11,19 @@ import grpc.aio
 
 from berth.api import control_pb2
 from berth.api import types_pb2 as t
-from controller.store import NotFound, Store, StoreError, Unavailable
+from controller.store import Store, StoreError
 from controller.user_networks import NetworkRequestError, UserNetworks
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 async def abort(context: Ctx, exc: StoreError) -> NoReturn:
-    if isinstance(exc, NotFound):
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    """A request that cannot be done as asked is FAILED_PRECONDITION; the rest as every control RPC."""
+    from controller.api import _abort  # here: controller.api imports this module
+
     if isinstance(exc, NetworkRequestError):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    if isinstance(exc, Unavailable):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    await context.abort(grpc.StatusCode.ABORTED, str(exc))
-    raise AssertionError  # abort always raises
+    await _abort(context, exc)
 
 
 class NetworksAPI:
