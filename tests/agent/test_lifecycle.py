@@ -142,7 +142,7 @@ def test_pid_1_reaps_orphaned_zombies(supervised: Host) -> None:
                 for pid in cg.procs():
                     try:
                         stat = Path(f"/proc/{pid}/stat").read_text()
-                    except FileNotFoundError:
+                    except (FileNotFoundError, ProcessLookupError):  # the process ended while read
                         continue
                     out.append(stat.rsplit(")", 1)[1].split()[0])
                 return out
