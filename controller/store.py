@@ -188,6 +188,10 @@ class Store:
         await self.revision()  # fail now, with a clear error, if etcd is not there
 
     async def close(self) -> None:
+        keeper = getattr(self, "_keeper", None)
+        if keeper is not None and keeper.task is not None:
+            keeper.task.cancel()  # the shared lease keep-alive stream ends with the client, not pending for ever
+            await asyncio.gather(keeper.task, return_exceptions=True)
         await self._client.close()
 
     async def revision(self) -> int:

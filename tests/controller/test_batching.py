@@ -278,3 +278,21 @@ async def _report_fails(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_batched_status_write_that_fails_unexpectedly_fails_its_reports(etcd_url: str,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_report_fails(etcd_url, monkeypatch))
+
+
+async def _keep_alive_closes(url: str) -> None:
+    store = Store(url)
+    await store.connect()
+    lease = await store.grant_lease(60)
+    try:
+        assert 0 < await store.keep_alive(lease) <= 60
+        keeper = store._keeper  # type: ignore[attr-defined]
+        assert keeper.task is not None and not keeper.task.done()
+    finally:
+        await store.revoke_lease(lease)
+        await store.close()
+    assert keeper.task.done()  # no stream task left behind by close
+
+
+def test_the_shared_keep_alive_stream_ends_with_the_store(etcd_url: str) -> None:
+    asyncio.run(_keep_alive_closes(etcd_url))
