@@ -312,6 +312,8 @@ class Worker:
         if running:
             stopped = await self.executor.stop(cid, a.stop_timeout_s if a.stop_timeout_s > 0 else 10.0)
             self._on_exit(stopped)
+            if self.network is not None:
+                await self.network.quiesce(cid)  # issue 5: its address unanswered until it starts again
         return False
 
     async def _start(self, cid: str, a: t.Assignment) -> None:

@@ -285,6 +285,8 @@ class HostNetwork:
                 self._setup_user(a.network, lease)
             if new or not self._wired(cid, path, a):
                 self._rewire(cid, path, a, fresh=new)
+            elif a.network:
+                self._link_state(cid, "up")  # issue 5: down while it was stopped (quiesce)
             if new:
                 self._apply_nat()
         except BaseException:
@@ -403,6 +405,21 @@ class HostNetwork:
 
     def _remove_ns(self, path: Path) -> None:
         remove_netns(path)
+
+    async def quiesce(self, cid: str) -> None:
+        """A stopped container on a user network: its veth down until attach on its next start. It keeps its
+        address, and on a user network (one segment across hosts) a container moved to another host has the
+        same address there: its stopped copy here must not answer for it."""
+        a = self.ipam.containers.get(cid)
+        if a is not None and a.network:
+            async with self._lock:
+                await asyncio.to_thread(self._link_state, cid, "down")
+
+    def _link_state(self, cid: str, state: str) -> None:
+        with IPRoute() as ipr:
+            idx = _lookup(ipr, host_veth(cid))
+            if idx is not None:
+                ipr.link("set", index=idx, state=state)
 
     async def detach(self, cid: str) -> None:
         async with self._lock:

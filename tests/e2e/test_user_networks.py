@@ -205,6 +205,14 @@ def test_one_network_across_hosts_tcp_udp_and_gateways(unet: ClusterInfo, ctl: C
         assert gateway(Path(h.state_dir), "red") == gw == gateway(Path(h.state_dir), net_id)
         assert link_addresses(h, "bn" + net_id[:12]) == [f"{gw}/{subnet.prefixlen}"]
     assert gateway(Path(host(unet, "host3").state_dir), "red") is None
+    # Stopped, a container keeps its address but does not answer for it (it could be in use on another host
+    # by the same container moved there); started again, it does.
+    assert pings(ctl, "peer", srv["ip_address"])
+    ok(ctl("stop", "-t", "1", "srv"))
+    assert not pings(ctl, "peer", srv["ip_address"])
+    ok(ctl("start", "srv"))
+    assert running(ctl, "srv")["ip_address"] == srv["ip_address"]
+    assert reaches(ctl, "peer", srv["ip_address"]) == peer["ip_address"]
     assert link_addresses(host(unet, "host3"), "bn" + net_id[:12]) is None  # not there until needed
     # The default network still works as before beside it.
     d1 = start(ctl, "d1", "", "host3")
