@@ -27,6 +27,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import socket
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -562,7 +563,10 @@ class DnsServer:
 
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str) -> None:
         if len(self._conns) >= MAX_TCP_CONNECTIONS:  # each is held up to TCP_IDLE_S: keep their number bounded
-            writer.close()
+            sock = writer.get_extra_info("socket")
+            if sock is not None:  # a reset, not a close: a flood leaves no TIME_WAIT on the server's address
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
             return
         self._conns.add(writer)
         try:
