@@ -14,7 +14,7 @@ from agent.network.host import create_netns, netns_dir, remove_netns
 from tests.agent.conftest import REPO, needs_root
 
 SCRIPT = """
-import asyncio, json, os, sys
+import asyncio, json, os, sys, time
 from pathlib import Path
 from pyroute2 import IPRoute
 from agent.network.host import HostNetwork, host_veth, in_netns, netns_dir
@@ -54,6 +54,10 @@ async def main():
     os.close(held)
     await net.teardown()
     ns_dir = netns_dir(state)
+    # detach leaves the veth to the kernel, which destroys it with its namespace in the background: poll
+    deadline = time.monotonic() + 10
+    while any(n.startswith("bv") for n in await asyncio.to_thread(links)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
     print(json.dumps({"rounds": rounds, "links": await asyncio.to_thread(links),
                       "namespaces": sorted(p.name for p in ns_dir.iterdir()) if ns_dir.is_dir() else []}))
 
