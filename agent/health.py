@@ -83,7 +83,13 @@ class HealthReporter(Reporter):
                 return
             if last.message == "paused":  # a frozen container cannot answer; Docker skips it too
                 continue
-            result = await self.run_check(cid, hc)
+            try:
+                result = await self.run_check(cid, hc)
+            except Exception as exc:  # a failed check: ending the probe would freeze the health it reports
+                log.exception("health check of %s", cid[:12])
+                now = time.time_ns()
+                result = t.HealthResult(start_ns=now, end_ns=now, exit_code=-1,
+                                        output=f"the health check could not run: {exc}")
             in_start_period = time.time_ns() - started_at_ns < hc.start_period_s * 1e9
             if result.exit_code == 0:
                 health.status, health.failing_streak = "healthy", 0
