@@ -123,15 +123,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     ],
                 )
             async for event in self.store.watch_assignments(node_id, revision):
-                change = d.AssignmentChange(container_id=event.container_id)
-                if event.assignment is None:
-                    change.action = d.AssignmentChange.REMOVE
-                else:
-                    change.action = d.AssignmentChange.UPDATE
-                    change.assignment.CopyFrom(event.assignment)
-                yield d.AssignmentsMessage(
-                    kind=d.AssignmentsMessage.INCREMENTAL, revision=event.revision, changes=[change]
-                )
+                yield _incremental(event)
         except Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except StoreError as exc:
@@ -157,14 +149,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     raise event
                 if event.revision <= after:
                     continue
-                change = d.AssignmentChange(container_id=event.container_id)
-                if event.assignment is None:
-                    change.action = d.AssignmentChange.REMOVE
-                else:
-                    change.action = d.AssignmentChange.UPDATE
-                    change.assignment.CopyFrom(event.assignment)
-                yield d.AssignmentsMessage(kind=d.AssignmentsMessage.INCREMENTAL, revision=event.revision,
-                                           changes=[change])
+                yield _incremental(event)
         finally:
             cache.unfollow_assignments(node_id, queue)
 
@@ -206,3 +191,14 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         except StoreError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         raise AssertionError
+
+
+def _incremental(event: AssignmentEvent) -> d.AssignmentsMessage:
+    """One assignment change (from the store's watch or the cache's) as the stream's message."""
+    change = d.AssignmentChange(container_id=event.container_id)
+    if event.assignment is None:
+        change.action = d.AssignmentChange.REMOVE
+    else:
+        change.action = d.AssignmentChange.UPDATE
+        change.assignment.CopyFrom(event.assignment)
+    return d.AssignmentsMessage(kind=d.AssignmentsMessage.INCREMENTAL, revision=event.revision, changes=[change])
