@@ -48,15 +48,23 @@ class Images(Protocol):
 
 
 class Reporter:
-    """Delivers status updates to the controller: the latest per container, retried until delivered."""
+    """Delivers status updates to the controller: the latest per container, retried until delivered. A
+    RUNNING not delivered yet is kept ahead of what follows it (a run that exits at once, while an earlier
+    report is in flight, is still recorded as started: events, docker's `start`), and goes first."""
 
     def __init__(self) -> None:
         self._pending: dict[str, t.ContainerStatus] = {}
+        self._after: dict[str, t.ContainerStatus] = {}  # what follows a pending RUNNING, for the next batch
         self._wake = asyncio.Event()
         self.sent: dict[str, t.ContainerStatus] = {}
 
     def report(self, cid: str, status: t.ContainerStatus) -> None:
-        self._pending[cid] = status
+        held = self._pending.get(cid)
+        if cid in self._after or (held is not None and held.state == t.STATE_RUNNING
+                                  and status.state != t.STATE_RUNNING and status.generation == held.generation):
+            self._after[cid] = status
+        else:
+            self._pending[cid] = status
         self.sent[cid] = status
         self._wake.set()
 
@@ -65,8 +73,18 @@ class Reporter:
         if self._pending:
             self._wake.set()
 
+    def _requeue(self, cid: str, status: t.ContainerStatus) -> None:
+        """Put back an undelivered status: a newer one reported meanwhile wins, but not over a RUNNING."""
+        newer = self._pending.get(cid)
+        if newer is None:
+            self._pending[cid] = status
+        elif (status.state == t.STATE_RUNNING and newer.state != t.STATE_RUNNING
+              and newer.generation == status.generation and cid not in self._after):
+            self._pending[cid], self._after[cid] = status, newer
+
     def forget(self, cid: str) -> None:
         self._pending.pop(cid, None)
+        self._after.pop(cid, None)
         self.sent.pop(cid, None)
 
     async def run(self, send: Callable[[d.StatusReport], Awaitable[None]], node_id: Callable[[], str]) -> None:
@@ -84,10 +102,13 @@ class Reporter:
                 try:
                     await send(report)
                     backoff = 0.05
+                    for cid, delivered in batch.items():  # a RUNNING is delivered: what followed it goes next
+                        if delivered.state == t.STATE_RUNNING and cid in self._after and cid not in self._pending:
+                            self._pending[cid] = self._after.pop(cid)
                 except Exception as exc:  # noqa: BLE001 - any transport failure: keep the batch and retry
                     log.warning("status report failed, will retry: %s", exc)
                     for cid, status in batch.items():
-                        self._pending.setdefault(cid, status)
+                        self._requeue(cid, status)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
 
