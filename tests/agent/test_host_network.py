@@ -37,8 +37,15 @@ def check(att):  # pyroute2's blocking calls, off the event loop (as the agent m
     return {"on_bridge": on_bridge, "up": up, "eth0_up": eth0_up, "addresses": addresses, "address": att.address}
 
 def links():
-    with IPRoute() as ipr:
-        return [link.get("ifname") for link in ipr.get_links()]
+    # The host namespace's links once the kernel has reaped the removed namespaces' veths (it does so in
+    # the background), or as they are at a 10 s deadline.
+    deadline = time.monotonic() + 10
+    while True:
+        with IPRoute() as ipr:
+            names = [link.get("ifname") for link in ipr.get_links()]
+        if not any(n.startswith("bv") for n in names) or time.monotonic() > deadline:
+            return names
+        time.sleep(0.05)
 
 async def main():
     net = HostNetwork(state, bridge="berth0")
