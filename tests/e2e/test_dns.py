@@ -19,6 +19,7 @@ import pytest
 from berthctl.dev import cluster as dev_cluster
 from berthctl.dev.cluster import ClusterInfo, HostInfo
 from tests.conftest import CONTAINER_CIDR, exclusive, run_berthctl, slot_name, slot_subnet
+from tests.e2e.test_network import container_netns, udp_exchange
 from tests.support import kill_9_keeping_command, respawn, wait_for
 
 NAME = slot_name("bdns")
@@ -264,6 +265,12 @@ def test_names_stay_on_their_network(dns3: ClusterInfo, ctl: Ctl, upstream: tupl
         seen = ok(ctl, "exec", "fcli", "wget", "-qO-", "http://fweb/cgi-bin/ip").strip()
         assert seen.strip("[]").removeprefix("::ffff:") == fcli["ip_address"]
         resolves(ctl, "bcli", "bsrv", [bsrv["ip_address"]])
+        # UDP by name: the address bcli's own resolver gives for "bsrv", then a datagram there and its echo back
+        # (busybox's nc has no UDP mode, so both ends run in the containers' network namespaces).
+        status, addresses = lookup(ctl, "bcli", "bsrv")
+        assert status == "ok" and addresses, (status, addresses)
+        got, echoed = udp_exchange(container_netns(dns3, bsrv), container_netns(dns3, bcli), addresses[0])
+        assert (got, echoed) == (f"hello-udp {bcli['ip_address']}", "HELLO-UDP")
         # Another network's names do not exist, and the question does not leave the host.
         for client, name in (("bcli", "fweb"), ("dcli", "fweb"), ("fcli", "bsrv"), ("fcli", "dcli")):
             assert lookup(ctl, client, name) == ("NXDOMAIN", []), (client, name)
