@@ -454,16 +454,21 @@ class Orchestrator:
 
     async def on_status(self, cid: str, status: t.ContainerStatus) -> bool:
         """Record an agent's report. Stale reports (an older run) are dropped; a finished --rm container
-        is removed. Returns whether the report was recorded."""
-        try:
-            v = await self.store.get_container(cid)
-        except NotFound:
-            return False
-        c = v.container
-        if status.generation < c.generation:
-            return False
-        if not await self.store.put_status(cid, status):
-            return False
+        is removed. Returns whether the report was recorded. The write compares the container's revision
+        with the one whose generation was checked (as on_statuses does), so a report that turns stale
+        meanwhile (a new run, a move off its host) never overwrites the newer status."""
+        for _ in range(10):
+            try:
+                v = await self.store.get_container(cid)
+            except NotFound:
+                return False
+            c = v.container
+            if _stale(status, c):
+                return False
+            if await self.store.put_status(cid, status, v.mod_revision):
+                break
+        else:
+            raise Conflict(f"container {cid[:12]} kept changing while its status was recorded; report it again")
         if c.spec.auto_remove and status.state in TERMINAL:
             await self.remove(cid)
         return True
@@ -564,8 +569,8 @@ class Orchestrator:
             if v is None:
                 await self.on_status(cid, status)  # not seen yet (or gone): read etcd
                 continue
-            if status.generation < v.container.generation:
-                continue  # a report of an older run
+            if _stale(status, v.container):
+                continue
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._reports.append((cid, status, v.mod_revision, future))
             futures.append(future)
@@ -626,6 +631,12 @@ class Orchestrator:
             await self.remove(cid)
         except StoreError as exc:
             log.warning("removing %s (--rm): %s", cid[:12], exc)
+
+
+def _stale(status: t.ContainerStatus, c: t.Container) -> bool:
+    """Whether an agent's report is of an older run than the stored container's (a run since started, or the
+    container moved off that host: both bump the generation); such a report is dropped."""
+    return status.generation < c.generation
 
 
 def _placed(c: t.Container, node_id: str) -> None:

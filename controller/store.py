@@ -310,13 +310,11 @@ class Store:
             [tx.value(name_key(c.spec.name)) == c.id.encode()], [tx.delete(name_key(c.spec.name))], []
         )
 
-    async def put_status(self, cid: str, status: t.ContainerStatus) -> bool:
-        """Record an agent's status, only while the container exists. False if it does not."""
-        tx = self._tx
-        ok, _ = await self._txn(
-            [tx.version(container_key(cid)) > 0], [tx.put(status_key(cid), status.SerializeToString())], []
-        )
-        return bool(ok)
+    async def put_status(self, cid: str, status: t.ContainerStatus, mod_revision: int) -> bool:
+        """Record one agent's report, only if its container is unchanged since the mod_revision given (its
+        generation was checked on that version), as put_statuses does for several. False if the container
+        changed or is gone: read it again before deciding."""
+        return bool(await self.put_statuses([(cid, status, mod_revision)]))
 
     async def watch_status(self, cid: str, after_revision: int) -> AsyncIterator[StatusEvent]:
         """Changes of one container's status after a revision, in order; the status key is deleted with the

@@ -40,6 +40,12 @@ def container(cid: str, name: str, **kw: object) -> t.Container:
     return c
 
 
+async def _report(store: Store, cid: str, status: t.ContainerStatus) -> None:
+    """An agent's report, written as the controller writes one: against the container's current revision."""
+    v = await store.get_container(cid)
+    assert await store.put_status(cid, status, v.mod_revision)
+
+
 def records(msg: d.NamesMessage) -> list[tuple[str, str, str, str]]:
     return sorted((r.name, r.network, r.address, r.service) for r in msg.records)
 
@@ -53,8 +59,8 @@ def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str,
         web, db = container("a1", "web"), container("b2", "db")
         for c in (web, db):
             await store.create_container(c)
-        await store.put_status(web.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.1.2"))
-        await store.put_status(db.id, t.ContainerStatus(state=t.STATE_PREPARING))  # no address yet
+        await _report(store, web.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.1.2"))
+        await _report(store, db.id, t.ContainerStatus(state=t.STATE_PREPARING))  # no address yet
         first = hub.subscribe()
         try:
             msg = await asyncio.wait_for(anext(first), 10)
@@ -66,7 +72,7 @@ def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str,
                 assert m.kind == d.NamesMessage.INCREMENTAL
                 return m
 
-            await store.put_status(db.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.2.2"))
+            await _report(store, db.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.2.2"))
             assert records(await next_delta()) == [("db", "bridge", "10.88.2.2", "")]
             # A second subscriber (an agent that restarts) gets the whole table as it is now.
             second = hub.subscribe()
@@ -75,21 +81,21 @@ def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str,
             assert records(msg) == [("db", "bridge", "10.88.2.2", ""), ("web", "bridge", "10.88.1.2", "")]
             await second.aclose()
 
-            await store.put_status(web.id, t.ContainerStatus(state=t.STATE_EXITED))  # stop
+            await _report(store, web.id, t.ContainerStatus(state=t.STATE_EXITED))  # stop
             m = await next_delta()
             assert (list(m.removed), list(m.records)) == ([web.id], [])
-            await store.put_status(web.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.3.7"))  # elsewhere
+            await _report(store, web.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.3.7"))  # elsewhere
             assert records(await next_delta()) == [("web", "bridge", "10.88.3.7", "")]
 
             task = container("c3", "api.1.abcdef", service="api")
             hostnet = container("d4", "hostnet", network="host")
             for c in (task, hostnet):
                 await store.create_container(c)
-            await store.put_status(hostnet.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.9.9"))
-            await store.put_status(task.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.1.3"))
+            await _report(store, hostnet.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.9.9"))
+            await _report(store, task.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.1.3"))
             assert records(await next_delta()) == [("api.1.abcdef", "bridge", "10.88.1.3", "api")]
 
-            await store.put_status(task.id, t.ContainerStatus(state=t.STATE_LOST, ip_address="10.88.1.3"))  # host died
+            await _report(store, task.id, t.ContainerStatus(state=t.STATE_LOST, ip_address="10.88.1.3"))  # host died
             m = await next_delta()
             assert (list(m.removed), list(m.records)) == ([task.id], [])
 
@@ -101,7 +107,7 @@ def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str,
             await asyncio.wait_for(anext(stuck), 10)
             monkeypatch.setattr(dns, "MAX_BEHIND", 2)
             for i in range(3):
-                await store.put_status(web.id, t.ContainerStatus(state=RUNNING, ip_address=f"10.88.4.{i + 1}"))
+                await _report(store, web.id, t.ContainerStatus(state=RUNNING, ip_address=f"10.88.4.{i + 1}"))
                 await next_delta()
             with pytest.raises(StoreError, match="DNS changes behind"):
                 while True:
