@@ -416,10 +416,13 @@ class HostNetwork:
                 await asyncio.to_thread(self._link_state, cid, "down")
 
     def _link_state(self, cid: str, state: str) -> None:
-        with IPRoute() as ipr:
-            idx = _lookup(ipr, host_veth(cid))
-            if idx is not None:
-                ipr.link("set", index=idx, state=state)
+        try:
+            with IPRoute() as ipr:
+                idx = _lookup(ipr, host_veth(cid))
+                if idx is not None:
+                    ipr.link("set", index=idx, state=state)
+        except (NetlinkError, OSError) as e:
+            raise NetworkError(f"container {cid[:12]}: cannot set its veth {state}: {_why(e)}") from e
 
     async def detach(self, cid: str) -> None:
         async with self._lock:

@@ -156,3 +156,59 @@ def test_a_user_network_that_cannot_be_set_up_leaves_the_default_network_configu
         assert "cannot set up network 'red' on this host" in out.stderr, out.stderr
     finally:
         remove_netns(host)
+
+
+VANISHING_VETH = """
+import asyncio, json, sys
+from pathlib import Path
+from pyroute2 import IPRoute
+from agent.network import host
+from agent.network.host import HostNetwork, host_veth
+
+state = Path(sys.argv[1])
+cid = "cd" * 32
+(state / "network").mkdir(parents=True)
+(state / "network" / "ipam.json").write_text(json.dumps({"subnet": "10.123.9.0/24", "containers": {
+    cid: {"address": "10.128.0.2", "ports": [], "network": "f" * 64}}}))
+with IPRoute() as ipr:
+    ipr.link("add", ifname=host_veth(cid), kind="veth", peer="gonep")
+
+found = host._lookup
+
+def lookup_then_vanish(ipr, ifname):  # the veth goes (its namespace reaped) between lookup and set
+    idx = found(ipr, ifname)
+    if idx is not None and ifname == host_veth(cid):
+        ipr.link("del", index=idx)
+    return idx
+
+host._lookup = lookup_then_vanish
+
+async def main():
+    try:
+        await HostNetwork(state, bridge="berth0").quiesce(cid)
+        print(json.dumps({"error": ""}))
+    except Exception as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_veth_that_cannot_be_set_down_is_a_network_error(tmp_path: Path) -> None:
+    """The kernel's refusal to set a container's veth up or down (here: it vanished meanwhile) is the
+    module's NetworkError with one line naming the container, not pyroute2's NetlinkError, which the worker
+    does not report as a failed start but logs and retries every second."""
+    needs_root()
+    host = tmp_path / "host-netns"
+    state = tmp_path / "state"
+    create_netns(host)
+    try:
+        out = subprocess.run(
+            ["nsenter", f"--net={host}", sys.executable, "-c", VANISHING_VETH, str(state)],
+            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        error = json.loads(out.stdout)["error"]
+        assert error == f"NetworkError: container {'cd' * 6}: cannot set its veth down: No such device", error
+    finally:
+        remove_netns(host)
