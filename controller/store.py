@@ -19,7 +19,8 @@ Keys (values are serialized protobuf messages from berth.api.types):
     /berth/network-ips/<net-id>/<ip>       who holds an address of a user network: c/<container-id> or
                                            gw/<node-id> (that host's gateway on the network's bridge)
     /berth/network-attachments/<id>        "<net-id> <ip>": the container's address; deleted with the
-                                           container, so its c/ claim is stale from then on (free again)
+                                           container, and its c/ claim right after (a claim left by a crash
+                                           in between is stale, so free again)
 
 Every write that changes who owns a container (placement, desired state) compares the container key's
 mod_revision, so two controllers can never both place one container: the loser gets Conflict and retries
@@ -300,11 +301,19 @@ class Store:
         if c.node_id:
             ops.append(tx.delete(assignment_key(c.node_id, c.id)))
         ops += [tx.delete(assignment_key(n, c.id)) for n in c.stale_nodes if n != c.node_id]
-        ops.append(tx.delete(NETWORK_ATTACHMENTS + c.id.encode()))  # issue 5: frees its user network address
+        # issue 5: its user network address, read in the same transaction that deletes it (no claim can come
+        # after: a claim needs the container) and then freed below
+        attachment_at = len(ops)
+        ops += [tx.get(NETWORK_ATTACHMENTS + c.id.encode()), tx.delete(NETWORK_ATTACHMENTS + c.id.encode())]
         compares = [tx.mod(container_key(c.id)) == old.mod_revision]
-        ok, _ = await self._txn(compares, ops, [])
+        ok, responses = await self._txn(compares, ops, [])
         if not ok:
             raise Conflict(f"container {c.id[:12]} changed concurrently")
+        if responses[attachment_at]:
+            net_id, _, ip = bytes(responses[attachment_at][0][0]).decode().partition(" ")
+            claim = NETWORK_IPS + f"{net_id}/{ip}".encode()
+            # only if still this container's; left behind (a controller crash just here) it is stale, so free
+            await self._txn([tx.value(claim) == f"c/{c.id}".encode()], [tx.delete(claim)], [])
         # The name goes last and only if it is still ours, so a failure above never frees a name early.
         await self._txn(
             [tx.value(name_key(c.spec.name)) == c.id.encode()], [tx.delete(name_key(c.spec.name))], []

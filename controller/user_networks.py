@@ -4,9 +4,10 @@ and their address management, both in etcd (key layout in controller.store).
 A network's subnet is allocated cluster-wide, not split per host (docs/networking.md says why): each
 container on it gets one address of the whole subnet, claimed when its agent first asks (NetworkAttach), and
 each host where the network is present gets one address too, its gateway on the network's bridge. A claim is
-a create-only transaction on /berth/network-ips/<net>/<ip>; a container's claim goes stale when the container
-is deleted (its attachment key goes with it) and is then free for the next one. Removing a network deletes
-every claim in it, and is refused while a container (running or not) is on it.
+a create-only transaction on /berth/network-ips/<net>/<ip>; a container's claim is deleted with the container
+(controller.store.delete_container; one a crash left behind is stale, as its attachment key is gone, and free
+for the next one). Removing a network deletes every claim in it, and is refused while a container (running or
+not) is on it.
 
 Creates and removes compare one revision key, so they run one at a time and two networks never get the same
 name, VNI or overlapping subnets.

@@ -104,3 +104,22 @@ def test_addresses_gateways_reuse_exhaustion_and_removal(etcd_url: str) -> None:
         await store.close()
 
     asyncio.run(main())
+
+
+def test_container_rm_leaves_no_key_of_it_under_the_networks_prefixes(etcd_url: str) -> None:
+    """The spec: removing a container leaves no etcd key behind, its address claim included."""
+    async def main() -> None:
+        store, nets = await fresh(etcd_url)
+        await nets.create("tidy", "10.200.1.0/29")
+        a = container("a", "tidy")
+        await store.create_container(a)
+        got = await nets.attach("host1", a.id)
+        assert (await store.network_ips((await nets.get("tidy")).id))[got.address] == f"c/{a.id}"
+        await store.delete_container(await store.get_container(a.id))
+        net_id = (await nets.get("tidy")).id
+        assert await store.network_ips(net_id) == {got.gateway: "gw/host1"}  # the host keeps its gateway
+        assert not [k for k in etcd_keys(etcd_url) if a.id in k]
+        await nets.remove("tidy")
+        await store.close()
+
+    asyncio.run(main())
