@@ -17,7 +17,9 @@ Keys (values are serialized protobuf messages from berth.api.types):
     /berth/networks-rev                    rewritten by every network create/rm, whose transactions compare
                                            its mod_revision: they run one at a time (names, subnets, VNIs)
     /berth/network-ips/<net-id>/<ip>       who holds an address of a user network: c/<container-id> or
-                                           gw/<node-id> (that host's gateway on the network's bridge)
+                                           gw/<node-id> (that host's gateway on the network's bridge; kept
+                                           while the node exists, deleted with it unless a container of it
+                                           is on the network)
     /berth/network-attachments/<id>        "<net-id> <ip>": the container's address; deleted with the
                                            container, and its c/ claim right after (a claim left by a crash
                                            in between is stale, so free again)
@@ -478,7 +480,21 @@ class Store:
         raise Conflict(f"node {node_id} kept changing; try again")
 
     async def delete_node(self, node_id: str) -> None:
-        await self._txn([], [self._tx.delete(node_key(node_id)), self._tx.delete(alive_key(node_id))], [])
+        """Forget a node, and free its gateway address on each user network that no container of it (running
+        there, lost there or with a stopped copy there) is on (issue 5): a host keeps its gateway on a network
+        while it exists, so without this host churn would use a network up; a host that comes back holds its
+        old gateway on the bridge of the networks its containers are on, so those stay its own."""
+        tx = self._tx
+        await self._txn([], [tx.delete(node_key(node_id)), tx.delete(alive_key(node_id))], [])
+        _, nets = await self.list_networks()
+        names = {n.id: n.name for n in nets}
+        kept = {v.container.spec.network for v in await self.list_containers()
+                if node_id == v.container.node_id or node_id in v.container.stale_nodes}
+        owner = f"gw/{node_id}".encode()
+        for kv in await self._get_prefix(NETWORK_IPS):
+            net_id = bytes(kv.key[len(NETWORK_IPS):]).decode().partition("/")[0]
+            if bytes(kv.value) == owner and names.get(net_id) not in kept:  # deleted only if still this node's
+                await self._txn([tx.value(bytes(kv.key)) == owner], [tx.delete(bytes(kv.key))], [])
 
     # ---- issue 6: services -------------------------------------------------------------------------
 

@@ -6,8 +6,13 @@ container on it gets one address of the whole subnet, claimed when its agent fir
 each host where the network is present gets one address too, its gateway on the network's bridge. A claim is
 a create-only transaction on /berth/network-ips/<net>/<ip>; a container's claim is deleted with the container
 (controller.store.delete_container; one a crash left behind is stale, as its attachment key is gone, and free
-for the next one). Removing a network deletes every claim in it, and is refused while a container (running or
-not) is on it.
+for the next one). A host keeps its gateway on a network while it exists, even with no container of it on
+the network any more: the agent's bridge may still hold that address, and the controller does not know when
+the agent has removed it. `node rm` (controller.store.delete_node) frees the host's gateways, except on a
+network that a container of the host (lost there, or with a stopped copy there) is on, as the host would put
+that address on its bridge again if it came back; such a gateway is taken (`_orphan_gateways`) once no
+container names the host any more and the network has no other free address. Removing a network deletes
+every claim in it, and is refused while a container (running or not) is on it.
 
 Creates and removes compare one revision key, so they run one at a time and two networks never get the same
 name, VNI or overlapping subnets.
@@ -30,6 +35,7 @@ DEFAULT_PREFIXLEN = 24
 FIRST_VNI = 256  # VNI 1 is the default network's overlay; leave room below for later built-ins
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
 RETRIES = 10
+Claims = list[tuple[str, str]]  # (address, owner); the class's own `list` method hides the builtin in it
 
 
 class NetworkRequestError(StoreError):
@@ -200,18 +206,37 @@ class UserNetworks:
                 other, ip = attachments[cid]
                 raise NetworkRequestError(f"container {cid[:12]} already has address {ip} on network {other[:12]}")
 
+            free: Claims = []
             for host in _net(net.subnet).hosts():
                 ip = str(host)
                 held = ips.get(ip)
                 kind, _, holder = (held or "").partition("/")
                 if held is None or (kind == "c" and attachments.get(holder) != (net.id, ip)):  # free or stale
-                    if await self.store.claim_network_ip(net.id, ip, owner, stale=held or "", cid=cid):
-                        return ip
-                    break  # someone took it meanwhile (or the network or container went): read again
-            else:
+                    free = [(ip, held or "")]
+                    break
+            if not free:  # only when full, as it costs two more reads: the gateways of removed hosts
+                free = await self._orphan_gateways(net, ips)
+            if not free:
                 raise AddressesExhausted(
                     f"network {net.name!r} has no free address left in {net.subnet}; remove containers from it "
                     "or use a network with a larger --subnet"
                 )
+            ip, held = free[0]
+            if await self.store.claim_network_ip(net.id, ip, owner, stale=held, cid=cid):
+                return ip
+            # someone took it meanwhile (or the network or container went): read again
         raise StoreError(f"could not claim an address on network {net.name!r} (it or the container changed); "
                          "the agent will retry")
+
+    async def _orphan_gateways(self, net: t.Network, ips: dict[str, str]) -> Claims:
+        """(address, claim) of the gateways on `net` of hosts that were removed (`node rm`) while a container of
+        theirs was on it (Store.delete_node keeps those) and that no container on it names any more."""
+        nodes = {n.id for n in await self.store.list_nodes()}
+        named: set[str] = set()
+        for v in await self.store.list_containers():
+            if v.container.spec.network == net.name:
+                named.add(v.container.node_id)
+                named.update(v.container.stale_nodes)
+        return sorted(((ip, who) for ip, who in ips.items()
+                       if who.startswith("gw/") and who[3:] not in nodes and who[3:] not in named),
+                      key=lambda x: ipaddress.IPv4Address(x[0]))

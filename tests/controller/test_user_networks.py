@@ -1,6 +1,7 @@
 """User networks' objects and addresses (controller.user_networks, issue 5) over a real etcd: concurrent creates
 never share a name, a subnet or a VNI; a host's gateway and a container's address are claimed once and kept;
-a removed container's address is free again; a full network says so; removing a network removes its claims.
+a removed container leaves no claim and its address is free again; a removed host frees its gateways; a full
+network says so; removing a network removes its claims.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def _wipe_after(etcd_url: str) -> Iterator[None]:
 
 def container(name: str, network: str) -> t.Container:
     return t.Container(id=secrets.token_hex(32), spec=t.ContainerSpec(name=name, image="busybox", network=network))
+
+
+async def hosts(store: Store, *names: str) -> None:
+    """Nodes as a join makes them: a gateway's host exists (else a full network may take its address)."""
+    for name in names:
+        await store.put_node(t.Node(id=name, name=name))
 
 
 async def fresh(etcd_url: str) -> tuple[Store, UserNetworks]:
@@ -68,6 +75,7 @@ def test_addresses_gateways_reuse_exhaustion_and_removal(etcd_url: str) -> None:
     async def main() -> None:
         store, nets = await fresh(etcd_url)
         net = await nets.create("small", "10.200.0.0/29")  # 6 addresses
+        await hosts(store, "host1", "host2")
         a, b = container("a", "small"), container("b", "small")
         for c in (a, b):
             await store.create_container(c)
@@ -120,6 +128,76 @@ def test_container_rm_leaves_no_key_of_it_under_the_networks_prefixes(etcd_url: 
         assert await store.network_ips(net_id) == {got.gateway: "gw/host1"}  # the host keeps its gateway
         assert not [k for k in etcd_keys(etcd_url) if a.id in k]
         await nets.remove("tidy")
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_node_rm_frees_the_hosts_gateways(etcd_url: str) -> None:
+    """A host keeps its gateway on a network while it exists; `node rm` (Store.delete_node) frees it on every
+    network, so host churn does not use a network up. Another host's gateway stays where it was."""
+    async def main() -> None:
+        store, nets = await fresh(etcd_url)
+        one = await nets.create("one", "10.200.2.0/29")
+        two = await nets.create("two", "10.200.3.0/29")
+        await hosts(store, "host1", "host2", "host3")
+        made = []
+        for host, net in (("host1", "one"), ("host1", "two"), ("host2", "one")):
+            c = container(f"{host}-{net}", net)
+            await store.create_container(c)
+            made.append((host, c, await nets.attach(host, c.id)))
+        gw1 = made[0][2].gateway
+        assert (await store.network_ips(one.id))[gw1] == "gw/host1"
+        await store.delete_node("host1")
+        for net in (one, two):
+            assert "gw/host1" not in (await store.network_ips(net.id)).values()
+        assert (await store.network_ips(one.id))[made[2][2].gateway] == "gw/host2"
+        # the freed address is the next host's
+        c = container("host3-one", "one")
+        await store.create_container(c)
+        assert (await nets.attach("host3", c.id)).gateway == gw1
+        for v in await store.list_containers():
+            await store.delete_container(v)
+        await nets.remove("one")
+        await nets.remove("two")
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_node_rm_keeps_a_gateway_its_containers_need_and_it_is_reused_once_they_are_gone(etcd_url: str) -> None:
+    """A host removed while a container of it is still on a network (lost there; its agent, if it comes back,
+    puts the old gateway on the bridge again) keeps that gateway; once no container names the host, the
+    address is taken when the network has no other free one."""
+    async def main() -> None:
+        store, nets = await fresh(etcd_url)
+        net = await nets.create("churn", "10.200.4.0/29")  # 6 addresses
+        await hosts(store, "host1", "host2")
+        a = container("a", "churn")
+        a.node_id = "host1"
+        await store.create_container(a)
+        got = await nets.attach("host1", a.id)
+        assert (got.gateway, got.address) == ("10.200.4.1", "10.200.4.2")
+        await store.delete_node("host1")
+        assert (await store.network_ips(net.id))["10.200.4.1"] == "gw/host1"  # a is still host1's
+        await store.delete_container(await store.get_container(a.id))
+        assert (await store.network_ips(net.id))["10.200.4.1"] == "gw/host1"  # still there, free only when needed
+        others = []
+        for name in ("b", "c", "d", "e"):  # gw/host2 takes .2, then b..e .3-.6: full but for host1's gateway
+            x = container(name, "churn")
+            await store.create_container(x)
+            others.append((await nets.attach("host2", x.id)).address)
+        assert others == ["10.200.4.3", "10.200.4.4", "10.200.4.5", "10.200.4.6"]
+        f = container("f", "churn")
+        await store.create_container(f)
+        assert (await nets.attach("host2", f.id)).address == "10.200.4.1"
+        g = container("g", "churn")
+        await store.create_container(g)
+        with pytest.raises(AddressesExhausted):
+            await nets.attach("host2", g.id)
+        for v in await store.list_containers():
+            await store.delete_container(v)
+        await nets.remove("churn")
         await store.close()
 
     asyncio.run(main())
