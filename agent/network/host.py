@@ -324,14 +324,6 @@ class HostNetwork:
         except NetlinkError as e:
             raise NetworkError(f"cannot set up network {lease.name!r} on this host: {_why(e)}") from e
 
-    def gateway(self, network: str = "") -> str | None:
-        """This host's gateway address on a network: "" or "bridge" the default network's, else a user
-        network's (by name or id) while a container here is on it; None when there is none."""
-        if network in ("", "bridge"):
-            return str(self.ipam.gateway.ip) if self.ipam.subnet is not None else None
-        lease = self.user.leases.find(network)
-        return lease.gateway if lease is not None else None
-
     def network_name(self, cid: str) -> str:
         """The network a container with an address here is on ("bridge" or a user network's name)."""
         a = self.ipam.containers.get(cid)

@@ -14,9 +14,6 @@ address each of the network's subnet. `<state-dir>/network/networks.json` keeps 
 each network present here, so an agent restart sets it up again without asking and without duplicating it.
 
 Isolation between networks (the nftables forward chain) is in agent.network.nat.
-
-`gateway(state_dir, network)` is this host's gateway address on a network, for code that serves containers on
-it (a DNS server listening on the gateway, say).
 """
 
 from __future__ import annotations
@@ -103,12 +100,6 @@ class Leases:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps({k: asdict(v) for k, v in sorted(self.by_id.items())}))
         os.replace(tmp, self.path)
-
-
-def gateway(state_dir: Path, network: str) -> str | None:
-    """This host's gateway address on a user network (by name or id), None while the network is not here."""
-    lease = Leases(state_dir).find(network)
-    return lease.gateway if lease is not None else None
 
 
 def _index(ipr: IPRoute, name: str) -> int | None:

@@ -122,7 +122,7 @@ def test_hosts_and_resolv_conf(tmp_path: Path) -> None:
 
 def test_user_networks_get_an_isolating_forward_chain_only_while_present(tmp_path: Path) -> None:
     """issue 5: the forward chain nft accepts, present only with user networks; their allocations on disk."""
-    from agent.network.usernet import Lease, Leases, gateway
+    from agent.network.usernet import Lease, Leases
 
     users = [("bnaaaaaaaaaaaa", "10.128.0.0/24"), ("bnbbbbbbbbbbbb", "10.128.1.0/24")]
     rules = nat.ruleset("berth0", "10.96.3.0/24", [], overlay="berth.vx", user_networks=users)
@@ -144,5 +144,6 @@ def test_user_networks_get_an_isolating_forward_chain_only_while_present(tmp_pat
     leases = Leases(tmp_path)
     leases.put(Lease("f" * 64, "red", "10.128.0.0/24", 256, "10.128.0.1"))
     assert str(leases.by_id["f" * 64].interface) == "10.128.0.1/24"
-    assert gateway(tmp_path, "red") == gateway(tmp_path, "f" * 64) == "10.128.0.1"
-    assert gateway(tmp_path, "blue") is None
+    again = Leases(tmp_path)  # as saved, found by name or id
+    assert again.find("red") == again.find("f" * 64) == leases.by_id["f" * 64]
+    assert again.find("blue") is None

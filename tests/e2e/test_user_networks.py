@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.network.host import in_netns
-from agent.network.usernet import gateway
+from agent.network.usernet import Leases
 from berthctl.dev.cluster import ClusterInfo, HostInfo
 from tests.conftest import SLOT, run_berthctl
 from tests.e2e.test_network import (
@@ -177,6 +177,12 @@ def test_network_verbs_and_bad_input(unet: ClusterInfo, ctl: Ctl) -> None:
     assert not [k for k in etcd_keys(unet.etcd) if k.startswith(("/berth/networks/", "/berth/network-"))]
 
 
+def saved_gateway(h: HostInfo, network: str) -> str | None:
+    """A host's gateway on a user network (by name or id) as its agent saved it, None while not there."""
+    lease = Leases(Path(h.state_dir)).find(network)
+    return lease.gateway if lease is not None else None
+
+
 def test_one_network_across_hosts_tcp_udp_and_gateways(unet: ClusterInfo, ctl: Ctl) -> None:
     net_id = ok(ctl("network", "create", "red")).strip()
     srv = start(ctl, "srv", "red", "host1")
@@ -192,7 +198,7 @@ def test_one_network_across_hosts_tcp_udp_and_gateways(unet: ClusterInfo, ctl: C
     got, echoed = udp_exchange(container_netns(unet, srv), container_netns(unet, peer), srv["ip_address"])
     assert (got, echoed) == (f"hello-udp {peer['ip_address']}", "HELLO-UDP")
     # The attachment is in the container's status; each host has its own gateway on the network's bridge,
-    # and agent code gets it with agent.network.usernet.gateway.
+    # and the agent keeps it in its networks.json (agent.network.usernet.Leases, which the DNS server reads).
     [doc] = json.loads(ok(ctl("inspect", "srv")))
     assert (doc["status"]["network"], doc["State"]["network"]) == ("red", "red")
     net = inspect_network(ctl, "red")
@@ -202,9 +208,9 @@ def test_one_network_across_hosts_tcp_udp_and_gateways(unet: ClusterInfo, ctl: C
     for name in ("host1", "host2"):
         h = host(unet, name)
         gw = net["gateways"][name]
-        assert gateway(Path(h.state_dir), "red") == gw == gateway(Path(h.state_dir), net_id)
+        assert saved_gateway(h, "red") == gw == saved_gateway(h, net_id)
         assert link_addresses(h, "bn" + net_id[:12]) == [f"{gw}/{subnet.prefixlen}"]
-    assert gateway(Path(host(unet, "host3").state_dir), "red") is None
+    assert saved_gateway(host(unet, "host3"), "red") is None
     # Stopped, a container keeps its address but does not answer for it (it could be in use on another host
     # by the same container moved there); started again, it does.
     assert pings(ctl, "peer", srv["ip_address"])
