@@ -9,15 +9,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aetcd
 import pytest
 
 from berthctl.dev import etcd
+from controller.store import PREFIX
 from tests.conftest import SLOT
 from tests.support import etcd_keys, wait_for
 
-__all__ = ["HOST", "Controller", "etcd_keys", "wait_for"]
+__all__ = ["HOST", "Controller", "etcd_keys", "wait_for", "wipe_etcd"]
 
 HOST = f"127.0.{SLOT}.77"
+
+
+async def wipe_etcd(url: str) -> None:
+    """Delete every berth key from the etcd at url, so that the keys of one test are not in the next one's way."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    try:
+        await client.delete_prefix(PREFIX)
+    finally:
+        await client.close()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from controller.cache import ClusterCache
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import PREFIX, AssignmentEvent, NameInUse, Store, Unavailable, assignment_key
+from tests.controller.conftest import wipe_etcd
 from tests.controller.test_race import _assignment_puts
 
 MIB = 1 << 20
@@ -28,16 +29,6 @@ async def _until(condition: Callable[[], object], what: str, timeout: float = 20
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-async def _wipe(url: str) -> None:
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    client = aetcd.Client(host=host, port=int(port))
-    await client.connect()
-    try:
-        await client.delete_prefix(PREFIX)
-    finally:
-        await client.close()
 
 
 def _container(name: str, memory: int = 0) -> t.Container:
@@ -99,7 +90,7 @@ async def _cache_follows(url: str) -> None:
         assert not cache.hosts()[0].ready
     finally:
         follower.cancel()
-        await _wipe(url)
+        await wipe_etcd(url)
         await store.close()
 
 
@@ -166,7 +157,7 @@ async def _two_leaders(url: str) -> None:
             status, _ = await a.get_status(cid)
             assert status.state == t.STATE_RUNNING, cid
     except BaseException:
-        await _wipe(url)  # the keys of a failed run would be in the next test's way
+        await wipe_etcd(url)  # the keys of a failed run would be in the next test's way
         raise
     finally:
         for task in tasks:
@@ -207,7 +198,7 @@ async def _same_name_in_one_batch(url: str) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await _wipe(url)
+        await wipe_etcd(url)
         await store.close()
 
 
@@ -271,7 +262,7 @@ async def _report_fails(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
-        await _wipe(url)
+        await wipe_etcd(url)
         await store.close()
 
 

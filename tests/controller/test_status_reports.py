@@ -9,23 +9,13 @@ import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 
-import aetcd
 import pytest
 
 from berth.api import types_pb2 as t
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import PREFIX, Store, Versioned
-
-
-async def _wipe(url: str) -> None:
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    client = aetcd.Client(host=host, port=int(port))
-    await client.connect()
-    try:
-        await client.delete_prefix(PREFIX)
-    finally:
-        await client.close()
+from controller.store import Store, Versioned
+from tests.controller.conftest import wipe_etcd
 
 
 async def _start_again(other: Store, v: Versioned) -> None:
@@ -78,7 +68,7 @@ async def _late_report(url: str, meanwhile: Meanwhile) -> tuple[bool, t.Containe
         status, _ = await other.get_status(c.id)
         return recorded, status
     finally:
-        await _wipe(url)
+        await wipe_etcd(url)
         await store.close()
         await other.close()
 
