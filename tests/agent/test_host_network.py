@@ -8,10 +8,36 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from agent.network.host import create_netns, netns_dir, remove_netns
 from tests.agent.conftest import REPO, needs_root
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Path]:
+    """A scratch host network namespace of the test's own, removed after it."""
+    needs_root()
+    path = tmp_path / "host-netns"
+    create_netns(path)
+    try:
+        yield path
+    finally:
+        remove_netns(path)
+
+
+def run_in(host: Path, script: str, state: Path) -> subprocess.CompletedProcess[str]:
+    """Run a Python script inside the host namespace, its agent state directory as its argument; it must exit 0."""
+    out = subprocess.run(
+        ["nsenter", f"--net={host}", sys.executable, "-c", script, str(state)],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out
+
 
 SCRIPT = """
 import asyncio, json, os, sys, time
@@ -72,18 +98,10 @@ asyncio.run(main())
 """
 
 
-def test_attach_detach_attach_again_and_nothing_left(tmp_path: Path) -> None:
-    needs_root()
-    host = tmp_path / "host-netns"
+def test_attach_detach_attach_again_and_nothing_left(tmp_path: Path, host: Path) -> None:
     state = tmp_path / "state"
-    create_netns(host)
     try:
-        out = subprocess.run(
-            ["nsenter", f"--net={host}", sys.executable, "-c", SCRIPT, str(state)],
-            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        result = json.loads(out.stdout)
+        result = json.loads(run_in(host, SCRIPT, state).stdout)
         assert len(result["rounds"]) == 2
         for r in result["rounds"]:
             assert r["on_bridge"] and r["up"] and r["eth0_up"], r
@@ -96,7 +114,6 @@ def test_attach_detach_attach_again_and_nothing_left(tmp_path: Path) -> None:
             for path in leftovers.iterdir():
                 remove_netns(path)
             leftovers.rmdir()
-        remove_netns(host)
 
 
 BROKEN_USER_NETWORK = """
@@ -138,24 +155,14 @@ asyncio.run(main())
 """
 
 
-def test_a_user_network_that_cannot_be_set_up_leaves_the_default_network_configured(tmp_path: Path) -> None:
+def test_a_user_network_that_cannot_be_set_up_leaves_the_default_network_configured(tmp_path: Path,
+                                                                                   host: Path) -> None:
     """A broken user network at join (here its VNI is taken) is logged; the host's own network still works."""
-    needs_root()
-    host = tmp_path / "host-netns"
-    state = tmp_path / "state"
-    create_netns(host)
-    try:
-        out = subprocess.run(
-            ["nsenter", f"--net={host}", sys.executable, "-c", BROKEN_USER_NETWORK, str(state)],
-            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        result = json.loads(out.stdout)
-        assert result["error"] == "" and result["configured"], result
-        assert "berth0" in result["links"] and "berth.vx" in result["links"], result["links"]
-        assert "cannot set up network 'red' on this host" in out.stderr, out.stderr
-    finally:
-        remove_netns(host)
+    out = run_in(host, BROKEN_USER_NETWORK, tmp_path / "state")
+    result = json.loads(out.stdout)
+    assert result["error"] == "" and result["configured"], result
+    assert "berth0" in result["links"] and "berth.vx" in result["links"], result["links"]
+    assert "cannot set up network 'red' on this host" in out.stderr, out.stderr
 
 
 VANISHING_VETH = """
@@ -194,21 +201,9 @@ asyncio.run(main())
 """
 
 
-def test_a_veth_that_cannot_be_set_down_is_a_network_error(tmp_path: Path) -> None:
+def test_a_veth_that_cannot_be_set_down_is_a_network_error(tmp_path: Path, host: Path) -> None:
     """The kernel's refusal to set a container's veth up or down (here: it vanished meanwhile) is the
     module's NetworkError with one line naming the container, not pyroute2's NetlinkError, which the worker
     does not report as a failed start but logs and retries every second."""
-    needs_root()
-    host = tmp_path / "host-netns"
-    state = tmp_path / "state"
-    create_netns(host)
-    try:
-        out = subprocess.run(
-            ["nsenter", f"--net={host}", sys.executable, "-c", VANISHING_VETH, str(state)],
-            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        error = json.loads(out.stdout)["error"]
-        assert error == f"NetworkError: container {'cd' * 6}: cannot set its veth down: No such device", error
-    finally:
-        remove_netns(host)
+    error = json.loads(run_in(host, VANISHING_VETH, tmp_path / "state").stdout)["error"]
+    assert error == f"NetworkError: container {'cd' * 6}: cannot set its veth down: No such device", error
