@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from berth.api import types_pb2 as t
@@ -326,44 +326,33 @@ class Orchestrator:
         others stay (on a dead host, shown as lost). Returns how many were taken off."""
         cache = self._cached()
         if cache is not None and containers is None:
-            return await self._heal_cached(cache)
+            return await self._move_off_hosts(_cached_on_hosts(cache))
         nodes = {n.id: n for n in await self.store.list_nodes()}
         if containers is None:
             containers = await self.store.list_containers()
+
+        def on_host(v: Versioned) -> tuple[Versioned, t.Node | None, bool]:
+            node = nodes.get(v.container.node_id)
+            return v, node, node is not None and node.state == t.NODE_READY
+
+        return await self._move_off_hosts(on_host(v) for v in containers if v.container.node_id)
+
+    async def _move_off_hosts(self, placed: Iterable[tuple[Versioned, t.Node | None, bool]]) -> int:
+        """heal()'s one rule over (container, its host or None, whether the host is alive): a container that
+        should run and may move leaves a host that is gone, down or drained."""
         moved = 0
-        for v in containers:
+        for v, node, alive in placed:
             c = v.container
-            node = nodes.get(c.node_id)
-            if not c.node_id or c.desired_state != t.DESIRED_RUNNING or not movable(c.spec):
+            if c.desired_state != t.DESIRED_RUNNING or not movable(c.spec):
                 continue
             draining = node is not None and node.availability == t.AVAILABILITY_DRAIN
-            if node is not None and node.state == t.NODE_READY and not draining:
+            if node is not None and alive and not draining:
                 continue
             try:
                 await self.move_off(v, f"its host {c.node_id} is drained" if draining else "")
                 moved += 1
             except Conflict:
                 continue  # it changed meanwhile; the next sweep looks again
-        return moved
-
-    async def _heal_cached(self, cache: ClusterCache) -> int:
-        """heal() on the cache's indexes: only the containers of hosts that are down or drained are looked at."""
-        moved = 0
-        for node_id, cids in list(cache.on_node.items()):
-            entry = cache.nodes.get(node_id)
-            node = entry[0] if entry is not None else None
-            draining = node is not None and node.availability == t.AVAILABILITY_DRAIN
-            if node is not None and node_id in cache.alive and not draining:
-                continue
-            for cid in list(cids):
-                v = cache.containers.get(cid)
-                if v is None or v.container.desired_state != t.DESIRED_RUNNING or not movable(v.container.spec):
-                    continue
-                try:
-                    await self.move_off(v, f"its host {node_id} is drained" if draining else "")
-                    moved += 1
-                except Conflict:
-                    continue  # it changed meanwhile; the next sweep looks again
         return moved
 
     async def move_off(self, v: Versioned, reason: str = "") -> None:
@@ -646,3 +635,17 @@ def _placed(c: t.Container, node_id: str) -> None:
     if node_id in c.stale_nodes:
         c.stale_nodes.remove(node_id)
 
+
+def _cached_on_hosts(cache: ClusterCache) -> Iterator[tuple[Versioned, t.Node | None, bool]]:
+    """The cache's containers of hosts that are not alive or are drained (the others are skipped whole), for
+    heal(); copies of the indexes are iterated, as moving a container changes them."""
+    for node_id, cids in list(cache.on_node.items()):
+        entry = cache.nodes.get(node_id)
+        node = entry[0] if entry is not None else None
+        alive = node_id in cache.alive
+        if node is not None and alive and node.availability != t.AVAILABILITY_DRAIN:
+            continue
+        for cid in list(cids):
+            v = cache.containers.get(cid)
+            if v is not None:
+                yield v, node, alive
