@@ -18,8 +18,8 @@ import pytest
 
 from berthctl.dev import cluster as dev_cluster
 from berthctl.dev.cluster import ClusterInfo, HostInfo
-from tests.conftest import CONTAINER_CIDR, exclusive, run_berthctl, slot_name, slot_subnet
-from tests.e2e.test_network import container_netns, udp_exchange
+from tests.conftest import CONTAINER_CIDR, exclusive, slot_name, slot_subnet
+from tests.e2e.test_network import berthctl_on, container_netns, udp_exchange
 from tests.support import kill_9_keeping_command, respawn, wait_for
 
 NAME = slot_name("bdns")
@@ -72,15 +72,10 @@ def dns3(cluster_state_dir: Path) -> Iterator[ClusterInfo]:
 
 @pytest.fixture
 def ctl(dns3: ClusterInfo) -> Iterator[Ctl]:
-    def run(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return run_berthctl(dns3.controller, *args, timeout=timeout)
-
-    yield run
-    for svc in json.loads(run("service", "ls", "-o", "json").stdout or "[]"):
-        run("service", "rm", svc["name"])
-    ids = run("ps", "-a", "-q").stdout.split()
-    if ids:
-        run("rm", "-f", *ids)
+    with berthctl_on(dns3) as run:
+        yield run
+        for svc in json.loads(run("service", "ls", "-o", "json").stdout or "[]"):
+            run("service", "rm", svc["name"])
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,15 +57,23 @@ def net3(cluster_state_dir: Path) -> Iterator[ClusterInfo]:
     yield from _cluster("bnet", 3, 61, CIDR, cluster_state_dir)
 
 
-@pytest.fixture
-def ctl(net3: ClusterInfo) -> Iterator[Ctl]:
+@contextmanager
+def berthctl_on(info: ClusterInfo) -> Iterator[Ctl]:
+    """berthctl against the cluster's controller, for a test's ctl fixture; on leaving, every container of the
+    cluster is removed, so that the next test on the module's cluster starts from none."""
     def run(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return run_berthctl(net3.controller, *args, timeout=timeout)
+        return run_berthctl(info.controller, *args, timeout=timeout)
 
     yield run
     ids = run("ps", "-a", "-q").stdout.split()
     if ids:
         run("rm", "-f", *ids)
+
+
+@pytest.fixture
+def ctl(net3: ClusterInfo) -> Iterator[Ctl]:
+    with berthctl_on(net3) as run:
+        yield run
 
 
 def ps(ctl: Ctl) -> list[dict[str, Any]]:

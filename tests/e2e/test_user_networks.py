@@ -20,12 +20,13 @@ import pytest
 from agent.network.host import in_netns
 from agent.network.usernet import Leases
 from berthctl.dev.cluster import ClusterInfo, HostInfo
-from tests.conftest import SLOT, run_berthctl
+from tests.conftest import SLOT
 from tests.e2e.test_network import (
     CIDR,
     WEB,
     Ctl,
     _cluster,
+    berthctl_on,
     client_address,
     container,
     container_netns,
@@ -46,13 +47,8 @@ def unet(cluster_state_dir: Path) -> Iterator[ClusterInfo]:
 
 @pytest.fixture
 def ctl(unet: ClusterInfo) -> Iterator[Ctl]:
-    def run(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return run_berthctl(unet.controller, *args, timeout=timeout)
-
-    yield run
-    ids = run("ps", "-a", "-q").stdout.split()
-    if ids:
-        run("rm", "-f", *ids)
+    with berthctl_on(unet) as run:
+        yield run
     for name in run("network", "ls", "-q").stdout.split():
         if name not in ("bridge", "host", "none"):
             run("network", "rm", name)
