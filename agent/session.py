@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -23,6 +24,8 @@ from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M")  # a message of a followed stream
 
 
 class Session:
@@ -127,40 +130,42 @@ class Session:
                                               timeout=10)
 
     async def _peers(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub) -> None:
-        """issue 5: follow the Peers stream for the session's life; a broken stream is opened again."""
+        """issue 5: follow the Peers stream for the session's life (an older controller: no overlay)."""
         assert self.on_peers is not None
-        while True:
-            try:
-                async for msg in stub.Peers(d.PeersRequest(node_id=self.node_id)):
-                    try:
-                        await self.on_peers(msg)
-                    except Exception:
-                        log.exception("applying the overlay's peers")
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    return  # an older controller: no overlay
-                log.warning("peers stream: %s %s", exc.code().name, exc.details())
-            await asyncio.sleep(1.0)
+        await _follow(lambda: stub.Peers(d.PeersRequest(node_id=self.node_id)), self.on_peers, "peers",
+                      "applying the overlay's peers")
 
     async def _names(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub) -> None:
         """issue 5 (names): follow the Names stream for the session's life; each (re)connection starts with the
-        whole table."""
-        assert self.on_names is not None
-        while True:
-            try:
-                async for msg in stub.Names(d.NamesRequest(node_id=self.node_id)):
-                    try:
-                        await self.on_names(msg)
-                    except Exception:
-                        log.exception("applying the DNS records")
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    await self.on_names(d.NamesMessage())  # an older controller: an empty table, all forwarded
-                    return
-                log.warning("names stream: %s %s", exc.code().name, exc.details())
-            await asyncio.sleep(1.0)
+        whole table. An older controller has none: an empty table, so everything is forwarded."""
+        on_names = self.on_names
+        assert on_names is not None
+        await _follow(lambda: stub.Names(d.NamesRequest(node_id=self.node_id)), on_names, "names",
+                      "applying the DNS records", unimplemented=lambda: on_names(d.NamesMessage()))
 
     async def _heartbeats(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub, period_s: float) -> None:
         while True:
             await asyncio.sleep(period_s)
             await stub.Heartbeat(d.HeartbeatRequest(node_id=self.node_id), timeout=max(period_s, 2.0))
+
+
+async def _follow(open_stream: Callable[[], AsyncIterable[M]], apply: Callable[[M], Awaitable[None]],
+                     what: str, applying: str,
+                     unimplemented: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Follow a server stream of the session for its life: each message applied (a failure logged, the
+    stream goes on), a broken stream opened again after a second; a controller without the RPC ends it
+    (after `unimplemented`, if given)."""
+    while True:
+        try:
+            async for msg in open_stream():
+                try:
+                    await apply(msg)
+                except Exception:
+                    log.exception(applying)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                if unimplemented is not None:
+                    await unimplemented()
+                return
+            log.warning("%s stream: %s %s", what, exc.code().name, exc.details())
+        await asyncio.sleep(1.0)
