@@ -30,7 +30,8 @@ from typing import TypeVar
 
 from pyroute2 import IPRoute, NetlinkError
 
-from agent.network import NetworkError, files, nat, overlay, usernet
+from agent.network import CONTAINER, NetworkError, files, mac_for, nat, overlay, usernet
+from agent.network.bridge import ensure as ensure_bridge
 from agent.network.ipam import Allocation, Ipam, Port
 from agent.runtime import syscalls as sc
 
@@ -184,16 +185,7 @@ class HostNetwork:
             self.address = address
         try:
             with IPRoute() as ipr:
-                idx = _lookup(ipr, self.bridge)
-                if idx is None:
-                    ipr.link("add", ifname=self.bridge, kind="bridge")
-                    idx = _lookup(ipr, self.bridge)
-                assert idx is not None
-                have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=2)}
-                for old, prefixlen in have - {(str(gw.ip), gw.network.prefixlen)}:
-                    ipr.addr("del", index=idx, address=old, prefixlen=prefixlen)
-                if (str(gw.ip), gw.network.prefixlen) not in have:
-                    ipr.addr("add", index=idx, address=str(gw.ip), prefixlen=gw.network.prefixlen)
+                idx = ensure_bridge(ipr, self.bridge, gw)
                 ipr.link("set", index=idx, state="up")
         except NetlinkError as e:
             raise NetworkError(f"cannot set up bridge {self.bridge}: {_why(e)}") from e
@@ -367,7 +359,10 @@ class HostNetwork:
                 if br is None:
                     raise NetworkError(f"bridge {bridge} vanished")
                 # One request makes the pair and puts the host end on the bridge, up.
-                ipr.link("add", ifname=veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": str(path), **mtu},
+                # eth0's MAC follows its address (mac_for): a neighbour's ARP entry for a reused or moved address
+                # stays right.
+                ipr.link("add", ifname=veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": str(path),
+                                                                "address": mac_for(a.address, CONTAINER), **mtu},
                          master=br, state="up", **mtu)
             step = "configure eth0"
 

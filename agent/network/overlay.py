@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetlinkError
 
-from agent.network import NetworkError
+from agent.network import VTEP, NetworkError, mac_for
 
 VXLAN = "berth.vx"
 VNI = 1
@@ -35,7 +35,7 @@ class Peer:
 
 
 def vtep_mac(address: str) -> str:
-    return "02:b5:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(address).packed)
+    return mac_for(address, VTEP)
 
 
 def _index(ipr: IPRoute, name: str) -> int | None:

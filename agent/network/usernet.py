@@ -31,6 +31,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError
 
 from agent.network import NetworkError
+from agent.network.bridge import ensure as ensure_bridge
 from agent.network.ipam import Ipam
 from agent.network.overlay import PORT, underlay
 
@@ -109,18 +110,7 @@ def _index(ipr: IPRoute, name: str) -> int | None:
 
 def ensure(ipr: IPRoute, lease: Lease, address: str, mtu: int) -> None:
     """The network's bridge with the gateway, and (with the host's `address`) its vxlan device, made or fixed."""
-    br = _index(ipr, lease.bridge)
-    if br is None:
-        ipr.link("add", ifname=lease.bridge, kind="bridge")
-        br = _index(ipr, lease.bridge)
-        if br is None:
-            raise NetworkError(f"could not create bridge {lease.bridge}")
-    gw = lease.interface
-    have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=br, family=socket.AF_INET)}
-    for old, prefixlen in have - {(str(gw.ip), gw.network.prefixlen)}:
-        ipr.addr("del", index=br, address=old, prefixlen=prefixlen)
-    if (str(gw.ip), gw.network.prefixlen) not in have:
-        ipr.addr("add", index=br, address=str(gw.ip), prefixlen=gw.network.prefixlen)
+    br = ensure_bridge(ipr, lease.bridge, lease.interface)
     if address:
         link, _ = underlay(ipr, address)
         vx = _index(ipr, lease.vxlan)

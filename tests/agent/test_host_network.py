@@ -207,3 +207,67 @@ def test_a_veth_that_cannot_be_set_down_is_a_network_error(tmp_path: Path, host:
     does not report as a failed start but logs and retries every second."""
     error = json.loads(run_in(host, VANISHING_VETH, tmp_path / "state").stdout)["error"]
     assert error == f"NetworkError: container {'cd' * 6}: cannot set its veth down: No such device", error
+
+
+STABLE_MACS = """
+import asyncio, json, sys
+from pathlib import Path
+from pyroute2 import IPRoute
+from agent.network.host import HostNetwork, in_netns
+
+state = Path(sys.argv[1])
+
+def bridge_mac():  # pyroute2's blocking calls, off the event loop (as the agent makes them)
+    with IPRoute() as ipr:
+        return ipr.get_links(ifname="berth0")[0].get("address")
+
+def eth0_mac(att):
+    def inside():
+        with IPRoute() as ns:
+            return ns.get_links(ifname="eth0")[0].get("address")
+    return in_netns(Path(att.netns), inside)
+
+def low_port(action):  # a port whose MAC is lower than any other: the kernel's pick for the bridge's own
+    with IPRoute() as ipr:
+        if action == "add":
+            ipr.link("add", ifname="lowmac", kind="veth", peer="lowmacp", address="00:00:00:00:00:01")
+            ipr.link("set", index=ipr.link_lookup(ifname="lowmac")[0], master=ipr.link_lookup(ifname="berth0")[0],
+                     state="up")
+        else:
+            ipr.link("del", index=ipr.link_lookup(ifname="lowmac")[0])
+
+async def main():
+    net = HostNetwork(state, bridge="berth0")
+    await net.configure("10.123.9.0/24")
+    seen = {"configured": await asyncio.to_thread(bridge_mac)}
+    first = await net.attach("ab" * 32, [])
+    seen["first container"] = await asyncio.to_thread(eth0_mac, first)
+    await asyncio.to_thread(low_port, "add")
+    seen["low port added"] = await asyncio.to_thread(bridge_mac)
+    await asyncio.to_thread(low_port, "del")
+    seen["low port removed"] = await asyncio.to_thread(bridge_mac)
+    await net.detach("ab" * 32)
+    again = await net.attach("cd" * 32, [])  # given the first one's address again
+    seen["its address reused"] = await asyncio.to_thread(eth0_mac, again)
+    await net.detach("cd" * 32)
+    await net.teardown()
+    print(json.dumps({"seen": seen, "addresses": [first.address, again.address]}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_bridge_and_the_containers_have_macs_that_follow_their_addresses(tmp_path: Path, host: Path) -> None:
+    """A bridge takes the lowest MAC of its ports unless it has one of its own: when a container whose veth had
+    it left, the others' ARP entries for the gateway went stale and their DNS questions were dropped for ~10 s
+    (the intermittent DNS failure of issue 5). The bridge's MAC is now derived from the gateway address and a
+    port with a lower MAC coming and going leaves it alone; eth0's is derived from the container's address,
+    so a neighbour's ARP entry for a reused address stays right."""
+    result = json.loads(run_in(host, STABLE_MACS, tmp_path / "state").stdout)
+    first, again = result["addresses"]
+    assert first == again == "10.123.9.2", result
+    assert result["seen"] == {
+        "configured": "02:b6:0a:7b:09:01", "low port added": "02:b6:0a:7b:09:01",
+        "low port removed": "02:b6:0a:7b:09:01",
+        "first container": "02:b7:0a:7b:09:02", "its address reused": "02:b7:0a:7b:09:02",
+    }, result

@@ -189,8 +189,8 @@ def test_names_and_services_resolve_across_hosts_and_follow_the_containers(
     try:
         gone(ctl, "peer", "api", asked)
     except AssertionError as e:
-        # This has failed about once in four full-suite runs (the server on host2 neither answered nor
-        # forwarded): say what host2's DNS server looked like then, as the cluster and its logs are removed.
+        # Say what host2's DNS server looked like then, as the cluster and its logs are removed. (This failed
+        # when an api task on host2 took the bridge's MAC with it: test_host_network's MAC test.)
         host2 = next(h for h in dns3.hosts if h.name == "host2")
         log = [line for line in Path(host2.log).read_text().splitlines() if "dns" in line.lower() or "ERROR" in line]
         raise AssertionError(f"{e}\nhost2 listening on {gateway}:53: {dns_sockets(host2, gateway)}\n"
