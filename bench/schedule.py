@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -82,7 +83,30 @@ async def run_one(stub: control_pb2_grpc.ControlAsyncStub, spec: t.ContainerSpec
     return (time.perf_counter() - t0) * 1000
 
 
-async def bench(controller: str, containers: int, agents: int, processes: int, concurrency: int,
+ETCD_COUNTERS = {
+    "etcd_server_proposals_committed_total": "proposals", "etcd_mvcc_put_total": "puts",
+    "etcd_mvcc_delete_total": "deletes", "etcd_mvcc_txn_total": "txns", "etcd_mvcc_range_total": "ranges",
+    "etcd_debugging_mvcc_events_total": "watch_events",
+}
+
+
+def etcd_counts(url: str) -> dict[str, float]:
+    """etcd's own counters of the requests it served (its /metrics), and its gRPC messages in and out."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        metric = name.split("{", 1)[0]
+        key = ETCD_COUNTERS.get(metric) or {"grpc_server_msg_received_total": "grpc_in",
+                                            "grpc_server_msg_sent_total": "grpc_out"}.get(metric)
+        if key:
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+async def bench(controller: str, etcd: str, containers: int, agents: int, processes: int, concurrency: int,
                 hollow_procs: list[subprocess.Popen[bytes]], pids: dict[str, list[int]]) -> tuple[float, list[float]]:
     channel = rpc.aio_channel(controller)
     stub = control_pb2_grpc.ControlStub(channel)
@@ -109,10 +133,14 @@ async def bench(controller: str, containers: int, agents: int, processes: int, c
             spec = t.ContainerSpec(name=f"c{i}", image="busybox", command=["sleep", "1000"])
             latencies.append(await run_one(stub, spec))
 
-    before = cpu_shares(pids)
+    before, etcd_before = cpu_shares(pids), etcd_counts(etcd)
     t0 = time.perf_counter()
     await asyncio.gather(*(submitter() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
+    # What etcd was asked to do, per container: its cost follows the requests and keys, not the containers
+    etcd_after = etcd_counts(etcd)
+    print("etcd per container: " + json.dumps({k: round((etcd_after[k] - etcd_before.get(k, 0)) / containers, 2)
+                                               for k in sorted(etcd_after)}), file=sys.stderr)
     # Where the 2 cores went while measuring (CPU seconds per role, and its share of the wall time)
     used = {role: round(s - before[role], 1) for role, s in cpu_shares(pids).items()}
     print(f"CPU seconds during the {elapsed:.1f} s run: {json.dumps(used)} "
@@ -170,7 +198,7 @@ def main() -> None:
         pids = {"controller": [ctl.pid], "etcd": etcd_pids, "hollow_agents": [p.pid for p in hollow],
                 "client": [os.getpid()]}
         elapsed, latencies = asyncio.run(
-            bench(controller, args.containers, args.agents, args.processes, args.concurrency, hollow, pids))
+            bench(controller, info.etcd, args.containers, args.agents, args.processes, args.concurrency, hollow, pids))
         result = {
             "containers": args.containers, "agents": args.agents,
             "per_second": round(args.containers / elapsed, 1),
