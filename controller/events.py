@@ -91,6 +91,24 @@ def translate(change: Change) -> control_pb2.Event | None:
     return None
 
 
+def translate_all(change: Change) -> list[control_pb2.Event]:
+    """The events of one key's change: translate's, and for a container created already placed (a Run
+    group-committed on the leader) its assignment too, at the same revision, as if placed right after."""
+    event = translate(change)
+    if event is None:
+        return []
+    if event.action == "create" and change.put and change.key.startswith(keys.CONTAINERS):
+        node = _parse(t.Container, change.value).node_id
+        if node:
+            assign = control_pb2.Event()
+            assign.CopyFrom(event)
+            assign.action = "assign"
+            del assign.attributes["image"]
+            assign.attributes["node"] = node
+            return [event, assign]
+    return [event]
+
+
 def matches(event: control_pb2.Event, filters: dict[str, set[str]]) -> bool:
     values = {"type": event.type, "id": event.id, "name": event.name, "action": event.action}
     for field, wanted in filters.items():
@@ -125,23 +143,21 @@ class EventsAPI:
         try:
             since = request.since_revision if request.since_revision > 0 else await self.store.revision()
             async for change in self.store.watch_changes(since):
-                event = translate(change)
-                if event is None:
-                    continue
-                if event.type == "container":  # status changes name the container too
-                    if event.name:
-                        names[event.id] = event.name
-                    elif event.id in names:
-                        event.name = names[event.id]
-                    else:
-                        found = await self.store.container_at(event.id, change.revision)
-                        if found is not None:
-                            event.name = names[event.id] = found.spec.name
-                    if event.action == "destroy":
-                        names.pop(event.id, None)
+                for event in translate_all(change):
+                    if event.type == "container":  # status changes name the container too
+                        if event.name:
+                            names[event.id] = event.name
+                        elif event.id in names:
+                            event.name = names[event.id]
+                        else:
+                            found = await self.store.container_at(event.id, change.revision)
+                            if found is not None:
+                                event.name = names[event.id] = found.spec.name
+                        if event.action == "destroy":
+                            names.pop(event.id, None)
+                    if matches(event, filters):
+                        yield event
                 since = change.revision
-                if matches(event, filters):
-                    yield event
         except Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; resume with --since {since}")
         except StoreError as exc:

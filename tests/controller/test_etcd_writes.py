@@ -1,0 +1,102 @@
+"""What the controller writes to etcd per container (issue 6, throughput), on a real etcd: a Run group-committed
+on the leader is stored already placed, each of its keys written once, and the events stream still says
+create then assign."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+
+import aetcd
+
+from berth.api import types_pb2 as t
+from controller.cache import ClusterCache
+from controller.events import translate_all
+from controller.metrics import ControllerMetrics
+from controller.orchestrator import Orchestrator
+from controller.store import Store, assignment_key, container_key, name_key, status_key
+from tests.controller.conftest import wipe_etcd
+
+MIB = 1 << 20
+
+
+async def _until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _container(name: str, memory: int) -> t.Container:
+    return t.Container(id=secrets.token_hex(32), spec=t.ContainerSpec(name=name, image="busybox", memory_bytes=memory),
+                       desired_state=t.DESIRED_RUNNING, generation=1)
+
+
+async def _created_placed(url: str) -> None:
+    store = Store(url)
+    await store.connect()
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    orchestrator = Orchestrator(store, ControllerMetrics())
+    orchestrator.cache = ClusterCache(store)
+    tasks = [asyncio.create_task(orchestrator.cache.run())]
+    try:
+        await asyncio.wait_for(orchestrator.cache.wait_ready(), 10)
+        lease = await store.grant_lease(60)
+        await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
+                                    capacity=t.Resources(memory_bytes=1024 * MIB, nano_cpus=8 * 10**9)))
+        await _until(lambda: [h.id for h in orchestrator.cache.hosts() if h.ready] == ["n1"],  # type: ignore[union-attr]
+                     "the host in the cache")
+        tasks.append(asyncio.create_task(orchestrator.lead(period_s=0.05)))
+        await _until(lambda: orchestrator.kick is not None, "leading")
+        start = await store.revision()
+
+        fits = [_container(f"fits{i}", 64 * MIB) for i in range(12)]  # 12 x 64 MiB: 768 of 1024 MiB
+        too_big = _container("too-big", 512 * MIB)  # placed last in its batch: what is left does not hold it
+        results = await asyncio.gather(*(orchestrator.create_and_place(c) for c in (*fits, too_big)))
+        assert all(r.node_id == "n1" for r in results[:12]), results
+        assert not results[12].node_id and "memory" in results[12].pending_reason, results[12]
+
+        for c in fits:  # each key written once: created placed, not created pending and then placed
+            got = {key: (await client.get(key)) for key in (container_key(c.id), status_key(c.id),
+                                                           assignment_key("n1", c.id), name_key(c.spec.name))}
+            assert all(kv is not None and kv.version == 1 for kv in got.values()), (c.spec.name, got)
+            status = t.ContainerStatus()
+            status.ParseFromString(got[status_key(c.id)].value)
+            assert (status.state, status.generation) == (t.STATE_ASSIGNED, 1)
+            assert bytes(got[name_key(c.spec.name)].value).decode() == c.id
+        kv = await client.get(container_key(too_big.id))
+        assert kv is not None and kv.version == 1  # its pending reason came with its creation
+        status, _ = await store.get_status(too_big.id)
+        assert status.state == t.STATE_PENDING
+
+        # The events of the creations: create then assign (same revision) for the placed ones, create alone
+        # for the pending one.
+        wanted = {c.id for c in (*fits, too_big)}
+        actions: dict[str, list[str]] = {}
+        async with asyncio.timeout(20):
+            async for change in store.watch_changes(start):
+                for event in translate_all(change):
+                    if event.id in wanted and event.action in ("create", "assign"):
+                        actions.setdefault(event.id, []).append(event.action)
+                        if event.action == "assign":
+                            assert (event.attributes["node"], event.revision) == ("n1", change.revision)
+                if container_key(too_big.id) == change.key:
+                    break
+        assert all(actions[c.id] == ["create", "assign"] for c in fits), actions
+        assert actions[too_big.id] == ["create"], actions[too_big.id]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await wipe_etcd(url)
+        await client.close()
+        await store.close()
+
+
+def test_a_group_committed_run_is_created_placed_each_key_written_once(etcd_url: str) -> None:
+    asyncio.run(_created_placed(etcd_url))
