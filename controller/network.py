@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import AsyncIterator
 
 from berth.api import dispatcher_pb2 as d
-from controller.store import Store, StoreError
+from controller.store import REMOVED_NODE, Store, StoreError
 
 DEFAULT_CIDR = "10.88.0.0/16"
 DEFAULT_PREFIXLEN = 24
@@ -62,8 +62,27 @@ class SubnetAllocator:
                     return subnet
                 break  # someone claimed it at the same time: read again
             else:
-                raise SubnetsExhausted(f"no free /{self.prefixlen} left in container CIDR {self.cidr}")
+                orphan = await self._orphaned(claims)
+                if orphan is None:
+                    raise SubnetsExhausted(f"no free /{self.prefixlen} left in container CIDR {self.cidr}")
+                if await self.store.claim_subnet(orphan, node_id, replacing=claims[orphan]):
+                    return orphan
         raise StoreError("could not claim a container subnet (too many concurrent joins); the agent will retry")
+
+
+    async def _orphaned(self, claims: dict[str, str]) -> str | None:
+        """A subnet of the CIDR kept by a removed node (`node rm` keeps it while containers of the node are left)
+        that no container names any more: free to give to another."""
+        removed = REMOVED_NODE.decode()
+        named = set()
+        for v in await self.store.list_containers():
+            named.add(v.container.node_id)
+            named.update(v.container.stale_nodes)
+        for subnet, owner in sorted(claims.items()):
+            if (owner.startswith(removed) and owner.removeprefix(removed) not in named
+                    and ipaddress.IPv4Network(subnet).subnet_of(self.cidr)):
+                return subnet
+        return None
 
 
 async def peers(store: Store) -> AsyncIterator[d.PeersMessage]:

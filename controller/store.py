@@ -66,6 +66,7 @@ LEADER = PREFIX + b"leader"
 SERVICES = PREFIX + b"services/"
 SERVICE_NAMES = PREFIX + b"service-names/"
 SUBNETS = PREFIX + b"subnets/"
+REMOVED_NODE = b"removed/"  # a subnet claim's owner: a node removed while containers of it were left
 NETWORKS = PREFIX + b"networks/"  # issue 5: user networks
 NETWORKS_REV = PREFIX + b"networks-rev"
 NETWORK_IPS = PREFIX + b"network-ips/"
@@ -480,16 +481,25 @@ class Store:
         raise Conflict(f"node {node_id} kept changing; try again")
 
     async def delete_node(self, node_id: str) -> None:
-        """Forget a node, and free its gateway address on each user network that no container of it (running
-        there, lost there or with a stopped copy there) is on (issue 5): a host keeps its gateway on a network
+        """Forget a node; free its subnet of the container CIDR when no container of it is left (running there,
+        lost there or with a stopped copy there), and its gateway address on each user network that no such
+        container is on (issue 5): a host keeps its gateway on a network
         while it exists, so without this host churn would use a network up; a host that comes back holds its
         old gateway on the bridge of the networks its containers are on, so those stay its own."""
         tx = self._tx
         await self._txn([], [tx.delete(node_key(node_id)), tx.delete(alive_key(node_id))], [])
         _, nets = await self.list_networks()
         names = {n.id: n.name for n in nets}
-        kept = {v.container.spec.network for v in await self.list_containers()
-                if node_id == v.container.node_id or node_id in v.container.stale_nodes}
+        its = [v.container for v in await self.list_containers()
+               if node_id == v.container.node_id or node_id in v.container.stale_nodes]
+        # Its subnet of the container CIDR: freed, so that host churn does not use the CIDR up; or, while
+        # containers of it are left (they hold addresses in it), marked as a removed node's, given to a new
+        # node once none is left (controller.network). A node that joins again under the name gets a new one.
+        for kv in await self._get_prefix(SUBNETS):
+            if bytes(kv.value) == node_id.encode():
+                then = [tx.put(bytes(kv.key), REMOVED_NODE + node_id.encode())] if its else [tx.delete(bytes(kv.key))]
+                await self._txn([tx.value(bytes(kv.key)) == node_id.encode()], then, [])
+        kept = {c.spec.network for c in its}
         owner = f"gw/{node_id}".encode()
         for kv in await self._get_prefix(NETWORK_IPS):
             net_id = bytes(kv.key[len(NETWORK_IPS):]).decode().partition("/")[0]
@@ -587,10 +597,12 @@ class Store:
         async for _kind, kv in self._watch(NODES, after_revision + 1, prefix=True):
             yield kv.key[len(NODES) :].decode()
 
-    async def claim_subnet(self, subnet: str, node_id: str) -> bool:
-        """Give `subnet` to `node_id` unless another node already has it; True when claimed."""
+    async def claim_subnet(self, subnet: str, node_id: str, replacing: str = "") -> bool:
+        """Give `subnet` to `node_id` unless another node already has it (or, with `replacing`, unless it is no
+        longer that removed node's); True when claimed."""
         key = SUBNETS + subnet.replace("/", "_").encode()
-        ok, _ = await self._txn([self._tx.version(key) == 0], [self._tx.put(key, node_id.encode())], [])
+        compare = self._tx.value(key) == replacing.encode() if replacing else self._tx.version(key) == 0
+        ok, _ = await self._txn([compare], [self._tx.put(key, node_id.encode())], [])
         return ok
 
     # ---- user networks (issue 5) --------------------------------------------------------------------

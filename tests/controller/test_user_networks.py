@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from berth.api import types_pb2 as t
+from controller.network import SubnetAllocator, SubnetsExhausted
 from controller.store import Store
 from controller.user_networks import AddressesExhausted, NetworkRequestError, UserNetworks
 from tests.support import etcd_keys
@@ -148,7 +149,10 @@ def test_node_rm_frees_the_hosts_gateways(etcd_url: str) -> None:
             made.append((host, c, await nets.attach(host, c.id)))
         gw1 = made[0][2].gateway
         assert (await store.network_ips(one.id))[gw1] == "gw/host1"
+        for i, host in enumerate(("host1", "host2")):  # their subnets of the container CIDR, as joins claim them
+            assert await store.claim_subnet(f"10.201.{i}.0/24", host)
         await store.delete_node("host1")
+        assert await store.subnet_claims() == {"10.201.1.0/24": "host2"}  # host1's subnet is free again
         for net in (one, two):
             assert "gw/host1" not in (await store.network_ips(net.id)).values()
         assert (await store.network_ips(one.id))[made[2][2].gateway] == "gw/host2"
@@ -160,6 +164,9 @@ def test_node_rm_frees_the_hosts_gateways(etcd_url: str) -> None:
             await store.delete_container(v)
         await nets.remove("one")
         await nets.remove("two")
+        for host in ("host2", "host3"):
+            await store.delete_node(host)
+        assert await store.subnet_claims() == {}
         await store.close()
 
     asyncio.run(main())
@@ -178,8 +185,10 @@ def test_node_rm_keeps_a_gateway_its_containers_need_and_it_is_reused_once_they_
         await store.create_container(a)
         got = await nets.attach("host1", a.id)
         assert (got.gateway, got.address) == ("10.200.4.1", "10.200.4.2")
+        assert await store.claim_subnet("10.201.9.0/24", "host1")
         await store.delete_node("host1")
         assert (await store.network_ips(net.id))["10.200.4.1"] == "gw/host1"  # a is still host1's
+        assert (await store.subnet_claims())["10.201.9.0/24"] == "removed/host1"  # and so is its subnet
         await store.delete_container(await store.get_container(a.id))
         assert (await store.network_ips(net.id))["10.200.4.1"] == "gw/host1"  # still there, free only when needed
         others = []
@@ -198,6 +207,40 @@ def test_node_rm_keeps_a_gateway_its_containers_need_and_it_is_reused_once_they_
         for v in await store.list_containers():
             await store.delete_container(v)
         await nets.remove("churn")
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_removed_nodes_subnet_goes_to_a_new_node_once_none_of_its_containers_is_left(etcd_url: str) -> None:
+    """`node rm` of a host that still has containers keeps its subnet of the container CIDR (they hold addresses
+    in it); when the CIDR is full, a joining host is given a subnet whose node is gone and that no container
+    names, and never one that a container still names."""
+    async def claims(store: Store) -> dict[str, str]:  # in this test's CIDR (another test leaves one outside it)
+        return {k: v for k, v in (await store.subnet_claims()).items() if k.startswith("10.202.")}
+
+    async def main() -> None:
+        store, _ = await fresh(etcd_url)
+        subnets = SubnetAllocator(store, "10.202.0.0/23", 24)  # two subnets
+        await hosts(store, "old1", "old2")
+        got = {h: await subnets.subnet_for(h) for h in ("old1", "old2")}
+        assert await subnets.subnet_for("old1") == got["old1"]  # a node that joins again keeps its own
+        assert got == {"old1": "10.202.0.0/24", "old2": "10.202.1.0/24"}
+        kept = container("kept", "")
+        kept.node_id = "old2"
+        await store.create_container(kept)
+        await store.delete_node("old1")  # nothing of it left: freed at once
+        await store.delete_node("old2")  # `kept` still names it: kept
+        assert await claims(store) == {"10.202.1.0/24": "removed/old2"}
+        assert await subnets.subnet_for("new1") == "10.202.0.0/24"
+        with pytest.raises(SubnetsExhausted):
+            await subnets.subnet_for("new2")
+        await store.delete_container(await store.get_container(kept.id))
+        assert await subnets.subnet_for("new2") == "10.202.1.0/24"  # orphaned now: reclaimed for the new host
+        assert await claims(store) == {"10.202.0.0/24": "new1", "10.202.1.0/24": "new2"}
+        for host in ("new1", "new2"):
+            await store.delete_node(host)
+        assert await claims(store) == {}
         await store.close()
 
     asyncio.run(main())
