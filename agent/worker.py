@@ -14,7 +14,6 @@ after a back-off; the wait goes through the injected `sleep`, so tests drive it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -31,6 +30,7 @@ from agent.network.dns import DnsServer, serve_networks
 from agent.network.host import HostNetwork
 from agent.network.ipam import Port
 from agent.restart import RestartPolicy, RestartPolicyError, RestartTracker
+from agent.run_record import RunRecord
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
 
@@ -190,9 +190,8 @@ class Worker:
         self.clock = clock
         self.assignments: dict[str, t.Assignment] = {}
         self.info: dict[str, ContainerInfo] = {}
-        self._gen_dir = state_dir / "worker"
-        self._gen_dir.mkdir(parents=True, exist_ok=True)
-        self._started: dict[str, int] = {}
+        self._record = RunRecord(state_dir)  # issue 6: generations started and restart counts, one file
+        self._started = self._record.started  # read here, changed through self._record
         self._wake: dict[str, asyncio.Event] = {}
         self._actors: dict[str, asyncio.Task[None]] = {}
         self._synced = False
@@ -205,16 +204,11 @@ class Worker:
         self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         self._manually_stopped: set[str] = set()  # killed by a user: no policy restarts it
         self._early_exits: dict[str, ContainerInfo] = {}
-        self._restart_dir = state_dir / "worker-restarts"  # <cid>: restart count of its current run
-        self._restart_dir.mkdir(parents=True, exist_ok=True)
 
     async def load(self) -> None:
         """Adopt what this host already runs (after an agent restart): nothing is started or stopped here."""
         for info in await self.executor.list():
             self.info[info.id] = info
-        for path in self._gen_dir.iterdir():
-            with contextlib.suppress(ValueError):
-                self._started[path.name] = int(path.read_text())
         self.metrics.running.set_function(
             lambda: sum(1 for i in self.info.values() if i.state == ProcessState.RUNNING)
         )
@@ -306,8 +300,7 @@ class Worker:
                 if self.dns is not None:
                     await serve_networks(self.dns, self.network)  # issue 5 (names): a network gone from here
             self.info.pop(cid, None)
-            self._started.pop(cid, None)
-            (self._gen_dir / cid).unlink(missing_ok=True)
+            self._record.forget(cid)
             self.reporter.forget(cid)
             return True
         info = self.info.get(cid)
@@ -325,7 +318,7 @@ class Worker:
             tracker = self._restarts.get(cid)
             if tracker is not None:
                 tracker.reset()  # a user's start
-            (self._restart_dir / cid).unlink(missing_ok=True)
+            self._record.forget_restarts(cid)
             self._manually_stopped.discard(cid)
             await self._start(cid, a)
             return False
@@ -438,8 +431,7 @@ class Worker:
             )
 
     def _mark_started(self, cid: str, generation: int) -> None:
-        self._started[cid] = generation
-        (self._gen_dir / cid).write_text(str(generation))
+        self._record.set_started(cid, generation)
 
     # ---- exits ------------------------------------------------------------------------------------
 
@@ -491,15 +483,12 @@ class Worker:
             del self._restart_tasks[cid]
         tracker = self._restarts.get(cid)
         if tracker is not None:  # the restart happens now: count it for a later agent
-            (self._restart_dir / cid).write_text(str(tracker.restart_count))
+            self._record.set_restarts(cid, tracker.restart_count)
         self._restart_due.add(cid)
         self._poke(cid)
 
     def _saved_restarts(self, cid: str) -> int:
-        try:
-            return int((self._restart_dir / cid).read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
+        return self._record.restarts.get(cid, 0)
 
     def manual_stop(self, cid: str) -> None:
         """A user is killing the container (berthctl kill): its restart policy does not bring it back, as
@@ -531,7 +520,7 @@ class Worker:
         self._decided.pop(cid, None)
         self._manually_stopped.discard(cid)
         self._early_exits.pop(cid, None)
-        (self._restart_dir / cid).unlink(missing_ok=True)
+        self._record.forget_restarts(cid)
 
     async def watch_exits(self) -> None:
         async for info in self.executor.exits():

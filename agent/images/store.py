@@ -147,6 +147,10 @@ class ImageStore:
             raise StoreError(f"cannot create the image store in {root}: {err}") from err
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._inflight: dict[str, asyncio.Task[Image]] = {}
+        # issue 6: images found by get(), by the reference as given; emptied whenever a record is written or
+        # removed, or layers are collected (this object is the only writer of its records, see
+        # _remove_temporaries), so a start does not read and parse a record from disk each time
+        self._found: dict[str, Image] = {}
         self._writers = 0  # pulls, loads, imports, commits running: GC waits for them, and they for GC
         self._collecting = False
         self._gc_turn = asyncio.Condition()
@@ -228,7 +232,14 @@ class ImageStore:
 
     def get(self, ref: str) -> Image | None:
         """The local image for `ref`, or None; never touches the network."""
-        return self._load(str(parse(ref)))
+        image = self._found.get(ref)
+        if image is None:
+            image = self._load(str(parse(ref)))
+            if image is not None:
+                if len(self._found) >= 256:
+                    self._found.clear()
+                self._found[ref] = image
+        return image
 
     async def ensure(self, ref: str) -> Image:
         """The local image for `ref`, pulled first if it is not here."""
@@ -333,6 +344,7 @@ class ImageStore:
         for reference in {image.reference, pinned}:
             data = json.dumps({**record, "reference": reference}, indent=1).encode()
             await asyncio.to_thread(self._write_atomic, self._record_path(reference), data)
+            self._found.clear()
         return image
 
     async def _config(self, client: RegistryClient, resolved: Resolved) -> bytes:
@@ -455,6 +467,7 @@ class ImageStore:
         if name.digest is not None:
             raise StoreError(f"cannot tag with a digest ({target}): give NAME[:TAG]")
         self._put_record({**record, "reference": str(name), "created_ns": time.time_ns()})
+        self._found.clear()
         return str(name)
 
     def remove(self, ref: str, in_use: set[str], *, force: bool = False) -> builtins.list[str]:
@@ -482,6 +495,7 @@ class ImageStore:
         for victim in victims:
             self._record_path(victim["reference"]).unlink(missing_ok=True)
             removed.append(victim["reference"])
+        self._found.clear()
         return removed
 
     def usage(self) -> int:
@@ -499,6 +513,7 @@ class ImageStore:
         try:
             return await asyncio.to_thread(self._collect, in_use, unused_images)
         finally:
+            self._found.clear()  # records and layers may be gone
             async with self._gc_turn:
                 self._collecting = False
                 self._gc_turn.notify_all()
@@ -544,6 +559,7 @@ class ImageStore:
             if record["diff_ids"] and set(record["diff_ids"]) <= in_use:
                 continue
             self._record_path(record["reference"]).unlink(missing_ok=True)
+            self._found.clear()
             removed.append(record["reference"])
             await self.collect(in_use)
             if self.usage() <= limit_bytes:
@@ -593,6 +609,7 @@ class ImageStore:
         }
         for name in {str(ref), pinned}:
             await asyncio.to_thread(self._put_record, {**record, "reference": name})
+            self._found.clear()  # here, in the event loop, once the record is in place
         return Image(str(ref), manifest_digest, image_config, tuple(self.layer_link(d) for d in diff_ids))
 
     async def push(self, ref: str, target: str | None = None, progress: Progress | None = None) -> str:

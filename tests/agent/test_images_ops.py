@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.images import AuthenticationRequired, InvalidLayer, StoreError
+from agent.images import AuthenticationRequired, Image, InvalidLayer, StoreError
 from agent.images.archive import commit, import_tarball, load_archive, save_archive
 from agent.images.registry import RegistryConfig
 from agent.images.store import ImageStore
@@ -276,6 +276,31 @@ def test_tag_remove_and_collect(registry: RegistryHandle, tmp_path: Path) -> Non
     assert freed + freed2 > 0
     assert list((tmp_path / "store/layers/sha256").iterdir()) == []
     assert list((tmp_path / "store/blobs/sha256").iterdir()) == []
+
+
+def test_get_sees_every_change_of_the_records(registry: RegistryHandle, tmp_path: Path) -> None:
+    """issue 6: get() keeps what it found in memory; a pull, tag, rmi or prune shows at once all the same."""
+    ref = f"{registry.address}/cache/img:v1"
+    registry.push("cache/img", "v1", [[Entry("a", data=b"first")]])
+    store = ImageStore(tmp_path / "store", RegistryConfig())
+    first = asyncio.run(store.pull(ref))
+    assert store.get(ref) == first and store.get("cache/x:1") is None
+    registry.push("cache/img", "v1", [[Entry("a", data=b"second")]])  # the tag moves: pulled again
+    second = asyncio.run(store.pull(ref))
+    assert second.digest != first.digest and store.get(ref) == second
+    pinned = f"{registry.address}/cache/img@{first.digest}"  # the older pull's record
+    assert store.tag(pinned, "cache/x:1") == "docker.io/cache/x:1" and _digest(store.get("cache/x:1")) == first.digest
+    store.tag(ref, "cache/x:1")  # the tag moves
+    assert _digest(store.get("cache/x:1")) == second.digest
+    store.remove("cache/x:1", set())
+    assert store.get("cache/x:1") is None and store.get(ref) == second
+    assert store.get(pinned) is not None
+    asyncio.run(store.collect(set(), unused_images=True))  # prune -a: every record goes
+    assert store.get(ref) is None and store.get(pinned) is None
+
+
+def _digest(image: Image | None) -> str:
+    return image.digest if image is not None else ""
 
 
 def test_high_water_mark_removes_least_recent_unused(registry: RegistryHandle, tmp_path: Path) -> None:
