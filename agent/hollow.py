@@ -71,8 +71,10 @@ class HollowExecutor:
         pass
 
 
-async def run_many(controllers: list[str], count: int, prefix: str, state_dir: Path, registry: str) -> None:
-    """`count` hollow agents named <prefix><i>, each with its own session, worker and reporter."""
+async def run_many(controllers: list[str], count: int, prefix: str, state_dir: Path, registry: str,
+                   streams: bool = False) -> None:
+    """`count` hollow agents named <prefix><i>, each with its own session, worker and reporter; with `streams`,
+    each session also follows the Peers and Names streams (their messages dropped), as a real agent's does."""
     from agent.images.registry import RegistryConfig
     from agent.images.store import ImageStore
     from agent.metrics import AgentMetrics
@@ -98,7 +100,8 @@ async def run_many(controllers: list[str], count: int, prefix: str, state_dir: P
             capacity=t.Resources(memory_bytes=64 << 30, nano_cpus=32 * 10**9), platform="linux/amd64",
             labels={"hollow": "true"},
         )
-        session = Session(controllers, join, worker, reporter, metrics)
+        session = Session(controllers, join, worker, reporter, metrics,
+                          on_peers=_drop if streams else None, on_names=_drop if streams else None)
         sessions.append(session)
         tasks.append(asyncio.create_task(session.run()))
         if len(sessions) % JOIN_WAVE == 0:
@@ -110,6 +113,10 @@ async def run_many(controllers: list[str], count: int, prefix: str, state_dir: P
     await asyncio.gather(*tasks)
 
 
+async def _drop(message: object) -> None:
+    """A stream's message to a hollow agent, which has no overlay or DNS server to apply it to."""
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m agent.hollow", description="Many hollow agents (scale tests only).")
     p.add_argument("--controller", required=True, help="controller address(es), comma-separated")
@@ -117,12 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefix", default="hollow-")
     p.add_argument("--state-dir", type=Path, default=None)
     p.add_argument("--registry", default="", help="host:port of a plain-HTTP registry mirroring docker.io")
+    p.add_argument("--streams", action="store_true", help="follow the Peers and Names streams too")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="berth-hollow-"))
-    asyncio.run(run_many(args.controller.split(","), args.count, args.prefix, state_dir, args.registry))
+    asyncio.run(run_many(args.controller.split(","), args.count, args.prefix, state_dir, args.registry, args.streams))
 
 
 if __name__ == "__main__":

@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--lease-ttl", type=int, default=30,
                         help="controller --lease-ttl: heartbeats come every TTL/4 from each agent, so the default "
                         "5 s means 800 heartbeats a second from 1,000 agents (default %(default)s)")
+    parser.add_argument("--agent-streams", action="store_true",
+                        help="the hollow agents also follow the Peers and Names streams, as real agents do")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="berth-bench-schedule-"))
     dev.down(NAME, state)
@@ -192,7 +194,8 @@ def main() -> None:
                 hollow.append(subprocess.Popen(
                     [sys.executable, "-m", "agent.hollow", "--controller", controller, "--count", str(count),
                      "--prefix", f"hollow-p{i}-", "--state-dir", str(state / f"hollow{i}"),
-                     "--registry", info.registry], stdout=log, stderr=subprocess.STDOUT))
+                     "--registry", info.registry, *(["--streams"] if args.agent_streams else [])],
+                    stdout=log, stderr=subprocess.STDOUT))
         procs += hollow
         etcd_pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_etcd(p, info.etcd)]
         pids = {"controller": [ctl.pid], "etcd": etcd_pids, "hollow_agents": [p.pid for p in hollow],

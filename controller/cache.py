@@ -64,6 +64,7 @@ class ClusterCache:
         self.revision = 0  # etcd's revision as of which the copy is complete
         self._subscribers: dict[str, list[asyncio.Queue[StatusEvent | BaseException]]] = {}
         self._sessions: dict[str, list[asyncio.Queue[AssignmentEvent | BaseException]]] = {}
+        self._followers: list[asyncio.Queue[str | BaseException]] = []  # follow_containers (the DNS records)
         self._reset()
 
     def _reset(self) -> None:
@@ -186,6 +187,24 @@ class ClusterCache:
         for session_queues in sessions.values():
             for session_queue in session_queues:
                 session_queue.put_nowait(Unavailable(f"the controller's copy of etcd is being reloaded: {exc}"))
+        followers, self._followers = self._followers, []
+        for follower in followers:
+            follower.put_nowait(Unavailable(f"the controller's copy of etcd is being reloaded: {exc}"))
+
+    def follow_containers(self) -> asyncio.Queue[str | BaseException] | None:
+        """A queue of the id of each container whose container or status key changes after this returns, in
+        etcd's order, fed by the cache's watch (controller.dns's records without watches of their own), or
+        the StoreError that ended it; None when the cache is not following etcd now. Read the changed state
+        from the cache; give the queue back with `unfollow_containers`."""
+        if not self.ready:
+            return None
+        queue: asyncio.Queue[str | BaseException] = asyncio.Queue()
+        self._followers.append(queue)
+        return queue
+
+    def unfollow_containers(self, queue: asyncio.Queue[str | BaseException]) -> None:
+        if queue in self._followers:
+            self._followers.remove(queue)
 
     def follow_assignments(self, node_id: str) -> tuple[int, asyncio.Queue[AssignmentEvent | BaseException]] | None:
         """A queue of the node's assignment changes after the returned revision, fed by the cache's watch
@@ -331,6 +350,8 @@ class ClusterCache:
                     self.put_container(_parse_container(value), mod)
             else:
                 self._delete_container(cid, mod)
+            for follower in self._followers:
+                follower.put_nowait(cid)
         elif key.startswith(ASSIGNMENTS):
             node_id, _, cid = key[len(ASSIGNMENTS):].decode().partition("/")
             sessions = self._sessions.get(node_id)
@@ -364,6 +385,8 @@ class ClusterCache:
                 event = StatusEvent(mod, status)
                 for queue in queues:
                     queue.put_nowait(event)
+            for follower in self._followers:
+                follower.put_nowait(cid)
         elif key.startswith(NODES):
             if put:
                 node = t.Node()

@@ -40,7 +40,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self.lease_ttl_s = lease_ttl_s
         self._leases: dict[str, int] = {}
         self.subnets: SubnetAllocator | None = None  # issue 5: set by main; None gives no container network
-        self.names = NamesHub(store)  # issue 5 (names): the containers' DNS records
+        self.names = NamesHub(store, lambda: orchestrator.cache)  # issue 5 (names): DNS records (issue 6: cached)
         self.networks: UserNetworks | None = None  # issue 5: user networks, set by main
 
     async def Join(self, request: d.JoinRequest, context: grpc.aio.ServicerContext[d.JoinRequest, d.JoinResponse]) -> d.JoinResponse:  # noqa: E501

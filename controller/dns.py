@@ -9,6 +9,10 @@ restarts) gets the whole table first. A container that stops, exits, is lost wit
 leaves the table; one that starts again (restart, a policy restart, a new host) comes back with its new
 address. A failed watch ends every subscription with the StoreError: agents reconnect and start over from a
 whole table.
+
+With the controller's cluster cache (controller.cache, issue 6) the feed reads the table from the cache and
+follows the cache's watch (`follow_containers`) instead of listing every container and keeping two etcd
+watches of its own; without it (or while it loads for longer than CACHE_WAIT_S) it reads etcd as above.
 """
 
 from __future__ import annotations
@@ -16,18 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
 from controller.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from controller.cache import ClusterCache
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NETWORK = "bridge"
 MAX_BEHIND = 10_000  # deltas queued for one subscriber before its stream is ended
 SERVICE_LABEL = "berth.service"  # set by controller.services on its tasks, with the service's name
+CACHE_WAIT_S = 10.0  # how long a new feed waits for a loading cluster cache before it reads etcd itself
 
 
 def record_of(container: t.Container, status: t.ContainerStatus | None) -> d.NameRecord | None:
@@ -53,8 +61,9 @@ class _Feed:
 
 
 class NamesHub:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, cache: Callable[[], ClusterCache | None] | None = None) -> None:
         self.store = store
+        self._cache = cache  # issue 6: the controller's cluster cache, when it has one
         self._feed: _Feed | None = None
 
     async def subscribe(self) -> AsyncIterator[d.NamesMessage]:
@@ -84,6 +93,17 @@ class NamesHub:
                     self._feed = None
 
     async def _run(self, feed: _Feed) -> None:
+        cache = self._cache() if self._cache is not None else None
+        if cache is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cache.wait_ready(), CACHE_WAIT_S)
+            changes = cache.follow_containers()
+            if changes is not None:
+                try:
+                    await self._run_cached(feed, cache, changes)
+                finally:
+                    cache.unfollow_containers(changes)
+                return
         events: asyncio.Queue[tuple[str, str, Any] | BaseException] = asyncio.Queue()
         pumps: list[asyncio.Task[None]] = []
         try:
@@ -128,6 +148,56 @@ class NamesHub:
         finally:
             for p in pumps:
                 p.cancel()
+
+    async def _run_cached(self, feed: _Feed, cache: ClusterCache,
+                          changes: asyncio.Queue[str | BaseException]) -> None:
+        """The feed from the cluster cache: its table now (no await since `changes` was opened), then the
+        records of the containers it says changed."""
+        try:
+            for cid, held in cache.containers.items():
+                rec = record_of(held.container, cache.status(cid))
+                if rec is not None:
+                    feed.records[cid] = rec
+            feed.ready.set_result(None)
+            while True:
+                item = await changes.get()
+                dirty: set[str] = set()
+                while True:  # everything already queued makes one delta
+                    if isinstance(item, BaseException):
+                        raise item
+                    dirty.add(item)
+                    if changes.empty():
+                        break
+                    item = changes.get_nowait()
+                for cid in dirty:  # _publish reads them from the feed's tables
+                    v = cache.container(cid)
+                    status = cache.status(cid)
+                    if v is None:
+                        feed.containers.pop(cid, None)
+                    else:
+                        feed.containers[cid] = v.container
+                    if status is None:
+                        feed.statuses.pop(cid, None)
+                    else:
+                        feed.statuses[cid] = status
+                self._publish(feed, dirty)
+                for cid in dirty:  # the feed keeps only its records; the cache has the rest
+                    feed.containers.pop(cid, None)
+                    feed.statuses.pop(cid, None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every subscriber gets it and ends its stream
+            self._fail(feed, exc)
+
+    @staticmethod
+    def _fail(feed: _Feed, exc: BaseException) -> None:
+        if not feed.ready.done():
+            feed.ready.set_exception(exc)
+            feed.ready.exception()  # retrieved: no "never retrieved" warning when nobody waits
+        for q in feed.subscribers:
+            q.put_nowait(exc)
+        if not isinstance(exc, StoreError):
+            log.exception("the DNS records' feed failed")
 
     @staticmethod
     async def _pump(kind: str, changes: AsyncIterator[tuple[str, Any]],

@@ -1,13 +1,16 @@
 """The DNS records' feed (controller.dns, issue 5) over a real etcd: the whole table to each new subscriber, then
 one delta per change, following status changes (running, exited, running again at a new address) and removal;
 services' tasks carry the service's name; host/none networks and containers without an address have no record;
-the last subscriber gone, the feed stops."""
+the last subscriber gone, the feed stops. The same fed by the controller's cluster cache (issue 6), without an
+etcd watch of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +18,7 @@ import pytest
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
 from controller import dns
+from controller.cache import ClusterCache
 from controller.dns import NamesHub
 from controller.store import Store, StoreError
 
@@ -50,12 +54,29 @@ def records(msg: d.NamesMessage) -> list[tuple[str, str, str, str]]:
     return sorted((r.name, r.network, r.address, r.service) for r in msg.records)
 
 
-def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def etcd_watchers(url: str) -> int:
+    """The watchers etcd has now (its /metrics)."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("etcd_debugging_mvcc_watcher_total "))
+
+
+@pytest.mark.parametrize("fed", ["etcd", "cache"])
+def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                                fed: str) -> None:
     async def main() -> None:
         store = Store(etcd_url)
         await store.connect()
-        hub = NamesHub(store)
+        cache = ClusterCache(store) if fed == "cache" else None
+        follower = asyncio.create_task(cache.run()) if cache is not None else None
+        if cache is not None:
+            await asyncio.wait_for(cache.wait_ready(), 10)
+            deadline = time.monotonic() + 10
+            while etcd_watchers(etcd_url) < 1:  # the cache's own watch
+                assert time.monotonic() < deadline, "the cache's etcd watch never came"
+                await asyncio.sleep(0.02)
+        hub = NamesHub(store, lambda: cache)
+        watchers = etcd_watchers(etcd_url)
         web, db = container("a1", "web"), container("b2", "db")
         for c in (web, db):
             await store.create_container(c)
@@ -74,6 +95,8 @@ def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str,
 
             await _report(store, db.id, t.ContainerStatus(state=RUNNING, ip_address="10.88.2.2"))
             assert records(await next_delta()) == [("db", "bridge", "10.88.2.2", "")]
+            # fed by etcd: a watch on the containers and one on the statuses; by the cache: none of its own
+            assert etcd_watchers(etcd_url) - watchers == (0 if cache is not None else 2)
             # A second subscriber (an agent that restarts) gets the whole table as it is now.
             second = hub.subscribe()
             msg = await asyncio.wait_for(anext(second), 10)
@@ -116,6 +139,12 @@ def test_whole_table_then_deltas_that_follow_status_and_removal(etcd_url: str,
             await first.aclose()
             # The last subscriber gone, the feed and its watches stop.
             assert hub._feed is None
+            if cache is not None:
+                await asyncio.sleep(0)  # the cancelled feed's clean-up
+                assert cache._followers == []
+            if follower is not None:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
             await store.close()
 
     asyncio.run(main())
