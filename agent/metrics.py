@@ -35,6 +35,14 @@ class AgentMetrics:
             "berth_agent_controller_connected", "1 while the agent has a session with a controller",
             registry=self.registry,
         )
+        self._phases: dict[str, Histogram] = {}  # issue 6: start_phase's children, labels() once each
+
+    def phase(self, name: str) -> Histogram:
+        """start_phase's histogram of the phase `name`."""
+        child = self._phases.get(name)
+        if child is None:
+            child = self._phases[name] = self.start_phase.labels(phase=name)
+        return child
 
     async def serve(self, address: str) -> asyncio.Server:
         return await serve_metrics(self.registry, address)
@@ -55,7 +63,7 @@ class StartPhases:
 
     def observe(self, metrics: AgentMetrics) -> None:
         for phase, seconds in self.laps:
-            metrics.start_phase.labels(phase=phase).observe(seconds)
+            metrics.phase(phase).observe(seconds)
 
     def __str__(self) -> str:
         total = (self._mark - self.began) * 1000

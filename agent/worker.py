@@ -338,7 +338,9 @@ class Worker:
             image = await self._image(a.spec)
             config = build_config(cid, a.spec, image)
             phases.lap("image")
-            config = dataclasses.replace(config, netns=await self._netns(cid, a.spec))
+            netns = await self._netns(cid, a.spec)
+            if netns != config.netns:
+                config = dataclasses.replace(config, netns=netns)
             if self.dns is not None and self.network is not None and a.spec.network not in NOT_USER_NETWORKS:
                 await serve_networks(self.dns, self.network)  # issue 5 (names): its network's DNS, now here
             config = self._network_files(config, a.spec)
