@@ -1,5 +1,7 @@
 """The agent's session with a controller: join, heartbeats, the assignment stream and status reports.
 
+Status reports and heartbeats go on the session's Reports stream (agent.reports, issue 6).
+
 The session survives controller restarts and failover: on any failure it reconnects (to the next
 controller in its list, with capped back-off), joins again, and resumes the assignment stream after the
 last revision it saw; a controller that cannot resume answers ABORTED and the agent starts from a
@@ -18,6 +20,7 @@ import grpc
 import grpc.aio
 
 from agent.metrics import AgentMetrics
+from agent.reports import ReportStream
 from agent.worker import Reporter, Worker
 from berth import rpc
 from berth.api import dispatcher_pb2 as d
@@ -49,12 +52,13 @@ class Session:
         self.node_id = ""
         self.revision = 0
         self._stub: dispatcher_pb2_grpc.DispatcherAsyncStub | None = None
+        self._reports: ReportStream | None = None  # issue 6: the session's status reports and heartbeats
         self.joined = asyncio.Event()
 
     async def _send(self, report: d.StatusReport) -> None:
-        if self._stub is None:
+        if self._reports is None:
             raise ConnectionError("no controller session")
-        await self._stub.ReportStatus(report, timeout=10)
+        await self._reports.send(report)
 
     async def run(self) -> None:
         reporter = asyncio.create_task(self.reporter.run(self._send, lambda: self.node_id if self._stub else ""))
@@ -84,16 +88,18 @@ class Session:
         heartbeat: asyncio.Task[None] | None = None
         peers: asyncio.Task[None] | None = None
         names: asyncio.Task[None] | None = None
+        reports: ReportStream | None = None
         try:
             reply = await stub.Join(self.join, timeout=5)
             if self.on_join is not None:
                 await self.on_join(reply)
             self.node_id = reply.node_id
             self._stub = stub
+            self._reports = reports = ReportStream(stub, self.node_id)
             self.metrics.connected.set(1)
             self.joined.set()
             log.info("joined controller %s as %s", address, self.node_id)
-            heartbeat = asyncio.create_task(self._heartbeats(stub, reply.heartbeat_period_s))
+            heartbeat = asyncio.create_task(self._heartbeats(reports, reply.heartbeat_period_s))
             if self.on_peers is not None:
                 peers = asyncio.create_task(self._peers(stub))
             if self.on_names is not None:
@@ -101,13 +107,16 @@ class Session:
             stream = stub.Assignments(d.AssignmentsRequest(node_id=self.node_id, after_revision=self.revision))
             self.reporter.flush()  # deliver whatever queued up while disconnected
             reader = asyncio.create_task(self._read(stream))
-            done, _ = await asyncio.wait({heartbeat, reader}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({heartbeat, reader, reports.closed}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # raises the failure that ended the session
             raise ConnectionError("assignment stream ended")
         finally:
             self._stub = None
+            self._reports = None
             self.metrics.connected.set(0)
+            if reports is not None:
+                await reports.close()
             if heartbeat is not None:
                 heartbeat.cancel()
             if peers is not None:
@@ -143,10 +152,10 @@ class Session:
         await _follow(lambda: stub.Names(d.NamesRequest(node_id=self.node_id)), on_names, "names",
                       "applying the DNS records", unimplemented=lambda: on_names(d.NamesMessage()))
 
-    async def _heartbeats(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub, period_s: float) -> None:
+    async def _heartbeats(self, reports: ReportStream, period_s: float) -> None:
         while True:
             await asyncio.sleep(period_s)
-            await stub.Heartbeat(d.HeartbeatRequest(node_id=self.node_id), timeout=max(period_s, 2.0))
+            await reports.heartbeat(timeout=max(period_s, 2.0))
 
 
 async def _follow(open_stream: Callable[[], AsyncIterable[M]], apply: Callable[[M], Awaitable[None]],

@@ -75,29 +75,34 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     async def Heartbeat(self, request: d.HeartbeatRequest, context: grpc.aio.ServicerContext[d.HeartbeatRequest, d.HeartbeatResponse]) -> d.HeartbeatResponse:  # noqa: E501
         try:
-            lease = self._leases.get(request.node_id)
-            if lease is None:
-                node = await self.store.get_node(request.node_id)
-                if node is None:
-                    await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: join first")
-                    raise AssertionError  # abort raises; this line is for the type checker
-                lease = node.lease_id
-            ttl = await self.store.keep_alive(lease)  # issue 6: one etcd stream for every heartbeat
-            if ttl <= 0:
-                # The lease expired (the node was partitioned for longer than the TTL): make it ready again.
-                node = await self.store.get_node(request.node_id)
-                if node is None:
-                    await context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: join first")
-                    raise AssertionError
-                node.lease_id = await self.store.grant_lease(self.lease_ttl_s)
-                await self.store.put_node(node)
-                self._leases[request.node_id] = node.lease_id
-                ttl = self.lease_ttl_s
-            else:
-                self._leases[request.node_id] = lease
+            ttl = await self._keep_alive(request.node_id)
+        except NotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return d.HeartbeatResponse(lease_ttl_s=ttl)
+
+    async def _keep_alive(self, node_id: str) -> int:
+        """Keep a node's lease alive (a heartbeat); returns its TTL. Raises NotFound for a node that never
+        joined, StoreError when etcd fails."""
+        lease = self._leases.get(node_id)
+        if lease is None:
+            node = await self.store.get_node(node_id)
+            if node is None:
+                raise NotFound("unknown node: join first")
+            lease = node.lease_id
+        ttl = await self.store.keep_alive(lease)  # issue 6: one etcd stream for every heartbeat
+        if ttl <= 0:
+            # The lease expired (the node was partitioned for longer than the TTL): make it ready again.
+            node = await self.store.get_node(node_id)
+            if node is None:
+                raise NotFound("unknown node: join first")
+            node.lease_id = await self.store.grant_lease(self.lease_ttl_s)
+            await self.store.put_node(node)
+            self._leases[node_id] = node.lease_id
+            return self.lease_ttl_s
+        self._leases[node_id] = lease
+        return ttl
 
     async def Assignments(self, request: d.AssignmentsRequest, context: grpc.aio.ServicerContext[d.AssignmentsRequest, d.AssignmentsMessage]) -> AsyncIterator[d.AssignmentsMessage]:  # noqa: E501
         node_id = request.node_id
@@ -160,6 +165,64 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return d.StatusReportResponse()
+
+    async def Reports(self, request_iterator: AsyncIterator[d.ReportsRequest], context: grpc.aio.ServicerContext[d.ReportsRequest, d.ReportsAck]) -> AsyncIterator[d.ReportsAck]:  # noqa: E501
+        """issue 6 (throughput): an agent session's status reports and heartbeats on one stream. A heartbeat is
+        answered in turn (one that fails ends the stream: NOT_FOUND or UNAVAILABLE); each batch is committed in
+        a task of its own (with the other reports in flight, Orchestrator.on_statuses), so a slow commit holds
+        up no heartbeat, and acknowledged when done, with the error if it failed. The agent sends one batch at
+        a time and sends again what is not acknowledged."""
+        acks: asyncio.Queue[d.ReportsAck | tuple[grpc.StatusCode, str] | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_reports(request_iterator, acks))
+        try:
+            while (ack := await acks.get()) is not None:
+                if isinstance(ack, tuple):
+                    await context.abort(*ack)
+                    return
+                yield ack
+        finally:
+            reader.cancel()
+
+    async def _read_reports(self, requests: AsyncIterator[d.ReportsRequest],
+                            acks: asyncio.Queue[d.ReportsAck | tuple[grpc.StatusCode, str] | None]) -> None:
+        """Reports' side that reads: what to answer goes to `acks`, then None when the agent closed its side,
+        or the status code and message to end the stream with."""
+        commits: set[asyncio.Task[None]] = set()
+
+        async def commit(request: d.ReportsRequest) -> None:
+            ack = d.ReportsAck(seq=request.seq)
+            try:
+                await self.orchestrator.on_statuses([(u.container_id, u.status) for u in request.updates])
+            except Exception as exc:  # noqa: BLE001 - any failure: the agent keeps the batch and sends it again
+                log.warning("status report of %s: %s", request.node_id, exc)
+                ack.error = str(exc) or type(exc).__name__
+            acks.put_nowait(ack)
+
+        try:
+            async for request in requests:
+                if request.updates:
+                    task = asyncio.create_task(commit(request))
+                    commits.add(task)
+                    task.add_done_callback(commits.discard)
+                if request.heartbeat:
+                    try:
+                        ttl = await self._keep_alive(request.node_id)
+                    except NotFound as exc:
+                        acks.put_nowait((grpc.StatusCode.NOT_FOUND, str(exc)))
+                        return
+                    except StoreError as exc:
+                        acks.put_nowait((grpc.StatusCode.UNAVAILABLE, str(exc)))
+                        return
+                    acks.put_nowait(d.ReportsAck(seq=request.seq, lease_ttl_s=ttl))
+                elif not request.updates:
+                    acks.put_nowait(d.ReportsAck(seq=request.seq))
+            await asyncio.gather(*commits)  # the agent closed its side: answer what it sent
+            acks.put_nowait(None)
+        except Exception as exc:  # noqa: BLE001 - the stream broke under the reader: end it with the reason
+            acks.put_nowait((grpc.StatusCode.INTERNAL, f"reading status reports: {exc}"))
+        finally:
+            for task in commits:
+                task.cancel()
 
     async def Peers(self, request: d.PeersRequest, context: grpc.aio.ServicerContext[d.PeersRequest, d.PeersMessage]) -> AsyncIterator[d.PeersMessage]:  # noqa: E501
         """issue 5: the overlay's peers for an agent (controller.network.peers)."""

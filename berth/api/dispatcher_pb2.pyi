@@ -563,3 +563,65 @@ class NetworkAttachment(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NetworkAttachment: _TypeAlias = NetworkAttachment  # noqa: Y015
+
+@_typing.final
+class ReportsRequest(_message.Message):
+    """issue 6 (throughput): one message of an agent's Reports stream: a batch of statuses, a heartbeat, or both."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    UPDATES_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    seq: _builtins.int
+    """the ReportsAck with this seq answers it; increasing within a stream"""
+    heartbeat: _builtins.bool
+    """keep the node's lease alive"""
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContainerStatusUpdate]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        updates: _abc.Iterable[Global___ContainerStatusUpdate] | None = ...,
+        heartbeat: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "node_id", b"node_id", "seq", b"seq", "updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportsRequest: _TypeAlias = ReportsRequest  # noqa: Y015
+
+@_typing.final
+class ReportsAck(_message.Message):
+    """issue 6 (throughput): the answer to one ReportsRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_S_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    error: _builtins.str
+    """"": done; otherwise the batch was not recorded (send it again) and why"""
+    lease_ttl_s: _builtins.int
+    """for a heartbeat: the lease's remaining TTL"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        error: _builtins.str = ...,
+        lease_ttl_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease_ttl_s", b"lease_ttl_s", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportsAck: _TypeAlias = ReportsAck  # noqa: Y015

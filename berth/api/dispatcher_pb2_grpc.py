@@ -69,6 +69,11 @@ class DispatcherStub:
                 request_serializer=berth_dot_api_dot_dispatcher__pb2.NetworkAttachRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_dispatcher__pb2.NetworkAttachment.FromString,
                 _registered_method=True)
+        self.Reports = channel.stream_stream(
+                '/berth.api.Dispatcher/Reports',
+                request_serializer=berth_dot_api_dot_dispatcher__pb2.ReportsRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_dispatcher__pb2.ReportsAck.FromString,
+                _registered_method=True)
 
 
 class DispatcherServicer:
@@ -127,6 +132,17 @@ class DispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reports(self, request_iterator, context):
+        """issue 6 (throughput): one stream per agent session for its status reports and heartbeats, in place of a
+        unary ReportStatus per batch and a unary Heartbeat per period (agents use this; the unary calls remain
+        for other clients). Each request is acknowledged by its seq: a batch once its statuses are committed (or
+        dropped as stale), a heartbeat once it kept the node's lease alive. A heartbeat that fails ends the
+        stream (UNAVAILABLE, or NOT_FOUND: join again); a batch that fails is acknowledged with its error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatcherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +180,11 @@ def add_DispatcherServicer_to_server(servicer, server):
                     servicer.NetworkAttach,
                     request_deserializer=berth_dot_api_dot_dispatcher__pb2.NetworkAttachRequest.FromString,
                     response_serializer=berth_dot_api_dot_dispatcher__pb2.NetworkAttachment.SerializeToString,
+            ),
+            'Reports': grpc.stream_stream_rpc_method_handler(
+                    servicer.Reports,
+                    request_deserializer=berth_dot_api_dot_dispatcher__pb2.ReportsRequest.FromString,
+                    response_serializer=berth_dot_api_dot_dispatcher__pb2.ReportsAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +376,33 @@ class Dispatcher:
             '/berth.api.Dispatcher/NetworkAttach',
             berth_dot_api_dot_dispatcher__pb2.NetworkAttachRequest.SerializeToString,
             berth_dot_api_dot_dispatcher__pb2.NetworkAttachment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reports(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/berth.api.Dispatcher/Reports',
+            berth_dot_api_dot_dispatcher__pb2.ReportsRequest.SerializeToString,
+            berth_dot_api_dot_dispatcher__pb2.ReportsAck.FromString,
             options,
             channel_credentials,
             insecure,

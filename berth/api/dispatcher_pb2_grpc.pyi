@@ -56,6 +56,13 @@ class DispatcherStub:
     """issue 5, user networks: a container's address on its user network, with the network and this host's
     gateway on it (allocated by the controller on first call, the same afterwards).
     """
+    Reports: _grpc.StreamStreamMultiCallable[_dispatcher_pb2.ReportsRequest, _dispatcher_pb2.ReportsAck]
+    """issue 6 (throughput): one stream per agent session for its status reports and heartbeats, in place of a
+    unary ReportStatus per batch and a unary Heartbeat per period (agents use this; the unary calls remain
+    for other clients). Each request is acknowledged by its seq: a batch once its statuses are committed (or
+    dropped as stale), a heartbeat once it kept the node's lease alive. A heartbeat that fails ends the
+    stream (UNAVAILABLE, or NOT_FOUND: join again); a batch that fails is acknowledged with its error.
+    """
 
 @_typing.type_check_only
 class DispatcherAsyncStub(DispatcherStub):
@@ -82,6 +89,13 @@ class DispatcherAsyncStub(DispatcherStub):
     NetworkAttach: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.NetworkAttachRequest, _dispatcher_pb2.NetworkAttachment]  # type: ignore[assignment]
     """issue 5, user networks: a container's address on its user network, with the network and this host's
     gateway on it (allocated by the controller on first call, the same afterwards).
+    """
+    Reports: _aio.StreamStreamMultiCallable[_dispatcher_pb2.ReportsRequest, _dispatcher_pb2.ReportsAck]  # type: ignore[assignment]
+    """issue 6 (throughput): one stream per agent session for its status reports and heartbeats, in place of a
+    unary ReportStatus per batch and a unary Heartbeat per period (agents use this; the unary calls remain
+    for other clients). Each request is acknowledged by its seq: a batch once its statuses are committed (or
+    dropped as stale), a heartbeat once it kept the node's lease alive. A heartbeat that fails ends the
+    stream (UNAVAILABLE, or NOT_FOUND: join again); a batch that fails is acknowledged with its error.
     """
 
 class DispatcherServicer(metaclass=_abc_1.ABCMeta):
@@ -148,6 +162,19 @@ class DispatcherServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dispatcher_pb2.NetworkAttachment, _abc.Awaitable[_dispatcher_pb2.NetworkAttachment]]:
         """issue 5, user networks: a container's address on its user network, with the network and this host's
         gateway on it (allocated by the controller on first call, the same afterwards).
+        """
+
+    @_abc_1.abstractmethod
+    def Reports(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dispatcher_pb2.ReportsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.ReportsAck], _abc.AsyncIterator[_dispatcher_pb2.ReportsAck]]:
+        """issue 6 (throughput): one stream per agent session for its status reports and heartbeats, in place of a
+        unary ReportStatus per batch and a unary Heartbeat per period (agents use this; the unary calls remain
+        for other clients). Each request is acknowledged by its seq: a batch once its statuses are committed (or
+        dropped as stale), a heartbeat once it kept the node's lease alive. A heartbeat that fails ends the
+        stream (UNAVAILABLE, or NOT_FOUND: join again); a batch that fails is acknowledged with its error.
         """
 
 def add_DispatcherServicer_to_server(servicer: DispatcherServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,244 @@
+"""issue 6 (throughput): the Reports stream between an agent (agent.reports.ReportStream under the agent's real
+Reporter) and the controller's Dispatcher, over real gRPC and a real etcd: a batch is acknowledged once its
+statuses are committed, heartbeats keep the node's lease alive on the same stream, a batch the controller
+failed to record is sent again, and what was in flight when a controller died reaches the next controller,
+a RUNNING still ahead of what followed it."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+import pytest
+
+from agent.reports import ReportStream
+from agent.worker import Reporter
+from berth import rpc
+from berth.api import dispatcher_pb2 as d
+from berth.api import dispatcher_pb2_grpc
+from berth.api import types_pb2 as t
+from controller.cache import ClusterCache
+from controller.dispatcher import Dispatcher
+from controller.metrics import ControllerMetrics
+from controller.orchestrator import Orchestrator
+from controller.store import Store
+from tests.controller.conftest import HOST, wipe_etcd
+
+
+async def _until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Serving:
+    store: Store
+    orchestrator: Orchestrator
+    server: grpc.aio.Server
+    stub: dispatcher_pb2_grpc.DispatcherAsyncStub
+
+
+@asynccontextmanager
+async def _controller(url: str) -> AsyncIterator[Serving]:
+    """A controller's dispatcher (with its cache, as the controller runs it) served on loopback."""
+    store = Store(url)
+    await store.connect()
+    orchestrator = Orchestrator(store, ControllerMetrics())
+    cache = orchestrator.cache = ClusterCache(store)
+    follower = asyncio.create_task(cache.run())
+    server = rpc.aio_server()
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(Dispatcher(store, orchestrator, ControllerMetrics(), 10),
+                                                         server)
+    port = rpc.bind(server, f"{HOST}:0")
+    await server.start()
+    channel = rpc.aio_channel(f"{HOST}:{port}")
+    try:
+        await asyncio.wait_for(cache.wait_ready(), 10)
+        yield Serving(store, orchestrator, server, dispatcher_pb2_grpc.DispatcherStub(channel))
+    finally:
+        await channel.close()
+        await server.stop(0)
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await store.close()
+
+
+async def _container(serving: Serving) -> str:
+    """A new container (generation 1) as the controller's cache sees it."""
+    cid = secrets.token_hex(32)
+    await serving.store.create_container(t.Container(
+        id=cid, spec=t.ContainerSpec(name=f"r-{cid[:8]}", image="busybox"), desired_state=t.DESIRED_RUNNING,
+        generation=1))
+    await _until(lambda: serving.orchestrator.cache is not None and serving.orchestrator.cache.container(cid),
+                 "the container in the cache")
+    return cid
+
+
+def _report(cid: str, state: int, generation: int = 1) -> d.StatusReport:
+    status = t.ContainerStatus(state=state, generation=generation)  # type: ignore[arg-type]
+    return d.StatusReport(node_id="n1", updates=[d.ContainerStatusUpdate(container_id=cid, status=status)])
+
+
+async def _one_stream(url: str) -> None:
+    try:
+        async with _controller(url) as ctl:
+            joined = await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
+            cid = await _container(ctl)
+            stream = ReportStream(ctl.stub, joined.node_id)
+            try:
+                await stream.send(_report(cid, t.STATE_RUNNING))  # acknowledged: committed
+                status, _ = await ctl.store.get_status(cid)
+                assert status.state == t.STATE_RUNNING
+                assert 0 < await stream.heartbeat(timeout=10) <= 10
+                await stream.send(_report(cid, t.STATE_PREPARING, generation=0))  # an older run's: dropped
+                status, _ = await ctl.store.get_status(cid)
+                assert status.state == t.STATE_RUNNING
+            finally:
+                await stream.close()
+            with pytest.raises(ConnectionError, match="reports stream broken"):
+                await stream.send(_report(cid, t.STATE_EXITED))  # a closed stream delivers nothing
+
+            # A heartbeat of a node that never joined ends the stream: the agent joins again.
+            stranger = ReportStream(ctl.stub, "nobody")
+            try:
+                with pytest.raises(ConnectionError, match="join first"):
+                    await stranger.heartbeat(timeout=10)
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await stranger.closed
+                assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+            finally:
+                await stranger.close()
+    finally:
+        await wipe_etcd(url)
+
+
+def test_statuses_are_acknowledged_once_committed_and_heartbeats_share_the_stream(etcd_url: str) -> None:
+    asyncio.run(_one_stream(etcd_url))
+
+
+async def _failed_batch(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    reporter = Reporter()
+    try:
+        async with _controller(url) as ctl:
+            cid = await _container(ctl)
+            stream = ReportStream(ctl.stub, "n1")
+            failures = []
+            put_statuses = ctl.store.put_statuses
+
+            async def fails_once(items: list[tuple[str, t.ContainerStatus, int]]) -> int:
+                if not failures:
+                    failures.append(items)
+                    raise RuntimeError("etcd said no")
+                return await put_statuses(items)
+
+            monkeypatch.setattr(ctl.store, "put_statuses", fails_once)
+            task = asyncio.create_task(reporter.run(stream.send, lambda: "n1"))
+            try:
+                reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
+                state = t.STATE_ASSIGNED
+                deadline = time.monotonic() + 20
+                while state != t.STATE_RUNNING:
+                    assert time.monotonic() < deadline, "the failed batch was not sent again"
+                    await asyncio.sleep(0.05)
+                    state = (await ctl.store.get_status(cid))[0].state
+                assert len(failures) == 1  # it did fail once, and was recorded on the next try
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await stream.close()
+    finally:
+        await wipe_etcd(url)
+
+
+def test_a_batch_the_controller_failed_to_record_is_sent_again(etcd_url: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_failed_batch(etcd_url, monkeypatch))
+
+
+async def _failover(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    reporter = Reporter()
+    streams: list[ReportStream] = []
+
+    async def send(report: d.StatusReport) -> None:
+        await streams[-1].send(report)
+
+    task = asyncio.create_task(reporter.run(send, lambda: "n1"))
+    try:
+        async with _controller(url) as first, _controller(url) as second:
+            cid = await _container(first)
+            await _until(lambda: second.orchestrator.cache is not None and second.orchestrator.cache.container(cid),
+                         "the container in the second controller's cache")
+            # The first controller takes the RUNNING batch and never commits it (it dies mid-commit).
+            received: list[list[tuple[str, int]]] = []
+            never = asyncio.Event()
+
+            async def stuck(updates: list[tuple[str, t.ContainerStatus]]) -> None:
+                received.append([(c, s.state) for c, s in updates])
+                await never.wait()
+
+            monkeypatch.setattr(first.orchestrator, "on_statuses", stuck)
+            committed: list[list[tuple[str, int]]] = []
+            on_statuses = second.orchestrator.on_statuses
+
+            async def recorded(updates: list[tuple[str, t.ContainerStatus]]) -> None:
+                await on_statuses(updates)
+                committed.append([(c, s.state) for c, s in updates])
+
+            monkeypatch.setattr(second.orchestrator, "on_statuses", recorded)
+            streams.append(ReportStream(first.stub, "n1"))
+            reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
+            await _until(lambda: received, "the first controller to get the RUNNING batch")
+            reporter.report(cid, t.ContainerStatus(state=t.STATE_EXITED, generation=1, exit_code=3))  # exits at once
+            await first.server.stop(0)  # the first controller dies
+            await _until(streams[0].closed.done, "the broken stream")
+            streams.append(ReportStream(second.stub, "n1"))  # the session's next controller
+            reporter.flush()
+            await _until(lambda: len(committed) == 2, "both statuses at the second controller")
+            assert committed == [[(cid, t.STATE_RUNNING)], [(cid, t.STATE_EXITED)]]
+            status, _ = await second.store.get_status(cid)
+            assert (status.state, status.exit_code) == (t.STATE_EXITED, 3)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for stream in streams:
+            await stream.close()
+        await wipe_etcd(url)
+
+
+def test_reports_in_flight_when_a_controller_dies_reach_the_next_one_running_first(
+        etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_failover(etcd_url, monkeypatch))
+
+
+async def _unanswered(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        async with _controller(url) as ctl:
+            never = asyncio.Event()
+
+            async def stuck(node_id: str) -> int:
+                await never.wait()
+                return 0
+
+            stream = ReportStream(ctl.stub, "n1")
+            try:
+                monkeypatch.setattr(Dispatcher, "_keep_alive", lambda _self, node_id: stuck(node_id))
+                # As a broken connection (which the session handles by starting over), not a TimeoutError.
+                with pytest.raises(ConnectionError, match=r"no answer from the controller within 0\.2s"):
+                    await stream.heartbeat(timeout=0.2)
+            finally:
+                await stream.close()
+    finally:
+        await wipe_etcd(url)
+
+
+def test_a_heartbeat_not_answered_in_time_is_a_lost_connection(etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_unanswered(etcd_url, monkeypatch))
