@@ -19,7 +19,7 @@ from berth import healthcheck
 from berth.api import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
 from berth.rpc import aio_channel
-from controller.cache import ClusterCache
+from controller.cache import ClusterCache, StatusWaiter
 from controller.events import EventsAPI
 from controller.exec_volumes import ExecVolumesMixin
 from controller.images import ImageRoutes
@@ -58,12 +58,17 @@ class StatusTracker:
         self._task = asyncio.create_task(self._follow(events))
 
     @classmethod
-    async def before_changes(cls, store: Store, cid: str, cache: ClusterCache | None = None) -> StatusTracker:
+    async def before_changes(
+        cls, store: Store, cid: str, cache: ClusterCache | None = None
+    ) -> StatusTracker | StatusWaiter:
         """A tracker whose etcd watch is in place before the caller writes: it sees every later status
         at once (a watch from a past revision would be caught up only by etcd's 100 ms sync loop). With the
-        controller's cache following etcd, its watch serves (issue 6)."""
-        events = cache.open_status_watch(cid) if cache is not None else None
-        return cls(events if events is not None else await store.open_status_watch(cid), cid, None)
+        controller's cache following etcd, a waiter fed by its watch serves instead (issue 6: no task, queue
+        or etcd watch per call; the caller is woken once, by the status it waits for)."""
+        waiter = cache.status_waiter(cid) if cache is not None else None
+        if waiter is not None:
+            return waiter
+        return cls(await store.open_status_watch(cid), cid, None)
 
     @classmethod
     def after(cls, store: Store, cid: str, revision: int, current: t.ContainerStatus) -> StatusTracker:
@@ -305,9 +310,10 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 await self.orchestrator.remove(c.id)
                 self._count("Run", grpc.StatusCode.FAILED_PRECONDITION)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
-            log.debug("run %s: placed on %s in %.1f ms, %s %.1f ms later", c.id[:12], placed.node_id,
-                      (placed_at - began) * 1000, t.ContainerState.Name(status.state),
-                      (time.perf_counter() - placed_at) * 1000)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("run %s: placed on %s in %.1f ms, %s %.1f ms later", c.id[:12], placed.node_id,
+                          (placed_at - began) * 1000, t.ContainerState.Name(status.state),
+                          (time.perf_counter() - placed_at) * 1000)
             self._count("Run", grpc.StatusCode.OK)
             view = self._decorate(placed, status, {})
             view.node_name = placed.node_id

@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from berth.api import types_pb2 as t
 from controller import scheduler
@@ -31,8 +32,7 @@ from controller.store import (
     NODES,
     PREFIX,
     STATUS,
-    AssignmentEvent,
-    StatusEvent,
+    NotFound,
     Store,
     StoreError,
     Unavailable,
@@ -42,6 +42,92 @@ from controller.store import (
 log = logging.getLogger(__name__)
 
 MAX_BEHIND = 10_000  # assignment changes queued for one agent session before its stream is ended
+
+
+class RawAssignment(NamedTuple):
+    """One change of a node's assignments as the cache's watch saw it (issue 6): the stored Assignment's
+    bytes, parsed once, straight into the message the agent session sends (controller.dispatcher); None when
+    the assignment was removed."""
+
+    revision: int
+    container_id: str
+    value: bytes | None
+
+
+class StatusWaiter:
+    """One container's statuses from the moment it was opened, fed by the cache's watch (what `Run` waits
+    on, issue 6): the cache hands each status to it as the event is applied, and the caller is woken only
+    when the status it waits for comes (or the container's removal, or a failure of the watch), with no task,
+    queue or condition of its own."""
+
+    __slots__ = ("_cache", "_future", "_generation", "_states", "cid", "error", "gone", "history")
+
+    def __init__(self, cache: ClusterCache, cid: str) -> None:
+        self.cid = cid
+        self.history: list[t.ContainerStatus] = []
+        self.gone = False
+        self.error: StoreError | None = None
+        self._cache = cache
+        self._future: asyncio.Future[t.ContainerStatus] | None = None
+        self._generation = 0
+        self._states: frozenset[int] = frozenset()
+
+    def seed(self, status: t.ContainerStatus) -> None:
+        """Add a status read directly (it is no older than the events already seen)."""
+        self._add(status)
+
+    async def wait(self, generation: int, states: Iterable[int], timeout_s: float) -> t.ContainerStatus:
+        """The first status seen of this generation (or later) in one of the states. Raises NotFound when the
+        container is removed first, the watch's StoreError when the cache stopped following etcd, and
+        TimeoutError after timeout_s."""
+        wanted = frozenset(states)
+        for status in self.history:
+            if status.generation >= generation and status.state in wanted:
+                return status
+        self._raise_if_over()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[t.ContainerStatus] = loop.create_future()
+        self._future = future
+        self._generation, self._states = generation, wanted
+        expiry = loop.call_later(timeout_s, _expire, future)
+        try:
+            return await future
+        finally:
+            expiry.cancel()
+            self._future = None
+
+    def close(self) -> None:
+        """Stop following (idempotent)."""
+        self._cache._drop_waiter(self)
+
+    def _add(self, status: t.ContainerStatus | None) -> None:
+        if status is None:
+            self.gone = True
+        else:
+            self.history.append(status)
+        future = self._future
+        if future is None or future.done():
+            return
+        if status is not None and status.generation >= self._generation and status.state in self._states:
+            future.set_result(status)
+        elif self.gone:
+            future.set_exception(NotFound(f"container {self.cid[:12]} was removed"))
+
+    def _fail(self, exc: StoreError) -> None:
+        self.error = exc
+        if self._future is not None and not self._future.done():
+            self._future.set_exception(exc)
+
+    def _raise_if_over(self) -> None:
+        if self.gone:
+            raise NotFound(f"container {self.cid[:12]} was removed")
+        if self.error is not None:
+            raise self.error
+
+
+def _expire(future: asyncio.Future[t.ContainerStatus]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _parse_container(data: bytes) -> t.Container:
@@ -62,8 +148,8 @@ class ClusterCache:
         self.ready = False
         self._synced = asyncio.Event()
         self.revision = 0  # etcd's revision as of which the copy is complete
-        self._subscribers: dict[str, list[asyncio.Queue[StatusEvent | BaseException]]] = {}
-        self._sessions: dict[str, list[asyncio.Queue[AssignmentEvent | BaseException]]] = {}
+        self._subscribers: dict[str, list[StatusWaiter]] = {}
+        self._sessions: dict[str, list[asyncio.Queue[RawAssignment | BaseException]]] = {}
         self._followers: list[asyncio.Queue[str | BaseException]] = []  # follow_containers (the DNS records)
         self._reset()
 
@@ -152,37 +238,30 @@ class ClusterCache:
 
     # ---- status watches (what Run waits on) ----------------------------------------------------------
 
-    def open_status_watch(self, cid: str) -> AsyncIterator[StatusEvent] | None:
-        """Like Store.open_status_watch, fed by the cache's own watch (no second etcd watch on the statuses):
-        every status of the container committed after this returns is seen. None when the cache is not
-        following etcd now: use the store's."""
+    def status_waiter(self, cid: str) -> StatusWaiter | None:
+        """A waiter on the container's statuses, fed by the cache's own watch (no second etcd watch on the
+        statuses, no task per caller): every status of the container committed after this returns is seen.
+        None when the cache is not following etcd now: use the store's watch. Close it when done."""
         if not self.ready:
             return None
-        queue: asyncio.Queue[StatusEvent | BaseException] = asyncio.Queue()
-        self._subscribers.setdefault(cid, []).append(queue)
-        return self._status_events(cid, queue)
+        waiter = StatusWaiter(self, cid)
+        self._subscribers.setdefault(cid, []).append(waiter)
+        return waiter
 
-    async def _status_events(self, cid: str, queue: asyncio.Queue[StatusEvent | BaseException]) -> AsyncIterator[StatusEvent]:  # noqa: E501
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.status is None:
-                    return
-        finally:
-            queues = self._subscribers.get(cid, [])
-            if queue in queues:
-                queues.remove(queue)
-            if not queues:
-                self._subscribers.pop(cid, None)
+    def _drop_waiter(self, waiter: StatusWaiter) -> None:
+        waiters = self._subscribers.get(waiter.cid)
+        if waiters is None:
+            return
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            del self._subscribers[waiter.cid]
 
     def _fail_subscribers(self, exc: StoreError) -> None:
         subscribers, self._subscribers = self._subscribers, {}
-        for queues in subscribers.values():
-            for queue in queues:
-                queue.put_nowait(exc)
+        for waiters in subscribers.values():
+            for waiter in waiters:
+                waiter._fail(exc)
         sessions, self._sessions = self._sessions, {}
         for session_queues in sessions.values():
             for session_queue in session_queues:
@@ -206,17 +285,17 @@ class ClusterCache:
         if queue in self._followers:
             self._followers.remove(queue)
 
-    def follow_assignments(self, node_id: str) -> tuple[int, asyncio.Queue[AssignmentEvent | BaseException]] | None:
+    def follow_assignments(self, node_id: str) -> tuple[int, asyncio.Queue[RawAssignment | BaseException]] | None:
         """A queue of the node's assignment changes after the returned revision, fed by the cache's watch
         (one etcd watch for every agent session instead of one each); None when the cache is not following
         etcd now. Give the queue back with `unfollow_assignments`."""
         if not self.ready:
             return None
-        queue: asyncio.Queue[AssignmentEvent | BaseException] = asyncio.Queue()
+        queue: asyncio.Queue[RawAssignment | BaseException] = asyncio.Queue()
         self._sessions.setdefault(node_id, []).append(queue)
         return self.revision, queue
 
-    def unfollow_assignments(self, node_id: str, queue: asyncio.Queue[AssignmentEvent | BaseException]) -> None:
+    def unfollow_assignments(self, node_id: str, queue: asyncio.Queue[RawAssignment | BaseException]) -> None:
         queues = self._sessions.get(node_id, [])
         if queue in queues:
             queues.remove(queue)
@@ -356,11 +435,7 @@ class ClusterCache:
             node_id, _, cid = key[len(ASSIGNMENTS):].decode().partition("/")
             sessions = self._sessions.get(node_id)
             if sessions:
-                assignment = None
-                if put:
-                    assignment = t.Assignment()
-                    assignment.ParseFromString(value)
-                change = AssignmentEvent(mod, cid, assignment)
+                change = RawAssignment(mod, cid, value if put else None)
                 for session in list(sessions):
                     if session.qsize() >= MAX_BEHIND:  # an agent that stopped reading: end its stream
                         session.put_nowait(Unavailable(f"agent {node_id} is {MAX_BEHIND} assignment changes "
@@ -380,11 +455,10 @@ class ClusterCache:
                     self.put_status(cid, status, mod)
             elif cid in self.statuses and self.statuses[cid][1] <= mod:
                 del self.statuses[cid]
-            queues = self._subscribers.get(cid)
-            if queues:
-                event = StatusEvent(mod, status)
-                for queue in queues:
-                    queue.put_nowait(event)
+            waiters = self._subscribers.get(cid)
+            if waiters:
+                for waiter in waiters:
+                    waiter._add(status)
             for follower in self._followers:
                 follower.put_nowait(cid)
         elif key.startswith(NODES):

@@ -19,7 +19,7 @@ import grpc.aio
 from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
-from controller.cache import ClusterCache
+from controller.cache import ClusterCache, RawAssignment
 from controller.dns import NamesHub
 from controller.metrics import ControllerMetrics
 from controller.network import SubnetAllocator, peers
@@ -28,6 +28,8 @@ from controller.store import AssignmentEvent, NotFound, Store, StoreError, Unava
 from controller.user_networks import UserNetworks
 
 log = logging.getLogger(__name__)
+
+MAX_CHANGES = 256  # queued assignment changes sent in one message of an agent's stream (issue 6)
 
 
 class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
@@ -138,9 +140,11 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self.metrics.agent_sessions.dec()
 
     async def _from_cache(self, cache: ClusterCache, node_id: str, after: int, current: int,
-                          queue: asyncio.Queue[AssignmentEvent | BaseException]) -> AsyncIterator[d.AssignmentsMessage]:
+                          queue: asyncio.Queue[RawAssignment | BaseException]) -> AsyncIterator[d.AssignmentsMessage]:
         """The Assignments stream from the cache's watch: the changes after `current` come through `queue`;
-        an agent that resumes from before it (or starts) gets the complete set as of `current` first."""
+        an agent that resumes from before it (or starts) gets the complete set as of `current` first. The
+        changes queued when the stream gets to them go in one message (the agent applies a message's changes
+        in order, then takes its revision), each parsed once from etcd's bytes into that message."""
         try:
             if after < current:
                 assignments = await self.store.assignments_at(node_id, current)
@@ -150,11 +154,27 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 after = current
             while True:
                 event = await queue.get()
-                if isinstance(event, BaseException):
-                    raise event
-                if event.revision <= after:
-                    continue
-                yield _incremental(event)
+                msg: d.AssignmentsMessage | None = None
+                while True:
+                    if isinstance(event, BaseException):
+                        if msg is not None:
+                            yield msg
+                        raise event
+                    if event.revision > after:
+                        if msg is None:
+                            msg = d.AssignmentsMessage(kind=d.AssignmentsMessage.INCREMENTAL)
+                        change = msg.changes.add(container_id=event.container_id)
+                        if event.value is None:
+                            change.action = d.AssignmentChange.REMOVE
+                        else:
+                            change.action = d.AssignmentChange.UPDATE
+                            change.assignment.MergeFromString(event.value)
+                        msg.revision = event.revision
+                    if queue.empty() or (msg is not None and len(msg.changes) >= MAX_CHANGES):
+                        break
+                    event = queue.get_nowait()
+                if msg is not None:
+                    yield msg
         finally:
             cache.unfollow_assignments(node_id, queue)
 

@@ -11,12 +11,22 @@ from collections.abc import Callable
 import aetcd
 import pytest
 
+from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
 from controller import cache as cache_module
-from controller.cache import ClusterCache
+from controller.cache import ClusterCache, RawAssignment
+from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import PREFIX, AssignmentEvent, NameInUse, Store, Unavailable, assignment_key
+from controller.store import (
+    PREFIX,
+    NameInUse,
+    NotFound,
+    Store,
+    StoreError,
+    Unavailable,
+    assignment_key,
+)
 from tests.controller.conftest import wipe_etcd
 from tests.controller.test_race import _assignment_puts
 
@@ -51,9 +61,9 @@ async def _cache_follows(url: str) -> None:
         await _until(lambda: c.id in cache.pending and "n1" in cache.alive and "n1" in cache.nodes, "the new container")
 
         # Placed by another writer (not through this cache): seen through the watch, with its host's usage;
-        # a status watch opened on the cache before the write sees the status, and the removal.
-        watch = cache.open_status_watch(c.id)
-        assert watch is not None
+        # a status waiter opened on the cache before the write sees the status, and the removal.
+        waiter = cache.status_waiter(c.id)
+        assert waiter is not None
         v = await store.get_container(c.id)
         placed = t.Container()
         placed.CopyFrom(v.container)
@@ -66,8 +76,10 @@ async def _cache_follows(url: str) -> None:
         assert c.id not in cache.pending and cache.on_node["n1"] == {c.id}
         status = cache.status(c.id)
         assert status is not None and status.state == t.STATE_ASSIGNED
-        event = await asyncio.wait_for(anext(watch), 10)
-        assert event.status is not None and event.status.state == t.STATE_ASSIGNED and event.revision == revision
+        status = await waiter.wait(1, (t.STATE_ASSIGNED,), timeout_s=10)
+        assert status.state == t.STATE_ASSIGNED and [s.state for s in waiter.history] == [t.STATE_ASSIGNED]
+        with pytest.raises(TimeoutError):  # nothing running yet: the wait ends at its timeout
+            await waiter.wait(1, (t.STATE_RUNNING,), timeout_s=0.05)
 
         # A write applied late, older than what the cache holds, changes nothing.
         cache.put_container(v.container, v.mod_revision)
@@ -78,8 +90,10 @@ async def _cache_follows(url: str) -> None:
         # not bring it back.
         await store.delete_container(await store.get_container(c.id))
         await _until(lambda: cache.container(c.id) is None, "the deletion")
-        event = await asyncio.wait_for(anext(watch), 10)
-        assert event.status is None
+        with pytest.raises(NotFound, match="was removed"):
+            await waiter.wait(1, (t.STATE_RUNNING,), timeout_s=10)
+        waiter.close()
+        assert c.id not in cache._subscribers
         assert cache.hosts()[0].containers == 0 and cache.hosts()[0].allocated_memory == 0
         cache.put_container(placed, revision)
         assert cache.container(c.id) is None
@@ -88,6 +102,13 @@ async def _cache_follows(url: str) -> None:
         await store.revoke_lease(lease)
         await _until(lambda: "n1" not in cache.alive, "the host going down")
         assert not cache.hosts()[0].ready
+
+        # The cache stops following etcd: a waiter still open fails with the reason instead of hanging.
+        left = cache.status_waiter(c.id)
+        assert left is not None
+        follower.cancel()
+        with pytest.raises(StoreError, match="stopped"):
+            await left.wait(1, (t.STATE_RUNNING,), timeout_s=10)
     finally:
         follower.cancel()
         await wipe_etcd(url)
@@ -224,7 +245,7 @@ async def _stuck_session(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
             await client.put(assignment_key("n1", f"c{i}"), t.Assignment(container_id=f"c{i}").SerializeToString())
         await _until(lambda: queue.qsize() == 3, "the third change")
         got = [queue.get_nowait() for _ in range(3)]
-        assert [e.container_id for e in got[:2] if isinstance(e, AssignmentEvent)] == ["c0", "c1"]
+        assert [e.container_id for e in got[:2] if isinstance(e, RawAssignment)] == ["c0", "c1"]
         assert isinstance(got[2], Unavailable) and "agent n1 is 2 assignment changes behind" in str(got[2])
         assert "n1" not in cache._sessions  # no more changes queued for it
     finally:
@@ -238,6 +259,60 @@ async def _stuck_session(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_agent_session_that_stops_reading_is_ended_not_queued_for_ever(etcd_url: str,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_stuck_session(etcd_url, monkeypatch))
+
+
+async def _queued_changes(url: str) -> None:
+    """An agent session's stream from the cache: the changes queued when it gets to them go out in one
+    message, in etcd's order, with the last one's revision; one older than the stream's start is skipped; a
+    failure queued behind them ends the stream after they are sent."""
+    store = Store(url)
+    await store.connect()
+    cache = ClusterCache(store)
+    follower = asyncio.create_task(cache.run())
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    try:
+        await asyncio.wait_for(cache.wait_ready(), 10)
+        follow = cache.follow_assignments("n1")
+        assert follow is not None
+        current, queue = follow
+        await client.put(assignment_key("n1", "c0"), t.Assignment(container_id="c0").SerializeToString())
+        for i in (1, 2):
+            await client.put(assignment_key("n1", f"c{i}"), t.Assignment(container_id=f"c{i}",
+                                                                         generation=i).SerializeToString())
+        await client.delete(assignment_key("n1", "c1"))
+        await _until(lambda: queue.qsize() == 4, "the four changes")
+        skipped = queue.get_nowait()  # the agent resumes after the first change: it is not sent again
+        assert isinstance(skipped, RawAssignment)
+        queue.put_nowait(skipped)
+        dispatcher = Dispatcher(store, Orchestrator(store, ControllerMetrics()), ControllerMetrics(), 5)
+        stream = dispatcher._from_cache(cache, "n1", skipped.revision, current, queue)
+        msg = await anext(stream)
+        assert msg.kind == d.AssignmentsMessage.INCREMENTAL
+        assert [(c.action, c.container_id, c.assignment.generation) for c in msg.changes] == [
+            (d.AssignmentChange.UPDATE, "c1", 1), (d.AssignmentChange.UPDATE, "c2", 2),
+            (d.AssignmentChange.REMOVE, "c1", 0)]
+        assert msg.revision == await store.revision()
+
+        await client.put(assignment_key("n1", "c3"), t.Assignment(container_id="c3").SerializeToString())
+        await _until(lambda: queue.qsize() == 1, "the fifth change")
+        queue.put_nowait(Unavailable("reloading"))
+        msg = await anext(stream)
+        assert [c.container_id for c in msg.changes] == ["c3"]
+        with pytest.raises(Unavailable, match="reloading"):
+            await anext(stream)
+        assert "n1" not in cache._sessions
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await client.delete_prefix(PREFIX)
+        await client.close()
+        await store.close()
+
+
+def test_an_agent_stream_sends_the_changes_queued_together(etcd_url: str) -> None:
+    asyncio.run(_queued_changes(etcd_url))
 
 
 async def _report_fails(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
