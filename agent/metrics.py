@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from berth.metrics_http import serve_metrics
 
 _START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+START_PHASES = ("image", "network", "create", "start")  # the worker's laps, in order
 _PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
 
 
@@ -36,6 +37,8 @@ class AgentMetrics:
             registry=self.registry,
         )
         self._phases: dict[str, Histogram] = {}  # issue 6: start_phase's children, labels() once each
+        for phase in START_PHASES:  # every series exported from the start (at 0), as Prometheus advises
+            self.phase(phase)
 
     def phase(self, name: str) -> Histogram:
         """start_phase's histogram of the phase `name`."""

@@ -29,7 +29,7 @@ def test_laps_are_consecutive_and_observed() -> None:
     assert [p for p, _ in phases.laps] == ["image", "network"]
     assert all(seconds >= 0 for _, seconds in phases.laps)
     phases.observe(metrics)
-    assert phase_samples(metrics.registry, "_count") == {"image": 1.0, "network": 1.0}
+    assert phase_samples(metrics.registry, "_count") == {"image": 1.0, "network": 1.0, "create": 0.0, "start": 0.0}
     assert str(phases).endswith(")") and "image " in str(phases) and "network " in str(phases)
 
 
