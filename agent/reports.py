@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
 
 from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
+
+STALL_S = 30.0  # a status batch unanswered for longer ends the session (the controller is stuck)
 
 
 class ReportError(ConnectionError):
@@ -27,41 +29,52 @@ class ReportStream:
 
     def __init__(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub, node_id: str) -> None:
         self.node_id = node_id
-        self._outbox: asyncio.Queue[d.ReportsRequest] = asyncio.Queue()
-        self._call = stub.Reports(self._requests())
+        self._call = stub.Reports()  # type: ignore[call-arg]  # written to with write(): no request iterator
+        self._writing = asyncio.Lock()  # one write at a time on a stream
         self._seq = 0
         self._waiting: dict[int, asyncio.Future[d.ReportsAck]] = {}
+        self._batches: dict[int, float] = {}  # seq -> when sent, of the batches not answered yet
+        self.stall_s = STALL_S
         self._failure: BaseException | None = None
         self.closed = asyncio.create_task(self._read())
 
-    async def send(self, report: d.StatusReport, timeout: float = 10.0) -> None:
-        """Deliver a batch of statuses: returns once the controller has recorded them."""
-        ack = await self._request(d.ReportsRequest(node_id=self.node_id, updates=report.updates), timeout)
+    async def send(self, report: d.StatusReport) -> None:
+        """Deliver a batch of statuses: returns once the controller has recorded them. It waits as long as the
+        stream lives: a batch not answered for `stall_s` fails the next heartbeat, which ends the session."""
+        ack = await self._request(d.ReportsRequest(node_id=self.node_id, updates=report.updates), None)
         if ack.error:
             raise ReportError(f"the controller did not record the statuses: {ack.error}")
 
     async def heartbeat(self, timeout: float) -> int:
         """Keep the node's lease alive; returns its TTL in seconds."""
+        if self._batches and time.monotonic() - min(self._batches.values()) > self.stall_s:
+            raise ConnectionError(f"a status batch has had no answer for over {self.stall_s:g}s")
         return (await self._request(d.ReportsRequest(node_id=self.node_id, heartbeat=True), timeout)).lease_ttl_s
 
-    async def _request(self, request: d.ReportsRequest, timeout: float) -> d.ReportsAck:
+    async def _request(self, request: d.ReportsRequest, timeout: float | None) -> d.ReportsAck:
         if self._failure is not None:
             raise ConnectionError(f"reports stream broken: {self._failure}")
         self._seq += 1
         request.seq = seq = self._seq
         answer: asyncio.Future[d.ReportsAck] = asyncio.get_running_loop().create_future()
         self._waiting[seq] = answer
+        if timeout is None:
+            self._batches[seq] = time.monotonic()
         try:
-            self._outbox.put_nowait(request)
-            return await asyncio.wait_for(answer, timeout)
+            try:
+                async with self._writing:
+                    await self._call.write(request)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                raise ConnectionError("reports stream closed") from None  # grpc's word for a cancelled call
+            return await (answer if timeout is None else asyncio.wait_for(answer, timeout))
         except TimeoutError:
             raise ConnectionError(f"no answer from the controller within {timeout:g}s") from None
         finally:
             self._waiting.pop(seq, None)
-
-    async def _requests(self) -> AsyncIterator[d.ReportsRequest]:
-        while True:
-            yield await self._outbox.get()
+            self._batches.pop(seq, None)
 
     async def _read(self) -> None:
         try:
@@ -79,6 +92,8 @@ class ReportStream:
 
     async def close(self) -> None:
         """End the stream (the session is over); anything waiting on it fails."""
+        if self._failure is None:
+            self._failure = ConnectionError("the session ended")
         self._call.cancel()
         self.closed.cancel()
         with contextlib.suppress(BaseException):

@@ -242,3 +242,50 @@ async def _unanswered(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_heartbeat_not_answered_in_time_is_a_lost_connection(etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_unanswered(etcd_url, monkeypatch))
+
+
+async def _stalled(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    reporter = Reporter()
+    try:
+        async with _controller(url) as ctl:
+            cid = await _container(ctl)
+            never = asyncio.Event()
+            received: list[object] = []
+
+            async def stuck(updates: list[tuple[str, t.ContainerStatus]]) -> None:
+                received.append(updates)
+                await never.wait()
+
+            monkeypatch.setattr(ctl.orchestrator, "on_statuses", stuck)
+            await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
+            stream = ReportStream(ctl.stub, "n1")
+            task = asyncio.create_task(reporter.run(stream.send, lambda: "n1"))
+            try:
+                reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
+                await _until(lambda: received, "the batch at the controller")
+                assert await stream.heartbeat(timeout=10) > 0  # waiting for less than stall_s: not stalled
+                stream.stall_s = 0.05
+                deadline = time.monotonic() + 20
+                while True:  # a heartbeat once the batch has waited for longer fails: the session ends
+                    try:
+                        await stream.heartbeat(timeout=10)
+                    except ConnectionError as exc:
+                        assert "a status batch has had no answer for over 0.05s" in str(exc)
+                        break
+                    assert time.monotonic() < deadline, "heartbeats went on with a batch stuck"
+                    await asyncio.sleep(0.02)
+                await stream.close()
+                # The batch is kept for the next session; the reporter is still there to send it.
+                await _until(lambda: cid in reporter._pending, "the batch back in the reporter")
+                assert not task.done()
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await stream.close()
+    finally:
+        await wipe_etcd(url)
+
+
+def test_a_batch_stuck_at_the_controller_ends_the_session_and_is_kept(etcd_url: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_stalled(etcd_url, monkeypatch))
