@@ -151,6 +151,7 @@ class ClusterCache:
         self._subscribers: dict[str, list[StatusWaiter]] = {}
         self._sessions: dict[str, list[asyncio.Queue[RawAssignment | BaseException]]] = {}
         self._followers: list[asyncio.Queue[str | BaseException]] = []  # follow_containers (the DNS records)
+        self._node_followers: list[asyncio.Queue[str | BaseException]] = []  # follow_nodes (the overlay's peers)
         self._reset()
 
     def _reset(self) -> None:
@@ -266,7 +267,8 @@ class ClusterCache:
         for session_queues in sessions.values():
             for session_queue in session_queues:
                 session_queue.put_nowait(Unavailable(f"the controller's copy of etcd is being reloaded: {exc}"))
-        followers, self._followers = self._followers, []
+        followers, self._followers = self._followers + self._node_followers, []
+        self._node_followers = []
         for follower in followers:
             follower.put_nowait(Unavailable(f"the controller's copy of etcd is being reloaded: {exc}"))
 
@@ -284,6 +286,19 @@ class ClusterCache:
     def unfollow_containers(self, queue: asyncio.Queue[str | BaseException]) -> None:
         if queue in self._followers:
             self._followers.remove(queue)
+
+    def follow_nodes(self) -> asyncio.Queue[str | BaseException] | None:
+        """As follow_containers, for the nodes: the id of each node stored, changed or removed (controller.
+        peer_feed's peers without an etcd watch per agent). Give it back with `unfollow_nodes`."""
+        if not self.ready:
+            return None
+        queue: asyncio.Queue[str | BaseException] = asyncio.Queue()
+        self._node_followers.append(queue)
+        return queue
+
+    def unfollow_nodes(self, queue: asyncio.Queue[str | BaseException]) -> None:
+        if queue in self._node_followers:
+            self._node_followers.remove(queue)
 
     def follow_assignments(self, node_id: str) -> tuple[int, asyncio.Queue[RawAssignment | BaseException]] | None:
         """A queue of the node's assignment changes after the returned revision, fed by the cache's watch
@@ -469,6 +484,8 @@ class ClusterCache:
             else:
                 self.nodes.pop(key[len(NODES):].decode(), None)
                 self._view(key[len(NODES):].decode())
+            for follower in self._node_followers:
+                follower.put_nowait(key[len(NODES):].decode())
         elif key.startswith(ALIVE):
             node_id = key[len(ALIVE):].decode()
             if put:

@@ -22,8 +22,9 @@ from berth.api import types_pb2 as t
 from controller.cache import ClusterCache, RawAssignment
 from controller.dns import NamesHub
 from controller.metrics import ControllerMetrics
-from controller.network import SubnetAllocator, peers
+from controller.network import SubnetAllocator
 from controller.orchestrator import Orchestrator
+from controller.peer_feed import PeerFeed
 from controller.store import AssignmentEvent, NotFound, Store, StoreError, Unavailable
 from controller.user_networks import UserNetworks
 
@@ -42,6 +43,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self.lease_ttl_s = lease_ttl_s
         self._leases: dict[str, int] = {}
         self.subnets: SubnetAllocator | None = None  # issue 5: set by main; None gives no container network
+        self.peer_feed = PeerFeed(store, lambda: orchestrator.cache)  # issue 6: the overlay's peers, cached
         self.names = NamesHub(store, lambda: orchestrator.cache)  # issue 5 (names): DNS records (issue 6: cached)
         self.networks: UserNetworks | None = None  # issue 5: user networks, set by main
 
@@ -245,9 +247,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 task.cancel()
 
     async def Peers(self, request: d.PeersRequest, context: grpc.aio.ServicerContext[d.PeersRequest, d.PeersMessage]) -> AsyncIterator[d.PeersMessage]:  # noqa: E501
-        """issue 5: the overlay's peers for an agent (controller.network.peers)."""
+        """issue 5: the overlay's peers for an agent (controller.peer_feed, issue 6: from the cache)."""
         try:
-            async for msg in peers(self.store):
+            async for msg in self.peer_feed.subscribe():  # issue 6: from the cache, one etcd watch for all
                 yield msg
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from berth.api import dispatcher_pb2 as d
+from berth.api import types_pb2 as t
 from controller.store import REMOVED_NODE, Store, StoreError
 
 DEFAULT_CIDR = "10.88.0.0/16"
@@ -85,16 +86,20 @@ class SubnetAllocator:
         return None
 
 
+def peers_message(nodes: Iterable[t.Node]) -> d.PeersMessage:
+    """The peer set of these nodes: every one with a subnet, by id."""
+    return d.PeersMessage(peers=sorted(
+        (d.NetworkPeer(node_id=n.id, address=n.address, subnet=n.subnet) for n in nodes if n.subnet),
+        key=lambda p: p.node_id,
+    ))
+
+
 async def peers(store: Store) -> AsyncIterator[d.PeersMessage]:
     """The full peer set now, then again after every change of a node (join, address, removal)."""
     revision = await store.revision()
     last: d.PeersMessage | None = None
     while True:
-        nodes = await store.list_nodes()
-        msg = d.PeersMessage(peers=sorted(
-            (d.NetworkPeer(node_id=n.id, address=n.address, subnet=n.subnet) for n in nodes if n.subnet),
-            key=lambda p: p.node_id,
-        ))
+        msg = peers_message(await store.list_nodes())
         if msg != last:
             yield msg
             last = msg

@@ -1,0 +1,95 @@
+"""The overlay's peers from the cluster cache (controller.peer_feed, issue 6) on a real etcd: every stream gets
+the whole set, then a new set after each change of a node's address or subnet (and none for other changes),
+all without an etcd watch of their own; the cache stopping ends every stream; without a cache a stream
+reads etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+
+import pytest
+
+from berth.api import dispatcher_pb2 as d
+from berth.api import types_pb2 as t
+from controller.cache import ClusterCache
+from controller.peer_feed import PeerFeed
+from controller.store import Store, StoreError
+from tests.controller.conftest import wipe_etcd
+
+
+def etcd_watchers(url: str) -> int:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("etcd_debugging_mvcc_watcher_total "))
+
+
+def peer_set(msg: d.PeersMessage) -> list[tuple[str, str, str]]:
+    return [(p.node_id, p.address, p.subnet) for p in msg.peers]
+
+
+def node(name: str, address: str, subnet: str = "") -> t.Node:
+    return t.Node(id=name, name=name, address=address, subnet=subnet)
+
+
+async def _feed(url: str) -> None:
+    store = Store(url)
+    await store.connect()
+    cache = ClusterCache(store)
+    await store.put_node(node("h1", "192.0.2.1", "10.88.1.0/24"))  # before the cache loads: in its first set
+    follower = asyncio.create_task(cache.run())
+    streams = []
+    try:
+        await asyncio.wait_for(cache.wait_ready(), 10)
+        deadline = time.monotonic() + 10
+        while etcd_watchers(url) < 1:  # the cache's own watch
+            assert time.monotonic() < deadline, "the cache's etcd watch never came"
+            await asyncio.sleep(0.02)
+        watchers = etcd_watchers(url)
+        feed = PeerFeed(store, lambda: cache)
+        streams = [feed.subscribe() for _ in range(3)]
+        for s in streams:
+            assert peer_set(await asyncio.wait_for(anext(s), 10)) == [("h1", "192.0.2.1", "10.88.1.0/24")]
+
+        await store.put_node(node("h0", "192.0.2.9"))  # no subnet yet: not a peer, so no new set
+        await store.put_node(node("h2", "192.0.2.2", "10.88.2.0/24"))
+        for s in streams:
+            assert peer_set(await asyncio.wait_for(anext(s), 10)) == [
+                ("h1", "192.0.2.1", "10.88.1.0/24"), ("h2", "192.0.2.2", "10.88.2.0/24")]
+        assert etcd_watchers(url) == watchers  # three streams, no watch of their own
+
+        # A stream that does not read skips to the newest set instead of queueing every one.
+        slow = streams.pop()
+        await store.put_node(node("h2", "192.0.2.22", "10.88.2.0/24"))  # moved
+        for s in streams:
+            assert peer_set(await asyncio.wait_for(anext(s), 10))[1] == ("h2", "192.0.2.22", "10.88.2.0/24")
+        await store.delete_node("h1")
+        for s in streams:
+            assert peer_set(await asyncio.wait_for(anext(s), 10)) == [("h2", "192.0.2.22", "10.88.2.0/24")]
+        assert peer_set(await asyncio.wait_for(anext(slow), 10)) == [("h2", "192.0.2.22", "10.88.2.0/24")]
+        await slow.aclose()
+
+        # The cache stops: every stream ends with a StoreError (the agents reconnect).
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        for s in streams:
+            with pytest.raises(StoreError):
+                await asyncio.wait_for(anext(s), 10)
+        assert feed._shared is None and cache._node_followers == []
+
+        # Without a cache, a stream reads etcd itself.
+        alone = PeerFeed(store, lambda: None).subscribe()
+        assert peer_set(await asyncio.wait_for(anext(alone), 10)) == [("h2", "192.0.2.22", "10.88.2.0/24")]
+        await alone.aclose()
+    finally:
+        for s in streams:
+            await s.aclose()
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await wipe_etcd(url)
+        await store.close()
+
+
+def test_peer_sets_from_the_cache(etcd_url: str) -> None:
+    asyncio.run(_feed(etcd_url))
