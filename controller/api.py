@@ -217,6 +217,17 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
 
     async def _view(self, cid: str) -> t.Container:
         """A container as a user sees it: with status, host name, and lost when its host is down."""
+        cache = self.orchestrator.cache
+        if cache is not None and await cache.consistent():  # issue 6: one read of etcd's revision, not four
+            held = cache.container(cid)
+            if held is None:
+                raise NotFound(f"no such container: {cid}")
+            entry = cache.nodes.get(held.container.node_id)
+            nodes = {}
+            if entry is not None:  # read only: _decorate takes its name and state
+                nodes[entry[0].id] = t.Node(id=entry[0].id, name=entry[0].name, state=t.NODE_READY
+                                            if entry[0].id in cache.alive else t.NODE_DOWN)
+            return self._decorate(held.container, cache.status(cid), nodes)
         v = await self.store.get_container(cid)
         status, _ = await self.store.get_status(cid)
         node = await self.store.node_state(v.container.node_id) if v.container.node_id else None
@@ -416,9 +427,15 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
 
     async def List(self, request: control_pb2.ListRequest, context: Ctx) -> control_pb2.ListResponse:
         try:
-            nodes = {n.id: n for n in await self.store.list_nodes()}
+            cache = self.orchestrator.cache
+            if cache is not None and await cache.consistent():  # issue 6: not every container read from etcd
+                nodes = {n.id: n for n in cache.node_list()}
+                containers = cache.with_status(list(cache.containers))
+            else:
+                nodes = {n.id: n for n in await self.store.list_nodes()}
+                containers = await self.store.list_containers()
             out = []
-            for v in await self.store.list_containers():
+            for v in containers:
                 c = self._decorate(v.container, None, nodes)
                 if request.all or c.status.state in (
                     t.STATE_PENDING, t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING, t.STATE_LOST

@@ -183,6 +183,14 @@ class ClusterCache:
             await asyncio.sleep(0.005)
         return True
 
+    async def consistent(self) -> bool:
+        """Wait until the copy holds every change committed before this call, as a linearizable read of etcd
+        would (one read of etcd's revision, then the watch catching up to it): True, then read the copy; False
+        when it is not following etcd or does not catch up within a second: read etcd instead."""
+        if not self.ready:
+            return False
+        return await self.caught_up(await self.store.revision())
+
     def container(self, cid: str) -> Versioned | None:
         return self.containers.get(cid)
 
