@@ -297,30 +297,36 @@ class Store:
         return int(responses[0].response_put.header.revision)
 
     async def delete_container(self, old: Versioned) -> None:
-        """Remove a container and everything hanging off it, if unchanged since read."""
+        """Remove a container and everything hanging off it, its name included, in one transaction, if unchanged
+        since read (its name only if still its own: a nested transaction compares it). One transaction, so a
+        name is never freed before its container is gone, nor left behind by a crash in between (issue 6)."""
         c = old.container
-        tx = self._tx
-        ops = [tx.delete(container_key(c.id)), tx.delete(status_key(c.id))]
+        key = container_key(c.id)
+        ops = [_delete(key), _delete(status_key(c.id))]
         if c.node_id:
-            ops.append(tx.delete(assignment_key(c.node_id, c.id)))
-        ops += [tx.delete(assignment_key(n, c.id)) for n in c.stale_nodes if n != c.node_id]
+            ops.append(_delete(assignment_key(c.node_id, c.id)))
+        ops += [_delete(assignment_key(n, c.id)) for n in c.stale_nodes if n != c.node_id]
         # issue 5: its user network address, read in the same transaction that deletes it (no claim can come
         # after: a claim needs the container) and then freed below
         attachment_at = len(ops)
-        ops += [tx.get(NETWORK_ATTACHMENTS + c.id.encode()), tx.delete(NETWORK_ATTACHMENTS + c.id.encode())]
-        compares = [tx.mod(container_key(c.id)) == old.mod_revision]
-        ok, responses = await self._txn(compares, ops, [])
-        if not ok:
+        attachment = NETWORK_ATTACHMENTS + c.id.encode()
+        ops += [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=attachment)), _delete(attachment)]
+        name = name_key(c.spec.name)
+        ops.append(etcdrpc.RequestOp(request_txn=etcdrpc.TxnRequest(
+            compare=[etcdrpc.Compare(key=name, result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.VALUE,
+                                     value=c.id.encode())],
+            success=[_delete(name)])))
+        reply = await self._rpc(self._client.kvstub.Txn,
+                                etcdrpc.TxnRequest(compare=[_mod_is(key, old.mod_revision)], success=ops))
+        if not reply.succeeded:
             raise Conflict(f"container {c.id[:12]} changed concurrently")
-        if responses[attachment_at]:
-            net_id, _, ip = bytes(responses[attachment_at][0][0]).decode().partition(" ")
+        found = reply.responses[attachment_at].response_range.kvs
+        if found:
+            net_id, _, ip = bytes(found[0].value).decode().partition(" ")
             claim = NETWORK_IPS + f"{net_id}/{ip}".encode()
+            tx = self._tx
             # only if still this container's; left behind (a controller crash just here) it is stale, so free
             await self._txn([tx.value(claim) == f"c/{c.id}".encode()], [tx.delete(claim)], [])
-        # The name goes last and only if it is still ours, so a failure above never frees a name early.
-        await self._txn(
-            [tx.value(name_key(c.spec.name)) == c.id.encode()], [tx.delete(name_key(c.spec.name))], []
-        )
 
     async def put_status(self, cid: str, status: t.ContainerStatus, mod_revision: int) -> bool:
         """Record one agent's report, only if its container is unchanged since the mod_revision given (its
@@ -822,6 +828,10 @@ def _mod_is(key: bytes, revision: int) -> Any:
 
 def _put(key: bytes, value: bytes) -> Any:
     return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value))
+
+
+def _delete(key: bytes) -> Any:
+    return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))
 
 
 class _KeepAlive:

@@ -1,6 +1,6 @@
 """What the controller writes to etcd per container (issue 6, throughput), on a real etcd: a Run group-committed
 on the leader is stored already placed, each of its keys written once, and the events stream still says
-create then assign."""
+create then assign; a removal takes the container, its keys and its name in one transaction."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import time
 from collections.abc import Callable
 
 import aetcd
+import pytest
 
 from berth.api import types_pb2 as t
 from controller.cache import ClusterCache
 from controller.events import translate_all
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import Store, assignment_key, container_key, name_key, status_key
+from controller.store import Conflict, Store, assignment_key, container_key, name_key, status_key
 from tests.controller.conftest import wipe_etcd
 
 MIB = 1 << 20
@@ -100,3 +101,54 @@ async def _created_placed(url: str) -> None:
 
 def test_a_group_committed_run_is_created_placed_each_key_written_once(etcd_url: str) -> None:
     asyncio.run(_created_placed(etcd_url))
+
+
+async def _removed_in_one_write(url: str) -> None:
+    store = Store(url)
+    await store.connect()
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    try:
+        c = _container("gone", 0)
+        c.node_id = "n1"
+        await store.create_container(c)
+        v = await store.get_container(c.id)
+        # changed since read: nothing goes, its name included
+        newer = t.Container()
+        newer.CopyFrom(c)
+        newer.pending_reason = "changed"
+        await store.update_container(v, newer)
+        with pytest.raises(Conflict):
+            await store.delete_container(v)
+        assert await client.get(name_key("gone")) is not None
+        start = await store.revision()
+        await store.delete_container(await store.get_container(c.id))
+        deleted: dict[bytes, int] = {}
+        watch = await client.watch_prefix(b"/berth/", start_revision=start + 1)
+        async with asyncio.timeout(20):
+            async for event in watch:
+                deleted[bytes(event.kv.key)] = int(event.kv.mod_revision)
+                if len(deleted) == 3:
+                    break
+        await watch.cancel()
+        # container, status and name deleted by one transaction: one revision
+        assert set(deleted) == {container_key(c.id), status_key(c.id), name_key("gone")}, deleted
+        assert len(set(deleted.values())) == 1, deleted
+
+        # A name that is not the container's (left by something else) is not taken with it.
+        other = _container("kept", 0)
+        await store.create_container(other)
+        await client.put(name_key("kept"), b"someone-else")
+        await store.delete_container(await store.get_container(other.id))
+        kv = await client.get(name_key("kept"))
+        assert kv is not None and bytes(kv.value) == b"someone-else"
+        assert await client.get(container_key(other.id)) is None
+    finally:
+        await wipe_etcd(url)
+        await client.close()
+        await store.close()
+
+
+def test_a_container_and_its_name_are_removed_in_one_transaction(etcd_url: str) -> None:
+    asyncio.run(_removed_in_one_write(etcd_url))
