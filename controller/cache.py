@@ -165,6 +165,7 @@ class ClusterCache:
         self._usage: dict[str, list[int]] = {}  # node -> [memory, cpus, containers]
         self._ports: dict[str, Counter[tuple[str, int]]] = {}
         self._views: dict[str, scheduler.HostView] = {}
+        self._positions: dict[str, int] | None = None  # host_index()
         # container id -> revision of its deletion, so that a write of ours committed before it and applied
         # after its event does not bring the container back (bounded: the oldest go first)
         self._deleted: dict[str, int] = {}
@@ -203,11 +204,21 @@ class ClusterCache:
         up to date as containers and hosts change, not built per call)."""
         return list(self._views.values())
 
+    def host_index(self) -> dict[str, int]:
+        """Each host's position in what `hosts()` returns (read it, do not change it): kept while the set of
+        hosts stays the same, instead of built for every batch of placements (issue 6)."""
+        if self._positions is None:
+            self._positions = {node_id: i for i, node_id in enumerate(self._views)}
+        return self._positions
+
     def _view(self, node_id: str) -> None:
         entry = self.nodes.get(node_id)
         if entry is None:
-            self._views.pop(node_id, None)
+            if self._views.pop(node_id, None) is not None:
+                self._positions = None
             return
+        if node_id not in self._views:
+            self._positions = None
         ports = self._ports.get(node_id)
         self._views[node_id] = scheduler.host_view(entry[0], node_id in self.alive, self._usage.get(node_id, (0, 0, 0)),
                                                    frozenset(ports) if ports else frozenset())

@@ -505,7 +505,7 @@ class Orchestrator:
         async with self._placing:  # this controller's decisions see each other's allocations
             cache = self._cached()
             hosts = cache.hosts() if cache is not None else await self.hosts()
-            index = {h.id: i for i, h in enumerate(hosts)}
+            index = cache.host_index() if cache is not None else {h.id: i for i, h in enumerate(hosts)}
             for c, _ in batch:
                 if c.spec.name in names:  # etcd refuses a transaction that puts one key twice: this one alone
                     alone.append(c)

@@ -362,3 +362,26 @@ async def _keep_alive_closes(url: str) -> None:
 
 def test_the_shared_keep_alive_stream_ends_with_the_store(etcd_url: str) -> None:
     asyncio.run(_keep_alive_closes(etcd_url))
+
+
+def test_the_host_index_follows_hosts_coming_and_going() -> None:
+    """cache.host_index() gives each host's position in cache.hosts(), kept across usage changes and rebuilt
+    when a host comes or goes (the admission batches find a decided host's view by it)."""
+    cache = ClusterCache(Store("http://127.0.0.1:1"))  # never connected: fed by hand
+
+    def positions() -> dict[str, int]:
+        return {h.id: i for i, h in enumerate(cache.hosts())}
+
+    for name in ("a", "b", "c"):
+        cache._put_node(t.Node(id=name, name=name, capacity=t.Resources(memory_bytes=1 << 30)), 1)
+    index = cache.host_index()
+    assert index == positions() == {"a": 0, "b": 1, "c": 2}
+    c = _container("indexed", memory=64 * MIB)
+    c.node_id = "b"
+    cache.put_container(c, 2)
+    assert cache.host_index() is index and cache.hosts()[1].allocated_memory == 64 * MIB
+    del cache.nodes["a"]
+    cache._view("a")
+    assert cache.host_index() == positions() == {"b": 0, "c": 1}
+    cache._put_node(t.Node(id="d", name="d"), 3)
+    assert cache.host_index() == positions() == {"b": 0, "c": 1, "d": 2}
