@@ -53,7 +53,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         node_id = request.name
         try:
             old = await self.store.get_node(node_id)
-            subnet = await self.subnets.subnet_for(node_id) if self.subnets is not None else ""
+            known = old.subnet if old is not None else ""
+            subnet = await self.subnets.subnet_for(node_id, known) if self.subnets is not None else ""
             lease = await self.store.grant_lease(self.lease_ttl_s)
             node = t.Node(
                 id=node_id, name=request.name, address=request.address,

@@ -44,8 +44,12 @@ class SubnetAllocator:
         # subnet, and hundreds of hosts joining together failed their five tries
         self._claiming = asyncio.Lock()
 
-    async def subnet_for(self, node_id: str) -> str:
-        """The node's subnet: the one it has, else the first free one (claimed atomically)."""
+    async def subnet_for(self, node_id: str, known: str = "") -> str:
+        """The node's subnet: the one it has, else the first free one (claimed atomically). `known`: the subnet
+        its stored node record names, checked with one read of that claim (a rejoin, e.g. every host after a
+        controller restart, does not read every claim; issue 6)."""
+        if known and _within(known, self.cidr) and await self.store.subnet_owner(known) == node_id:
+            return known
         async with self._claiming:
             return await self._subnet_for(node_id)
 
@@ -55,9 +59,12 @@ class SubnetAllocator:
             for subnet, owner in sorted(claims.items()):
                 if owner == node_id and ipaddress.IPv4Network(subnet).subnet_of(self.cidr):
                     return subnet
+            # issue 6: claims of another size (the node subnet size changed) parsed once, not per candidate;
+            # same-size ones overlap a candidate only when equal
+            other_sizes = [n for n in map(ipaddress.IPv4Network, claims) if n.prefixlen != self.prefixlen]
             for net in self.cidr.subnets(new_prefix=self.prefixlen):
                 subnet = str(net)
-                if subnet in claims or any(net.overlaps(ipaddress.IPv4Network(c)) for c in claims):
+                if subnet in claims or any(net.overlaps(other) for other in other_sizes):
                     continue
                 if await self.store.claim_subnet(subnet, node_id):
                     return subnet
@@ -84,6 +91,13 @@ class SubnetAllocator:
                     and ipaddress.IPv4Network(subnet).subnet_of(self.cidr)):
                 return subnet
         return None
+
+
+def _within(subnet: str, cidr: ipaddress.IPv4Network) -> bool:
+    try:
+        return ipaddress.IPv4Network(subnet).subnet_of(cidr)
+    except ValueError:
+        return False
 
 
 def peers_message(nodes: Iterable[t.Node]) -> d.PeersMessage:

@@ -603,6 +603,11 @@ class Store:
         async for _kind, kv in self._watch(NODES, after_revision + 1, prefix=True):
             yield kv.key[len(NODES) :].decode()
 
+    async def subnet_owner(self, subnet: str) -> str:
+        """Who holds one subnet's claim ("" when nobody): one key read, not every claim (issue 6)."""
+        kv = await self._get(SUBNETS + subnet.replace("/", "_").encode())
+        return bytes(kv.value).decode() if kv is not None else ""
+
     async def claim_subnet(self, subnet: str, node_id: str, replacing: str = "") -> bool:
         """Give `subnet` to `node_id` unless another node already has it (or, with `replacing`, unless it is no
         longer that removed node's); True when claimed."""
