@@ -596,6 +596,11 @@ class Orchestrator:
                     _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 batch, self._reports = self._reports[:self.max_txn_ops], self._reports[self.max_txn_ops:]
+                # issue 6: a report whose caller is gone (its agent's stream or call ended) is not written: the
+                # agent sends it again, maybe to another controller, and a late write here could undo a newer one
+                batch = [report for report in batch if not report[3].cancelled()]
+                if not batch:
+                    continue
                 task = asyncio.create_task(self._commit_reports(batch))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
@@ -612,6 +617,8 @@ class Orchestrator:
             return
         if not revision:  # one changed since checked: each alone, on a fresh read
             for cid, status, _, future in batch:
+                if future.cancelled():  # its caller is gone (as in _report_loop)
+                    continue
                 try:
                     await self.on_status(cid, status)
                 except Exception as exc:  # noqa: BLE001 - handed to that report's caller

@@ -289,3 +289,30 @@ async def _stalled(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_batch_stuck_at_the_controller_ends_the_session_and_is_kept(etcd_url: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_stalled(etcd_url, monkeypatch))
+
+
+async def _caller_gone(url: str) -> None:
+    try:
+        async with _controller(url) as ctl:
+            gone, kept = await _container(ctl), await _container(ctl)
+            before, _ = await ctl.store.get_status(gone)
+            orchestrator = ctl.orchestrator
+            held = asyncio.Event()
+            orchestrator._reporter = asyncio.create_task(held.wait())  # type: ignore[assignment]  # commits wait
+            report = asyncio.create_task(orchestrator.on_statuses(
+                [(gone, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))]))
+            await _until(lambda: orchestrator._reports, "the report queued for the group commit")
+            report.cancel()  # its agent's stream ended: the agent will send it again, maybe elsewhere
+            await asyncio.gather(report, return_exceptions=True)
+            held.set()
+            await orchestrator._reporter
+            orchestrator._reporter = None
+            await orchestrator.on_statuses([(kept, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))])
+            assert (await ctl.store.get_status(kept))[0].state == t.STATE_RUNNING
+            assert (await ctl.store.get_status(gone))[0] == before  # not written late
+    finally:
+        await wipe_etcd(url)
+
+
+def test_a_queued_report_whose_caller_is_gone_is_not_written(etcd_url: str) -> None:
+    asyncio.run(_caller_gone(etcd_url))
