@@ -155,9 +155,9 @@ def run_options(spec: t.ContainerSpec, image_user: str) -> dict[str, Any]:
         security = Security(
             cap_add=tuple(spec.cap_add), cap_drop=tuple(spec.cap_drop), privileged=spec.privileged,
             read_only=spec.read_only, user=spec.user or image_user,
-            ulimits=tuple(parse_ulimit(u) for u in spec.ulimits),
+            ulimits=tuple(map(parse_ulimit, spec.ulimits)),
         )
-        mounts = tuple(parse_volume(v) for v in spec.volumes) + tuple(parse_tmpfs(m) for m in spec.tmpfs)
+        mounts = tuple(map(parse_volume, spec.volumes)) + tuple(map(parse_tmpfs, spec.tmpfs))
     except (SecurityError, MountError) as exc:
         raise ExecutorError(str(exc)) from exc
     return {
@@ -404,11 +404,11 @@ class Worker:
 
     def _network_files(self, config: ContainerConfig, spec: t.ContainerSpec) -> ContainerConfig:
         """issue 5: /etc/hosts and /etc/resolv.conf (--add-host, --dns) bind-mounted over the image's."""
+        if self.network is None or config.netns == "host":
+            return config
         from agent.network import files
         from agent.runtime.mounts import Mount
 
-        if self.network is None or config.netns == "host":
-            return config
         a = self.network.allocation(config.id)
         hosts, resolv = files.write(
             self.network.state_dir, config.id,
