@@ -223,6 +223,19 @@ class ClusterCache:
         self._views[node_id] = scheduler.host_view(entry[0], node_id in self.alive, self._usage.get(node_id, (0, 0, 0)),
                                                    frozenset(ports) if ports else frozenset())
 
+    def _usage_changed(self, node_id: str) -> None:
+        """A host's view after a container came or went (its node and state unchanged): the usage and ports
+        put into the view held, without building the rest again (issue 6: once per placement)."""
+        old = self._views.get(node_id)
+        if old is None:
+            self._view(node_id)
+            return
+        u = self._usage.get(node_id, (0, 0, 0))
+        ports = self._ports.get(node_id)
+        self._views[node_id] = scheduler.HostView(
+            old.id, old.name, old.ready, old.memory_bytes, old.nano_cpus, u[0], u[1], u[2], old.labels,
+            old.platform, old.schedulable, frozenset(ports) if ports else frozenset())
+
     def node_list(self) -> list[t.Node]:
         """Every node with its state filled in (copies)."""
         out = []
@@ -378,7 +391,7 @@ class ClusterCache:
             u[2] += 1
         if c.spec.ports:
             self._ports.setdefault(c.node_id, Counter()).update(scheduler.host_ports(c.spec))
-        self._view(c.node_id)
+        self._usage_changed(c.node_id)
 
     def _unindex(self, v: Versioned | None) -> None:
         if v is None:
@@ -401,7 +414,7 @@ class ClusterCache:
             ports.subtract(scheduler.host_ports(c.spec))
             for key in [k for k, n in ports.items() if n <= 0]:
                 del ports[key]
-        self._view(c.node_id)
+        self._usage_changed(c.node_id)
 
     def _put_node(self, node: t.Node, revision: int) -> None:
         self.nodes[node.id] = (node, revision)
