@@ -44,8 +44,8 @@ class RunRecord:
         self._lines = 0
         self._fd = -1
         state_dir.mkdir(parents=True, exist_ok=True)
+        legacy = self._read_legacy(state_dir)  # first: every line of the record is newer than those files
         self._read()
-        legacy = self._read_legacy(state_dir)
         self._compact()
         for directory in legacy:  # folded into the record, which is on disk now
             shutil.rmtree(directory, ignore_errors=True)

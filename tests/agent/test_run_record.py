@@ -202,3 +202,21 @@ def test_unused_descriptors_are_not_left_open(tmp_path: Path) -> None:
         r.set_started(cid(i % 10), i)
     r.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_files_of_an_earlier_agent_left_behind_never_undo_the_record(tmp_path: Path) -> None:
+    """Per-container files that outlived their take-over (their removal failed: rmtree ignores errors) are
+    older than every line of the record: a later generation in the record wins, or the agent would start
+    that generation again."""
+    r = RunRecord(tmp_path)
+    r.set_started("a", 5)
+    r.set_restarts("a", 2)
+    r.close()
+    (tmp_path / "worker").mkdir()
+    (tmp_path / "worker-restarts").mkdir()
+    (tmp_path / "worker" / "a").write_text("3")  # what an earlier agent wrote, before the record existed
+    (tmp_path / "worker" / "b").write_text("1")
+    (tmp_path / "worker-restarts" / "a").write_text("7")
+    again = RunRecord(tmp_path)
+    assert (again.started, again.restarts) == ({"a": 5, "b": 1}, {"a": 2})
+    again.close()
