@@ -467,9 +467,8 @@ class Orchestrator:
     async def create_and_place(self, c: t.Container) -> t.Container:
         """Store a new container and place it; returns it as stored (placed, or pending with the reason).
         Raises NameInUse. On the leader with its cache loaded, the Run calls in flight are group-committed:
-        one transaction creates a batch (names, containers, pending statuses, a compare on each name and
-        id), then the batch is placed as a sweep places (one decision each, a compare on each container's
-        revision), without waiting for the next sweep."""
+        each is decided on the cache's host views, then one transaction creates the batch already placed
+        (names, containers, statuses, assignments; a compare on each name and id), see _admit."""
         if self.kick is None or self._cached() is None:
             await self.store.create_container(c)
             return await self.schedule(c.id)
@@ -546,10 +545,11 @@ class Orchestrator:
             else:
                 self._background(self._admit_alone(c, future))
 
-    async def _admit_alone(self, c: t.Container, future: asyncio.Future[t.Container], created: bool = False) -> None:
+    async def _admit_alone(self, c: t.Container, future: asyncio.Future[t.Container]) -> None:
+        """One Run call of a batch that could not be created with it (a name in use, twice in the batch, or
+        etcd failed): created and placed alone, so that the error is its own."""
         try:
-            if not created:
-                await self.store.create_container(c)
+            await self.store.create_container(c)
             result = await self.schedule(c.id)
         except Exception as exc:  # noqa: BLE001 - handed to the Run call
             if not future.done():
