@@ -1,13 +1,13 @@
 """The agent -> controller report path alone (issue 6): a real etcd and the real controller, and many agents'
-sessions (in this process) each sending status batches one at a time, and heartbeats, either as unary calls
-(`ReportStatus`, `Heartbeat`) or as messages on one `Reports` stream per session (agent.reports). Rounds of the
-two alternate, so that both are measured in the same minutes of a shared machine. Every batch is really
-committed (a status put with a compare on the container's revision).
+sessions (in this process) each sending status batches one at a time, and heartbeats, as messages on one
+`Reports` stream per session (agent.reports). (The unary `ReportStatus` and `Heartbeat` calls it was first
+measured against are gone from the API.) Every batch is really committed (a status put with a compare on the
+container's revision).
 
 Prints, per round, the CPU seconds of the controller and of the agents' side (this process) per 10,000 batches
 (and per 10,000 heartbeats), then one last line:
 
-    RESULT {"unary": {"controller": ..., "agents": ...}, "stream": {...}}   (medians, CPU-s per 10,000 batches)
+    RESULT {"stream batches": {"controller": ..., "agents": ...}, "stream heartbeats": {...}}   (medians)
 
     BERTH_TEST_SLOT=N .venv/bin/python bench/reports.py [--agents 250] [--batches 10000] [--rounds 3]
 """
@@ -58,20 +58,16 @@ Send = Callable[[d.StatusReport], Awaitable[None]]
 
 
 async def agent_round(stubs: list[dispatcher_pb2_grpc.DispatcherAsyncStub], nodes: list[str],
-                      containers: list[list[str]], batches: int, mode: str, heartbeats: bool) -> float:
+                      containers: list[list[str]], batches: int, heartbeats: bool) -> float:
     """Each agent sends its share of `batches` (or heartbeats), one at a time; returns the wall time."""
     streams: list[ReportStream] = []
     sends: list[Send] = []
     beats: list[Callable[[], Awaitable[object]]] = []
     for stub, node in zip(stubs, nodes, strict=True):
-        if mode == "stream":
-            stream = ReportStream(stub, node)
-            streams.append(stream)
-            sends.append(stream.send)
-            beats.append(lambda s=stream: s.heartbeat(timeout=30))
-        else:
-            sends.append(lambda r, s=stub: s.ReportStatus(r, timeout=30))
-            beats.append(lambda s=stub, n=node: s.Heartbeat(d.HeartbeatRequest(node_id=n), timeout=30))
+        stream = ReportStream(stub, node)
+        streams.append(stream)
+        sends.append(stream.send)
+        beats.append(lambda s=stream: s.heartbeat(timeout=30))
     share = batches // len(stubs)
 
     async def one(i: int) -> None:
@@ -115,16 +111,15 @@ async def bench(controller: str, etcd: str, ctl_pid: int, agents: int, batches: 
     await asyncio.sleep(2)  # the controller's cache has every container
     results: dict[str, dict[str, list[float]]] = {}
     for r in range(rounds):
-        for mode in ("unary", "stream") if r % 2 == 0 else ("stream", "unary"):
-            for what, count in (("batches", batches), ("heartbeats", batches // 2)):
-                c0, a0 = cpu_s(ctl_pid), own_cpu_s()
-                wall = await agent_round(stubs, nodes, containers, count, mode, what == "heartbeats")
-                ctl, ag = (cpu_s(ctl_pid) - c0) * 10_000 / count, (own_cpu_s() - a0) * 10_000 / count
-                print(f"round {r} {mode:6} {what:10}: controller {ctl:5.2f}, agents {ag:5.2f} CPU-s per 10,000 "
-                      f"({count / wall:,.0f}/s)", file=sys.stderr)
-                entry = results.setdefault(f"{mode} {what}", {"controller": [], "agents": []})
-                entry["controller"].append(ctl)
-                entry["agents"].append(ag)
+        for what, count in (("batches", batches), ("heartbeats", batches // 2)):
+            c0, a0 = cpu_s(ctl_pid), own_cpu_s()
+            wall = await agent_round(stubs, nodes, containers, count, what == "heartbeats")
+            ctl, ag = (cpu_s(ctl_pid) - c0) * 10_000 / count, (own_cpu_s() - a0) * 10_000 / count
+            print(f"round {r} stream {what:10}: controller {ctl:5.2f}, agents {ag:5.2f} CPU-s per 10,000 "
+                  f"({count / wall:,.0f}/s)", file=sys.stderr)
+            entry = results.setdefault(f"stream {what}", {"controller": [], "agents": []})
+            entry["controller"].append(ctl)
+            entry["agents"].append(ag)
     for ch in channels:
         await ch.close()
     return {key: {role: round(statistics.median(v), 2) for role, v in roles.items()} for key, roles in results.items()}

@@ -1,5 +1,6 @@
 """Agent sessions: join, heartbeats that keep each node's etcd lease alive, the assignment stream, and
-status reports. Agents never reach etcd; this servicer writes on their behalf.
+status reports (heartbeats and reports on one Reports stream per session, issue 6). Agents never reach
+etcd; this servicer writes on their behalf.
 
 A node is ready while its lease lives. The lease is granted at join and refreshed by heartbeats; when an
 agent dies, heartbeats stop, etcd expires the lease and deletes the node's alive key, and the node shows as
@@ -78,18 +79,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             subnet=subnet,
         )
 
-    async def Heartbeat(self, request: d.HeartbeatRequest, context: grpc.aio.ServicerContext[d.HeartbeatRequest, d.HeartbeatResponse]) -> d.HeartbeatResponse:  # noqa: E501
-        try:
-            ttl = await self._keep_alive(request.node_id)
-        except NotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except StoreError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return d.HeartbeatResponse(lease_ttl_s=ttl)
-
     async def _keep_alive(self, node_id: str) -> int:
-        """Keep a node's lease alive (a heartbeat); returns its TTL. Raises NotFound for a node that never
-        joined, StoreError when etcd fails."""
+        """Keep a node's lease alive (a heartbeat on its Reports stream); returns its TTL. Raises NotFound for a
+        node that never joined, StoreError when etcd fails."""
         lease = self._leases.get(node_id)
         if lease is None:
             node = await self.store.get_node(node_id)
@@ -180,14 +172,6 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     yield msg
         finally:
             cache.unfollow_assignments(node_id, queue)
-
-    async def ReportStatus(self, request: d.StatusReport, context: grpc.aio.ServicerContext[d.StatusReport, d.StatusReportResponse]) -> d.StatusReportResponse:  # noqa: E501
-        try:
-            # issue 6: committed with the other reports in flight (Orchestrator.on_statuses)
-            await self.orchestrator.on_statuses([(u.container_id, u.status) for u in request.updates])
-        except StoreError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return d.StatusReportResponse()
 
     async def Reports(self, request_iterator: AsyncIterator[d.ReportsRequest], context: grpc.aio.ServicerContext[d.ReportsRequest, d.ReportsAck]) -> AsyncIterator[d.ReportsAck]:  # noqa: E501
         """issue 6 (throughput): an agent session's status reports and heartbeats on one stream. A heartbeat is

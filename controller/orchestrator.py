@@ -596,7 +596,7 @@ class Orchestrator:
                     _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 batch, self._reports = self._reports[:self.max_txn_ops], self._reports[self.max_txn_ops:]
-                # issue 6: a report whose caller is gone (its agent's stream or call ended) is not written: the
+                # issue 6: a report whose caller is gone (its agent's Reports stream ended) is not written: the
                 # agent sends it again, maybe to another controller, and a late write here could undo a newer one
                 batch = [report for report in batch if not report[3].cancelled()]
                 if not batch:

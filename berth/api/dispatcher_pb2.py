@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from berth.api import types_pb2 as berth_dot_api_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x65rth/api/dispatcher.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\"\xa3\x02\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\ragent_address\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x14.berth.api.Resources\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".berth.api.JoinRequest.LabelsEntry\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x10\n\x08hostname\x18\x32 \x01(\t\x12\x16\n\x0ekernel_version\x18\x33 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\x03\x12\x1a\n\x12heartbeat_period_s\x18\x03 \x01(\x01\x12\x0e\n\x06subnet\x18\n \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"(\n\x11HeartbeatResponse\x12\x13\n\x0blease_ttl_s\x18\x01 \x01(\x03\"=\n\x12\x41ssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\"\xa9\x01\n\x10\x41ssignmentChange\x12\x32\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\".berth.api.AssignmentChange.Action\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12)\n\nassignment\x18\x03 \x01(\x0b\x32\x15.berth.api.Assignment\" \n\x06\x41\x63tion\x12\n\n\x06UPDATE\x10\x00\x12\n\n\x06REMOVE\x10\x01\"\xad\x01\n\x12\x41ssignmentsMessage\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".berth.api.AssignmentsMessage.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12,\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x1b.berth.api.AssignmentChange\"%\n\x04Kind\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\"Y\n\x15\x43ontainerStatusUpdate\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.berth.api.ContainerStatus\"R\n\x0cStatusReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x31\n\x07updates\x18\x02 \x03(\x0b\x32 .berth.api.ContainerStatusUpdate\"\x16\n\x14StatusReportResponse\"?\n\x0bNetworkPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06subnet\x18\x03 \x01(\t\"\x1f\n\x0cPeersRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"5\n\x0cPeersMessage\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.berth.api.NetworkPeer\"c\n\nNameRecord\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07network\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\"\x1f\n\x0cNamesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x9a\x01\n\x0cNamesMessage\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.berth.api.NamesMessage.Kind\x12&\n\x07records\x18\x02 \x03(\x0b\x32\x15.berth.api.NameRecord\x12\x0f\n\x07removed\x18\x03 \x03(\t\"%\n\x04Kind\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\"=\n\x14NetworkAttachRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\"t\n\x11NetworkAttachment\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06subnet\x18\x03 \x01(\t\x12\x0b\n\x03vni\x18\x04 \x01(\r\x12\x0f\n\x07gateway\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\"t\n\x0eReportsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x31\n\x07updates\x18\x03 \x03(\x0b\x32 .berth.api.ContainerStatusUpdate\x12\x11\n\theartbeat\x18\x04 \x01(\x08\"=\n\nReportsAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x13\n\x0blease_ttl_s\x18\x03 \x01(\x03\x32\xb1\x04\n\nDispatcher\x12\x37\n\x04Join\x12\x16.berth.api.JoinRequest\x1a\x17.berth.api.JoinResponse\x12\x46\n\tHeartbeat\x12\x1b.berth.api.HeartbeatRequest\x1a\x1c.berth.api.HeartbeatResponse\x12M\n\x0b\x41ssignments\x12\x1d.berth.api.AssignmentsRequest\x1a\x1d.berth.api.AssignmentsMessage0\x01\x12H\n\x0cReportStatus\x12\x17.berth.api.StatusReport\x1a\x1f.berth.api.StatusReportResponse\x12;\n\x05Peers\x12\x17.berth.api.PeersRequest\x1a\x17.berth.api.PeersMessage0\x01\x12;\n\x05Names\x12\x17.berth.api.NamesRequest\x1a\x17.berth.api.NamesMessage0\x01\x12N\n\rNetworkAttach\x12\x1f.berth.api.NetworkAttachRequest\x1a\x1c.berth.api.NetworkAttachment\x12?\n\x07Reports\x12\x19.berth.api.ReportsRequest\x1a\x15.berth.api.ReportsAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x65rth/api/dispatcher.proto\x12\tberth.api\x1a\x15\x62\x65rth/api/types.proto\"\xa3\x02\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\ragent_address\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x14.berth.api.Resources\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".berth.api.JoinRequest.LabelsEntry\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x10\n\x08hostname\x18\x32 \x01(\t\x12\x16\n\x0ekernel_version\x18\x33 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x0cJoinResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\x03\x12\x1a\n\x12heartbeat_period_s\x18\x03 \x01(\x01\x12\x0e\n\x06subnet\x18\n \x01(\t\"=\n\x12\x41ssignmentsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\"\xa9\x01\n\x10\x41ssignmentChange\x12\x32\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\".berth.api.AssignmentChange.Action\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12)\n\nassignment\x18\x03 \x01(\x0b\x32\x15.berth.api.Assignment\" \n\x06\x41\x63tion\x12\n\n\x06UPDATE\x10\x00\x12\n\n\x06REMOVE\x10\x01\"\xad\x01\n\x12\x41ssignmentsMessage\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".berth.api.AssignmentsMessage.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12,\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x1b.berth.api.AssignmentChange\"%\n\x04Kind\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\"Y\n\x15\x43ontainerStatusUpdate\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.berth.api.ContainerStatus\"R\n\x0cStatusReport\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x31\n\x07updates\x18\x02 \x03(\x0b\x32 .berth.api.ContainerStatusUpdate\"?\n\x0bNetworkPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06subnet\x18\x03 \x01(\t\"\x1f\n\x0cPeersRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"5\n\x0cPeersMessage\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.berth.api.NetworkPeer\"c\n\nNameRecord\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07network\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\"\x1f\n\x0cNamesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x9a\x01\n\x0cNamesMessage\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.berth.api.NamesMessage.Kind\x12&\n\x07records\x18\x02 \x03(\x0b\x32\x15.berth.api.NameRecord\x12\x0f\n\x07removed\x18\x03 \x03(\t\"%\n\x04Kind\x12\x0c\n\x08\x43OMPLETE\x10\x00\x12\x0f\n\x0bINCREMENTAL\x10\x01\"=\n\x14NetworkAttachRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\"t\n\x11NetworkAttachment\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06subnet\x18\x03 \x01(\t\x12\x0b\n\x03vni\x18\x04 \x01(\r\x12\x0f\n\x07gateway\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\"t\n\x0eReportsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x31\n\x07updates\x18\x03 \x03(\x0b\x32 .berth.api.ContainerStatusUpdate\x12\x11\n\theartbeat\x18\x04 \x01(\x08\"=\n\nReportsAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x13\n\x0blease_ttl_s\x18\x03 \x01(\x03\x32\x9f\x03\n\nDispatcher\x12\x37\n\x04Join\x12\x16.berth.api.JoinRequest\x1a\x17.berth.api.JoinResponse\x12M\n\x0b\x41ssignments\x12\x1d.berth.api.AssignmentsRequest\x1a\x1d.berth.api.AssignmentsMessage0\x01\x12;\n\x05Peers\x12\x17.berth.api.PeersRequest\x1a\x17.berth.api.PeersMessage0\x01\x12;\n\x05Names\x12\x17.berth.api.NamesRequest\x1a\x17.berth.api.NamesMessage0\x01\x12N\n\rNetworkAttach\x12\x1f.berth.api.NetworkAttachRequest\x1a\x1c.berth.api.NetworkAttachment\x12?\n\x07Reports\x12\x19.berth.api.ReportsRequest\x1a\x15.berth.api.ReportsAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,48 +40,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST_LABELSENTRY']._serialized_end=356
   _globals['_JOINRESPONSE']._serialized_start=358
   _globals['_JOINRESPONSE']._serialized_end=454
-  _globals['_HEARTBEATREQUEST']._serialized_start=456
-  _globals['_HEARTBEATREQUEST']._serialized_end=491
-  _globals['_HEARTBEATRESPONSE']._serialized_start=493
-  _globals['_HEARTBEATRESPONSE']._serialized_end=533
-  _globals['_ASSIGNMENTSREQUEST']._serialized_start=535
-  _globals['_ASSIGNMENTSREQUEST']._serialized_end=596
-  _globals['_ASSIGNMENTCHANGE']._serialized_start=599
-  _globals['_ASSIGNMENTCHANGE']._serialized_end=768
-  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_start=736
-  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_end=768
-  _globals['_ASSIGNMENTSMESSAGE']._serialized_start=771
-  _globals['_ASSIGNMENTSMESSAGE']._serialized_end=944
-  _globals['_ASSIGNMENTSMESSAGE_KIND']._serialized_start=907
-  _globals['_ASSIGNMENTSMESSAGE_KIND']._serialized_end=944
-  _globals['_CONTAINERSTATUSUPDATE']._serialized_start=946
-  _globals['_CONTAINERSTATUSUPDATE']._serialized_end=1035
-  _globals['_STATUSREPORT']._serialized_start=1037
-  _globals['_STATUSREPORT']._serialized_end=1119
-  _globals['_STATUSREPORTRESPONSE']._serialized_start=1121
-  _globals['_STATUSREPORTRESPONSE']._serialized_end=1143
-  _globals['_NETWORKPEER']._serialized_start=1145
-  _globals['_NETWORKPEER']._serialized_end=1208
-  _globals['_PEERSREQUEST']._serialized_start=1210
-  _globals['_PEERSREQUEST']._serialized_end=1241
-  _globals['_PEERSMESSAGE']._serialized_start=1243
-  _globals['_PEERSMESSAGE']._serialized_end=1296
-  _globals['_NAMERECORD']._serialized_start=1298
-  _globals['_NAMERECORD']._serialized_end=1397
-  _globals['_NAMESREQUEST']._serialized_start=1399
-  _globals['_NAMESREQUEST']._serialized_end=1430
-  _globals['_NAMESMESSAGE']._serialized_start=1433
-  _globals['_NAMESMESSAGE']._serialized_end=1587
-  _globals['_NAMESMESSAGE_KIND']._serialized_start=907
-  _globals['_NAMESMESSAGE_KIND']._serialized_end=944
-  _globals['_NETWORKATTACHREQUEST']._serialized_start=1589
-  _globals['_NETWORKATTACHREQUEST']._serialized_end=1650
-  _globals['_NETWORKATTACHMENT']._serialized_start=1652
-  _globals['_NETWORKATTACHMENT']._serialized_end=1768
-  _globals['_REPORTSREQUEST']._serialized_start=1770
-  _globals['_REPORTSREQUEST']._serialized_end=1886
-  _globals['_REPORTSACK']._serialized_start=1888
-  _globals['_REPORTSACK']._serialized_end=1949
-  _globals['_DISPATCHER']._serialized_start=1952
-  _globals['_DISPATCHER']._serialized_end=2513
+  _globals['_ASSIGNMENTSREQUEST']._serialized_start=456
+  _globals['_ASSIGNMENTSREQUEST']._serialized_end=517
+  _globals['_ASSIGNMENTCHANGE']._serialized_start=520
+  _globals['_ASSIGNMENTCHANGE']._serialized_end=689
+  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_start=657
+  _globals['_ASSIGNMENTCHANGE_ACTION']._serialized_end=689
+  _globals['_ASSIGNMENTSMESSAGE']._serialized_start=692
+  _globals['_ASSIGNMENTSMESSAGE']._serialized_end=865
+  _globals['_ASSIGNMENTSMESSAGE_KIND']._serialized_start=828
+  _globals['_ASSIGNMENTSMESSAGE_KIND']._serialized_end=865
+  _globals['_CONTAINERSTATUSUPDATE']._serialized_start=867
+  _globals['_CONTAINERSTATUSUPDATE']._serialized_end=956
+  _globals['_STATUSREPORT']._serialized_start=958
+  _globals['_STATUSREPORT']._serialized_end=1040
+  _globals['_NETWORKPEER']._serialized_start=1042
+  _globals['_NETWORKPEER']._serialized_end=1105
+  _globals['_PEERSREQUEST']._serialized_start=1107
+  _globals['_PEERSREQUEST']._serialized_end=1138
+  _globals['_PEERSMESSAGE']._serialized_start=1140
+  _globals['_PEERSMESSAGE']._serialized_end=1193
+  _globals['_NAMERECORD']._serialized_start=1195
+  _globals['_NAMERECORD']._serialized_end=1294
+  _globals['_NAMESREQUEST']._serialized_start=1296
+  _globals['_NAMESREQUEST']._serialized_end=1327
+  _globals['_NAMESMESSAGE']._serialized_start=1330
+  _globals['_NAMESMESSAGE']._serialized_end=1484
+  _globals['_NAMESMESSAGE_KIND']._serialized_start=828
+  _globals['_NAMESMESSAGE_KIND']._serialized_end=865
+  _globals['_NETWORKATTACHREQUEST']._serialized_start=1486
+  _globals['_NETWORKATTACHREQUEST']._serialized_end=1547
+  _globals['_NETWORKATTACHMENT']._serialized_start=1549
+  _globals['_NETWORKATTACHMENT']._serialized_end=1665
+  _globals['_REPORTSREQUEST']._serialized_start=1667
+  _globals['_REPORTSREQUEST']._serialized_end=1783
+  _globals['_REPORTSACK']._serialized_start=1785
+  _globals['_REPORTSACK']._serialized_end=1846
+  _globals['_DISPATCHER']._serialized_start=1849
+  _globals['_DISPATCHER']._serialized_end=2264
 # @@protoc_insertion_point(module_scope)

@@ -120,44 +120,6 @@ class JoinResponse(_message.Message):
 Global___JoinResponse: _TypeAlias = JoinResponse  # noqa: Y015
 
 @_typing.final
-class HeartbeatRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NODE_ID_FIELD_NUMBER: _builtins.int
-    node_id: _builtins.str
-    def __init__(
-        self,
-        *,
-        node_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
-
-@_typing.final
-class HeartbeatResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    LEASE_TTL_S_FIELD_NUMBER: _builtins.int
-    lease_ttl_s: _builtins.int
-    def __init__(
-        self,
-        *,
-        lease_ttl_s: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_ttl_s", b"lease_ttl_s"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
-
-@_typing.final
 class AssignmentsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -289,6 +251,8 @@ Global___ContainerStatusUpdate: _TypeAlias = ContainerStatusUpdate  # noqa: Y015
 
 @_typing.final
 class StatusReport(_message.Message):
+    """A batch of an agent's status reports (agent.worker.Reporter; sent as a ReportsRequest)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_ID_FIELD_NUMBER: _builtins.int
@@ -309,21 +273,6 @@ class StatusReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReport: _TypeAlias = StatusReport  # noqa: Y015
-
-@_typing.final
-class StatusReportResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___StatusReportResponse: _TypeAlias = StatusReportResponse  # noqa: Y015
 
 @_typing.final
 class NetworkPeer(_message.Message):

@@ -39,20 +39,10 @@ class DispatcherStub:
                 request_serializer=berth_dot_api_dot_dispatcher__pb2.JoinRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_dispatcher__pb2.JoinResponse.FromString,
                 _registered_method=True)
-        self.Heartbeat = channel.unary_unary(
-                '/berth.api.Dispatcher/Heartbeat',
-                request_serializer=berth_dot_api_dot_dispatcher__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=berth_dot_api_dot_dispatcher__pb2.HeartbeatResponse.FromString,
-                _registered_method=True)
         self.Assignments = channel.unary_stream(
                 '/berth.api.Dispatcher/Assignments',
                 request_serializer=berth_dot_api_dot_dispatcher__pb2.AssignmentsRequest.SerializeToString,
                 response_deserializer=berth_dot_api_dot_dispatcher__pb2.AssignmentsMessage.FromString,
-                _registered_method=True)
-        self.ReportStatus = channel.unary_unary(
-                '/berth.api.Dispatcher/ReportStatus',
-                request_serializer=berth_dot_api_dot_dispatcher__pb2.StatusReport.SerializeToString,
-                response_deserializer=berth_dot_api_dot_dispatcher__pb2.StatusReportResponse.FromString,
                 _registered_method=True)
         self.Peers = channel.unary_stream(
                 '/berth.api.Dispatcher/Peers',
@@ -87,23 +77,11 @@ class DispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Heartbeat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Assignments(self, request, context):
         """The containers assigned to the node: first the full set, then changes,
         each stamped with the etcd revision it came from. A reconnect passes the
         last revision it saw and resumes from there.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ReportStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -133,9 +111,8 @@ class DispatcherServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reports(self, request_iterator, context):
-        """issue 6 (throughput): one stream per agent session for its status reports and heartbeats, in place of a
-        unary ReportStatus per batch and a unary Heartbeat per period (agents use this; the unary calls remain
-        for other clients). Each request is acknowledged by its seq: a batch once its statuses are committed (or
+        """issue 6 (throughput): one stream per agent session for its status reports and heartbeats (they were a
+        unary ReportStatus per batch and a unary Heartbeat per period, removed). Each request is acknowledged by its seq: a batch once its statuses are committed (or
         dropped as stale), a heartbeat once it kept the node's lease alive. A heartbeat that fails ends the
         stream (UNAVAILABLE, or NOT_FOUND: join again); a batch that fails is acknowledged with its error.
         """
@@ -151,20 +128,10 @@ def add_DispatcherServicer_to_server(servicer, server):
                     request_deserializer=berth_dot_api_dot_dispatcher__pb2.JoinRequest.FromString,
                     response_serializer=berth_dot_api_dot_dispatcher__pb2.JoinResponse.SerializeToString,
             ),
-            'Heartbeat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Heartbeat,
-                    request_deserializer=berth_dot_api_dot_dispatcher__pb2.HeartbeatRequest.FromString,
-                    response_serializer=berth_dot_api_dot_dispatcher__pb2.HeartbeatResponse.SerializeToString,
-            ),
             'Assignments': grpc.unary_stream_rpc_method_handler(
                     servicer.Assignments,
                     request_deserializer=berth_dot_api_dot_dispatcher__pb2.AssignmentsRequest.FromString,
                     response_serializer=berth_dot_api_dot_dispatcher__pb2.AssignmentsMessage.SerializeToString,
-            ),
-            'ReportStatus': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportStatus,
-                    request_deserializer=berth_dot_api_dot_dispatcher__pb2.StatusReport.FromString,
-                    response_serializer=berth_dot_api_dot_dispatcher__pb2.StatusReportResponse.SerializeToString,
             ),
             'Peers': grpc.unary_stream_rpc_method_handler(
                     servicer.Peers,
@@ -225,33 +192,6 @@ class Dispatcher:
             _registered_method=True)
 
     @staticmethod
-    def Heartbeat(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/berth.api.Dispatcher/Heartbeat',
-            berth_dot_api_dot_dispatcher__pb2.HeartbeatRequest.SerializeToString,
-            berth_dot_api_dot_dispatcher__pb2.HeartbeatResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def Assignments(request,
             target,
             options=(),
@@ -268,33 +208,6 @@ class Dispatcher:
             '/berth.api.Dispatcher/Assignments',
             berth_dot_api_dot_dispatcher__pb2.AssignmentsRequest.SerializeToString,
             berth_dot_api_dot_dispatcher__pb2.AssignmentsMessage.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReportStatus(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/berth.api.Dispatcher/ReportStatus',
-            berth_dot_api_dot_dispatcher__pb2.StatusReport.SerializeToString,
-            berth_dot_api_dot_dispatcher__pb2.StatusReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,13 +37,11 @@ class DispatcherStub:
     """Register (or re-register) a host. The controller keeps an etcd lease for
     it; the node is ready while heartbeats keep that lease alive.
     """
-    Heartbeat: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.HeartbeatRequest, _dispatcher_pb2.HeartbeatResponse]
     Assignments: _grpc.UnaryStreamMultiCallable[_dispatcher_pb2.AssignmentsRequest, _dispatcher_pb2.AssignmentsMessage]
     """The containers assigned to the node: first the full set, then changes,
     each stamped with the etcd revision it came from. A reconnect passes the
     last revision it saw and resumes from there.
     """
-    ReportStatus: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.StatusReport, _dispatcher_pb2.StatusReportResponse]
     Peers: _grpc.UnaryStreamMultiCallable[_dispatcher_pb2.PeersRequest, _dispatcher_pb2.PeersMessage]
     """issue 5: every host's container subnet and address (the VXLAN overlay's
     routes and forwarding entries): the full set now, and again after each change.
@@ -57,9 +55,8 @@ class DispatcherStub:
     gateway on it (allocated by the controller on first call, the same afterwards).
     """
     Reports: _grpc.StreamStreamMultiCallable[_dispatcher_pb2.ReportsRequest, _dispatcher_pb2.ReportsAck]
-    """issue 6 (throughput): one stream per agent session for its status reports and heartbeats, in place of a
-    unary ReportStatus per batch and a unary Heartbeat per period (agents use this; the unary calls remain
-    for other clients). Each request is acknowledged by its seq: a batch once its statuses are committed (or
+    """issue 6 (throughput): one stream per agent session for its status reports and heartbeats (they were a
+    unary ReportStatus per batch and a unary Heartbeat per period, removed). Each request is acknowledged by its seq: a batch once its statuses are committed (or
     dropped as stale), a heartbeat once it kept the node's lease alive. A heartbeat that fails ends the
     stream (UNAVAILABLE, or NOT_FOUND: join again); a batch that fails is acknowledged with its error.
     """
@@ -71,13 +68,11 @@ class DispatcherAsyncStub(DispatcherStub):
     """Register (or re-register) a host. The controller keeps an etcd lease for
     it; the node is ready while heartbeats keep that lease alive.
     """
-    Heartbeat: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.HeartbeatRequest, _dispatcher_pb2.HeartbeatResponse]  # type: ignore[assignment]
     Assignments: _aio.UnaryStreamMultiCallable[_dispatcher_pb2.AssignmentsRequest, _dispatcher_pb2.AssignmentsMessage]  # type: ignore[assignment]
     """The containers assigned to the node: first the full set, then changes,
     each stamped with the etcd revision it came from. A reconnect passes the
     last revision it saw and resumes from there.
     """
-    ReportStatus: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.StatusReport, _dispatcher_pb2.StatusReportResponse]  # type: ignore[assignment]
     Peers: _aio.UnaryStreamMultiCallable[_dispatcher_pb2.PeersRequest, _dispatcher_pb2.PeersMessage]  # type: ignore[assignment]
     """issue 5: every host's container subnet and address (the VXLAN overlay's
     routes and forwarding entries): the full set now, and again after each change.
@@ -91,9 +86,8 @@ class DispatcherAsyncStub(DispatcherStub):
     gateway on it (allocated by the controller on first call, the same afterwards).
     """
     Reports: _aio.StreamStreamMultiCallable[_dispatcher_pb2.ReportsRequest, _dispatcher_pb2.ReportsAck]  # type: ignore[assignment]
-    """issue 6 (throughput): one stream per agent session for its status reports and heartbeats, in place of a
-    unary ReportStatus per batch and a unary Heartbeat per period (agents use this; the unary calls remain
-    for other clients). Each request is acknowledged by its seq: a batch once its statuses are committed (or
+    """issue 6 (throughput): one stream per agent session for its status reports and heartbeats (they were a
+    unary ReportStatus per batch and a unary Heartbeat per period, removed). Each request is acknowledged by its seq: a batch once its statuses are committed (or
     dropped as stale), a heartbeat once it kept the node's lease alive. A heartbeat that fails ends the
     stream (UNAVAILABLE, or NOT_FOUND: join again); a batch that fails is acknowledged with its error.
     """
@@ -110,13 +104,6 @@ class DispatcherServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
-    def Heartbeat(
-        self,
-        request: _dispatcher_pb2.HeartbeatRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_dispatcher_pb2.HeartbeatResponse, _abc.Awaitable[_dispatcher_pb2.HeartbeatResponse]]: ...
-
-    @_abc_1.abstractmethod
     def Assignments(
         self,
         request: _dispatcher_pb2.AssignmentsRequest,
@@ -126,13 +113,6 @@ class DispatcherServicer(metaclass=_abc_1.ABCMeta):
         each stamped with the etcd revision it came from. A reconnect passes the
         last revision it saw and resumes from there.
         """
-
-    @_abc_1.abstractmethod
-    def ReportStatus(
-        self,
-        request: _dispatcher_pb2.StatusReport,
-        context: _ServicerContext,
-    ) -> _typing.Union[_dispatcher_pb2.StatusReportResponse, _abc.Awaitable[_dispatcher_pb2.StatusReportResponse]]: ...
 
     @_abc_1.abstractmethod
     def Peers(
@@ -170,9 +150,8 @@ class DispatcherServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_dispatcher_pb2.ReportsRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.ReportsAck], _abc.AsyncIterator[_dispatcher_pb2.ReportsAck]]:
-        """issue 6 (throughput): one stream per agent session for its status reports and heartbeats, in place of a
-        unary ReportStatus per batch and a unary Heartbeat per period (agents use this; the unary calls remain
-        for other clients). Each request is acknowledged by its seq: a batch once its statuses are committed (or
+        """issue 6 (throughput): one stream per agent session for its status reports and heartbeats (they were a
+        unary ReportStatus per batch and a unary Heartbeat per period, removed). Each request is acknowledged by its seq: a batch once its statuses are committed (or
         dropped as stale), a heartbeat once it kept the node's lease alive. A heartbeat that fails ends the
         stream (UNAVAILABLE, or NOT_FOUND: join again); a batch that fails is acknowledged with its error.
         """
