@@ -302,6 +302,9 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             tracker.close()
             self._count("Run", grpc.StatusCode.ABORTED)
             await _abort(context, exc)
+        except BaseException:  # the caller gone (cancelled) or an unexpected error: nothing left open
+            tracker.close()
+            raise
         if not placed.node_id:
             # Nothing fits now: it stays pending, and the pending sweep places it when a host frees up.
             tracker.close()
