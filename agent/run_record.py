@@ -17,7 +17,8 @@ temporary file, fsynced and renamed over it) when it is opened, and when it hold
 live entries.
 
 Per-container files of earlier agents (`worker/<cid>`: generation, `worker-restarts/<cid>`: count) are
-folded into the record when it is opened, then removed.
+folded into the record when it is first made, then removed (left-overs of a removal that failed are
+removed at later opens, never read again).
 
 One Worker, so one RunRecord, per state dir at a time.
 """
@@ -44,7 +45,10 @@ class RunRecord:
         self._lines = 0
         self._fd = -1
         state_dir.mkdir(parents=True, exist_ok=True)
-        legacy = self._read_legacy(state_dir)  # first: every line of the record is newer than those files
+        # An earlier agent's files are taken over once, when there is no record yet (the record is on disk
+        # before they are removed): files left behind by a removal that failed are older than every line of
+        # the record, and an entry forgotten since must not come back.
+        legacy = self._read_legacy(state_dir, take_over=not self.path.exists())
         self._read()
         self._compact()
         for directory in legacy:  # folded into the record, which is on disk now
@@ -104,14 +108,15 @@ class RunRecord:
                 with contextlib.suppress(ValueError):
                     self._apply(kind, value, cid)
 
-    def _read_legacy(self, state_dir: Path) -> list[Path]:
+    def _read_legacy(self, state_dir: Path, take_over: bool) -> list[Path]:
+        """The legacy directories present, their entries applied when `take_over`."""
         found = []
         for kind, name in LEGACY.items():
             directory = state_dir / name
             if not directory.is_dir():
                 continue
             found.append(directory)
-            for path in directory.iterdir():
+            for path in directory.iterdir() if take_over else ():
                 with contextlib.suppress(ValueError, OSError):
                     self._apply(kind, path.read_text().strip(), path.name)
         return found

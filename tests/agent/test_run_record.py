@@ -207,16 +207,24 @@ def test_unused_descriptors_are_not_left_open(tmp_path: Path) -> None:
 def test_files_of_an_earlier_agent_left_behind_never_undo_the_record(tmp_path: Path) -> None:
     """Per-container files that outlived their take-over (their removal failed: rmtree ignores errors) are
     older than every line of the record: a later generation in the record wins, or the agent would start
-    that generation again."""
+    that generation again; and an entry forgotten since (b: its container was removed; a's restart count:
+    reset by a user's start) does not come back from them."""
     r = RunRecord(tmp_path)
     r.set_started("a", 5)
     r.set_restarts("a", 2)
+    r.set_started("b", 1)
+    r.forget("b")
+    r.set_restarts("c", 4)
+    r.forget_restarts("c")
     r.close()
+    RunRecord(tmp_path).close()  # compacted: the record no longer says that b and c's count were forgotten
     (tmp_path / "worker").mkdir()
     (tmp_path / "worker-restarts").mkdir()
     (tmp_path / "worker" / "a").write_text("3")  # what an earlier agent wrote, before the record existed
     (tmp_path / "worker" / "b").write_text("1")
     (tmp_path / "worker-restarts" / "a").write_text("7")
+    (tmp_path / "worker-restarts" / "c").write_text("4")
     again = RunRecord(tmp_path)
-    assert (again.started, again.restarts) == ({"a": 5, "b": 1}, {"a": 2})
+    assert (again.started, again.restarts) == ({"a": 5}, {"a": 2})
     again.close()
+    assert not (tmp_path / "worker").exists() and not (tmp_path / "worker-restarts").exists()
