@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from controller.store import PREFIX
 from tests.conftest import SLOT
 from tests.support import etcd_keys, wait_for
 
-__all__ = ["HOST", "Controller", "etcd_keys", "wait_for", "wipe_etcd"]
+__all__ = ["HOST", "Controller", "etcd_keys", "until", "wait_for", "wipe_etcd"]
 
 HOST = f"127.0.{SLOT}.77"
 
@@ -31,6 +33,15 @@ async def wipe_etcd(url: str) -> None:
         await client.delete_prefix(PREFIX)
     finally:
         await client.close()
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    """Poll (in a running event loop) until condition() is truthy; fail after `timeout` seconds, naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
-from collections.abc import Callable
 
 import aetcd
 import pytest
@@ -27,18 +25,10 @@ from controller.store import (
     Unavailable,
     assignment_key,
 )
-from tests.controller.conftest import wipe_etcd
+from tests.controller.conftest import until, wipe_etcd
 from tests.controller.test_race import _assignment_puts
 
 MIB = 1 << 20
-
-
-async def _until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _container(name: str, memory: int = 0) -> t.Container:
@@ -58,7 +48,7 @@ async def _cache_follows(url: str) -> None:
                                     capacity=t.Resources(memory_bytes=1 << 30, nano_cpus=10**9)))
         c = _container("cache-a", memory=64 * MIB)
         await store.create_container(c)
-        await _until(lambda: c.id in cache.pending and "n1" in cache.alive and "n1" in cache.nodes, "the new container")
+        await until(lambda: c.id in cache.pending and "n1" in cache.alive and "n1" in cache.nodes, "the new container")
 
         # Placed by another writer (not through this cache): seen through the watch, with its host's usage;
         # a status waiter opened on the cache before the write sees the status, and the removal.
@@ -70,7 +60,7 @@ async def _cache_follows(url: str) -> None:
         placed.node_id = "n1"
         revision = await store.update_container(v, placed, assignment=t.Assignment(container_id=c.id),
                                                 status=t.ContainerStatus(state=t.STATE_ASSIGNED, generation=1))
-        await _until(lambda: (e := cache.container(c.id)) is not None and e.mod_revision == revision, "the placement")
+        await until(lambda: (e := cache.container(c.id)) is not None and e.mod_revision == revision, "the placement")
         [host] = cache.hosts()
         assert (host.ready, host.containers, host.allocated_memory) == (True, 1, 64 * MIB)
         assert c.id not in cache.pending and cache.on_node["n1"] == {c.id}
@@ -89,7 +79,7 @@ async def _cache_follows(url: str) -> None:
         # Deleted: gone with its usage, and an older write of ours applied after the deletion's event does
         # not bring it back.
         await store.delete_container(await store.get_container(c.id))
-        await _until(lambda: cache.container(c.id) is None, "the deletion")
+        await until(lambda: cache.container(c.id) is None, "the deletion")
         with pytest.raises(NotFound, match="was removed"):
             await waiter.wait(1, (t.STATE_RUNNING,), timeout_s=10)
         waiter.close()
@@ -100,7 +90,7 @@ async def _cache_follows(url: str) -> None:
 
         # The host's lease ends: it is not ready any more.
         await store.revoke_lease(lease)
-        await _until(lambda: "n1" not in cache.alive, "the host going down")
+        await until(lambda: "n1" not in cache.alive, "the host going down")
         assert not cache.hosts()[0].ready
 
         # The cache stops following etcd: a waiter still open fails with the reason instead of hanging.
@@ -144,7 +134,7 @@ async def _two_leaders(url: str) -> None:
             tasks.append(asyncio.create_task(orchestrator.cache.run()))
             await asyncio.wait_for(orchestrator.cache.wait_ready(), 10)
             tasks.append(asyncio.create_task(orchestrator.lead(period_s=0.05)))
-        await _until(lambda: one.kick is not None and two.kick is not None, "both leading")
+        await until(lambda: one.kick is not None and two.kick is not None, "both leading")
 
         runs = [(one if i % 2 else two, _container(f"run{i}")) for i in range(200)]
         clash = _container("taken")
@@ -159,7 +149,7 @@ async def _two_leaders(url: str) -> None:
         assert twin.node_id
 
         ids = {c.id for _, c in runs} | {c.id for c in swept} | {taken.id, twin.id}
-        await _until(lambda: all((e := one.cache.container(cid)) is not None and e.container.node_id  # type: ignore[union-attr]
+        await until(lambda: all((e := one.cache.container(cid)) is not None and e.container.node_id  # type: ignore[union-attr]
                                  for cid in ids), "the sweeps to place every pending container", timeout=30)
         placed = {v.container.id: v.container.node_id for v in await a.list_containers()}
         assert all(placed[cid] for cid in ids)
@@ -207,7 +197,7 @@ async def _same_name_in_one_batch(url: str) -> None:
     try:
         await asyncio.wait_for(orchestrator.cache.wait_ready(), 10)
         tasks.append(asyncio.create_task(orchestrator.lead(period_s=0.05)))
-        await _until(lambda: orchestrator.kick is not None, "leading")
+        await until(lambda: orchestrator.kick is not None, "leading")
         twins = [_container("twin"), _container("twin")]
         other = _container("other")
         results = await asyncio.gather(*(orchestrator.create_and_place(c) for c in (*twins, other)),
@@ -243,7 +233,7 @@ async def _stuck_session(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         _, queue = follow
         for i in range(3):  # nobody reads the queue
             await client.put(assignment_key("n1", f"c{i}"), t.Assignment(container_id=f"c{i}").SerializeToString())
-        await _until(lambda: queue.qsize() == 3, "the third change")
+        await until(lambda: queue.qsize() == 3, "the third change")
         got = [queue.get_nowait() for _ in range(3)]
         assert [e.container_id for e in got[:2] if isinstance(e, RawAssignment)] == ["c0", "c1"]
         assert isinstance(got[2], Unavailable) and "agent n1 is 2 assignment changes behind" in str(got[2])
@@ -282,7 +272,7 @@ async def _queued_changes(url: str) -> None:
             await client.put(assignment_key("n1", f"c{i}"), t.Assignment(container_id=f"c{i}",
                                                                          generation=i).SerializeToString())
         await client.delete(assignment_key("n1", "c1"))
-        await _until(lambda: queue.qsize() == 4, "the four changes")
+        await until(lambda: queue.qsize() == 4, "the four changes")
         skipped = queue.get_nowait()  # the agent resumes after the first change: it is not sent again
         assert isinstance(skipped, RawAssignment)
         queue.put_nowait(skipped)
@@ -296,7 +286,7 @@ async def _queued_changes(url: str) -> None:
         assert msg.revision == await store.revision()
 
         await client.put(assignment_key("n1", "c3"), t.Assignment(container_id="c3").SerializeToString())
-        await _until(lambda: queue.qsize() == 1, "the fifth change")
+        await until(lambda: queue.qsize() == 1, "the fifth change")
         queue.put_nowait(Unavailable("reloading"))
         msg = await anext(stream)
         assert [c.container_id for c in msg.changes] == ["c3"]
@@ -325,7 +315,7 @@ async def _report_fails(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         await asyncio.wait_for(orchestrator.cache.wait_ready(), 10)
         c = _container("reported")
         await store.create_container(c)
-        await _until(lambda: orchestrator.cache.container(c.id) is not None, "the container")  # type: ignore[union-attr]
+        await until(lambda: orchestrator.cache.container(c.id) is not None, "the container")  # type: ignore[union-attr]
 
         async def broken(items: object) -> int:
             raise RuntimeError("a bug in the batched write")

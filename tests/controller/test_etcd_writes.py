@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
-from collections.abc import Callable
 
 import aetcd
 import pytest
@@ -18,17 +16,9 @@ from controller.events import translate_all
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import Conflict, Store, assignment_key, container_key, name_key, status_key
-from tests.controller.conftest import wipe_etcd
+from tests.controller.conftest import until, wipe_etcd
 
 MIB = 1 << 20
-
-
-async def _until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _container(name: str, memory: int) -> t.Container:
@@ -50,10 +40,10 @@ async def _created_placed(url: str) -> None:
         lease = await store.grant_lease(60)
         await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
                                     capacity=t.Resources(memory_bytes=1024 * MIB, nano_cpus=8 * 10**9)))
-        await _until(lambda: [h.id for h in orchestrator.cache.hosts() if h.ready] == ["n1"],  # type: ignore[union-attr]
+        await until(lambda: [h.id for h in orchestrator.cache.hosts() if h.ready] == ["n1"],  # type: ignore[union-attr]
                      "the host in the cache")
         tasks.append(asyncio.create_task(orchestrator.lead(period_s=0.05)))
-        await _until(lambda: orchestrator.kick is not None, "leading")
+        await until(lambda: orchestrator.kick is not None, "leading")
         start = await store.revision()
 
         fits = [_container(f"fits{i}", 64 * MIB) for i in range(12)]  # 12 x 64 MiB: 768 of 1024 MiB

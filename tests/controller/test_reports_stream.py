@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -28,15 +28,7 @@ from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import Store
-from tests.controller.conftest import HOST, wipe_etcd
-
-
-async def _until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+from tests.controller.conftest import HOST, until, wipe_etcd
 
 
 @dataclass
@@ -78,7 +70,7 @@ async def _container(serving: Serving) -> str:
     await serving.store.create_container(t.Container(
         id=cid, spec=t.ContainerSpec(name=f"r-{cid[:8]}", image="busybox"), desired_state=t.DESIRED_RUNNING,
         generation=1))
-    await _until(lambda: serving.orchestrator.cache is not None and serving.orchestrator.cache.container(cid),
+    await until(lambda: serving.orchestrator.cache is not None and serving.orchestrator.cache.container(cid),
                  "the container in the cache")
     return cid
 
@@ -175,7 +167,7 @@ async def _failover(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         async with _controller(url) as first, _controller(url) as second:
             cid = await _container(first)
-            await _until(lambda: second.orchestrator.cache is not None and second.orchestrator.cache.container(cid),
+            await until(lambda: second.orchestrator.cache is not None and second.orchestrator.cache.container(cid),
                          "the container in the second controller's cache")
             # The first controller takes the RUNNING batch and never commits it (it dies mid-commit).
             received: list[list[tuple[str, int]]] = []
@@ -196,13 +188,13 @@ async def _failover(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setattr(second.orchestrator, "on_statuses", recorded)
             streams.append(ReportStream(first.stub, "n1"))
             reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
-            await _until(lambda: received, "the first controller to get the RUNNING batch")
+            await until(lambda: received, "the first controller to get the RUNNING batch")
             reporter.report(cid, t.ContainerStatus(state=t.STATE_EXITED, generation=1, exit_code=3))  # exits at once
             await first.server.stop(0)  # the first controller dies
-            await _until(streams[0].closed.done, "the broken stream")
+            await until(streams[0].closed.done, "the broken stream")
             streams.append(ReportStream(second.stub, "n1"))  # the session's next controller
             reporter.flush()
-            await _until(lambda: len(committed) == 2, "both statuses at the second controller")
+            await until(lambda: len(committed) == 2, "both statuses at the second controller")
             assert committed == [[(cid, t.STATE_RUNNING)], [(cid, t.STATE_EXITED)]]
             status, _ = await second.store.get_status(cid)
             assert (status.state, status.exit_code) == (t.STATE_EXITED, 3)
@@ -262,7 +254,7 @@ async def _stalled(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
             task = asyncio.create_task(reporter.run(stream.send, lambda: "n1"))
             try:
                 reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
-                await _until(lambda: received, "the batch at the controller")
+                await until(lambda: received, "the batch at the controller")
                 assert await stream.heartbeat(timeout=10) > 0  # waiting for less than stall_s: not stalled
                 stream.stall_s = 0.05
                 deadline = time.monotonic() + 20
@@ -276,7 +268,7 @@ async def _stalled(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
                     await asyncio.sleep(0.02)
                 await stream.close()
                 # The batch is kept for the next session; the reporter is still there to send it.
-                await _until(lambda: cid in reporter._pending, "the batch back in the reporter")
+                await until(lambda: cid in reporter._pending, "the batch back in the reporter")
                 assert not task.done()
             finally:
                 task.cancel()
@@ -301,7 +293,7 @@ async def _caller_gone(url: str) -> None:
             orchestrator._reporter = asyncio.create_task(held.wait())  # type: ignore[assignment]  # commits wait
             report = asyncio.create_task(orchestrator.on_statuses(
                 [(gone, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))]))
-            await _until(lambda: orchestrator._reports, "the report queued for the group commit")
+            await until(lambda: orchestrator._reports, "the report queued for the group commit")
             report.cancel()  # its agent's stream ended: the agent will send it again, maybe elsewhere
             await asyncio.gather(report, return_exceptions=True)
             held.set()
