@@ -13,8 +13,8 @@ on: once `set_*` returns, the line is in the kernel's page cache and survives th
 per-container files that the record replaces did; like them, it is not fsynced per change, so a host crash
 may lose the last changes, and with them every container process). Reading keeps the last line of each
 (kind, container), and ignores a torn last line. The file is compacted (the live entries written to a
-temporary file, fsynced and renamed over it) when it is opened, and when it holds four times more lines than
-live entries.
+temporary file, fsynced and renamed over it) when it holds four times more lines than live entries (at least
+1,024), and when it is opened with a torn last line or an earlier agent's files to take over.
 
 Per-container files of earlier agents (`worker/<cid>`: generation, `worker-restarts/<cid>`: count) are
 folded into the record when it is first made, then removed (left-overs of a removal that failed are
@@ -48,9 +48,14 @@ class RunRecord:
         # An earlier agent's files are taken over once, when there is no record yet (the record is on disk
         # before they are removed): files left behind by a removal that failed are older than every line of
         # the record, and an entry forgotten since must not come back.
-        legacy = self._read_legacy(state_dir, take_over=not self.path.exists())
-        self._read()
-        self._compact()
+        take_over = not self.path.exists()
+        legacy = self._read_legacy(state_dir, take_over)
+        lines = self._read()
+        if (take_over and legacy) or lines is None or lines >= self._limit():
+            self._compact()
+        else:  # nothing to tidy: appends go on (no rewrite and fsync at each start of an agent)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lines = lines
         for directory in legacy:  # folded into the record, which is on disk now
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -86,8 +91,12 @@ class RunRecord:
             raise ValueError(f"container id {cid!r} cannot be recorded")
         os.write(self._fd, f"{kind} {value} {cid}\n".encode())
         self._lines += 1
-        if self._lines >= max(COMPACT_MIN_LINES, 4 * (len(self.started) + len(self.restarts))):
+        if self._lines >= self._limit():
             self._compact()
+
+    def _limit(self) -> int:
+        """Lines that call for a compaction."""
+        return max(COMPACT_MIN_LINES, 4 * (len(self.started) + len(self.restarts)))
 
     def _apply(self, kind: str, value: str, cid: str) -> None:
         table = self.started if kind == "s" else self.restarts
@@ -96,17 +105,20 @@ class RunRecord:
         else:
             table[cid] = int(value)
 
-    def _read(self) -> None:
+    def _read(self) -> int | None:
+        """Apply the file's lines; returns how many there are, or None when the last one is torn."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return
-        for line in data.decode(errors="replace").split("\n")[:-1]:  # the last piece: "" or a torn line
+            return 0
+        lines = data.decode(errors="replace").split("\n")
+        for line in lines[:-1]:  # the last piece: "" or a torn line
             kind, _, rest = line.partition(" ")
             value, _, cid = rest.partition(" ")
             if kind in LEGACY and cid:
                 with contextlib.suppress(ValueError):
                     self._apply(kind, value, cid)
+        return len(lines) - 1 if lines[-1] == "" else None
 
     def _read_legacy(self, state_dir: Path, take_over: bool) -> list[Path]:
         """The legacy directories present, their entries applied when `take_over`."""
