@@ -139,7 +139,8 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         """The Assignments stream from the cache's watch: the changes after `current` come through `queue`;
         an agent that resumes from before it (or starts) gets the complete set as of `current` first. The
         changes queued when the stream gets to them go in one message (the agent applies a message's changes
-        in order, then takes its revision), each parsed once from etcd's bytes into that message."""
+        in order, then takes its revision, which the message holds all of), each parsed once from etcd's bytes
+        into that message."""
         try:
             if after < current:
                 assignments = await self.store.assignments_at(node_id, current)
@@ -165,7 +166,14 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                             change.action = d.AssignmentChange.UPDATE
                             change.assignment.MergeFromString(event.value)
                         msg.revision = event.revision
-                    if queue.empty() or (msg is not None and len(msg.changes) >= MAX_CHANGES):
+                    if queue.empty():  # a watch reply's changes are queued together: its revisions are whole
+                        break
+                    if msg is not None and len(msg.changes) >= MAX_CHANGES:
+                        # Cut with changes left: the next may be of this revision too (one transaction), so
+                        # the message carries the revision before it; an agent that resumes after it gets
+                        # this revision again (changes by container id, in order: applying them twice is
+                        # harmless), never misses the rest of it.
+                        msg.revision = event.revision - 1
                         break
                     event = queue.get_nowait()
                 if msg is not None:

@@ -1,0 +1,75 @@
+"""An agent's Assignments stream resumed from the revision of the last message it got never misses a change:
+one etcd transaction can change many of a node's assignments at one revision (a group-committed batch of
+Run calls placed on one host), and a message holds at most MAX_CHANGES of them, so a message that ends in
+the middle of a revision must not carry that revision (the agent would resume after it, and the rest of
+the revision's changes would never come). Real etcd and cluster cache; the stream ends (a controller
+failover) right after the first message."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aetcd
+import pytest
+
+from berth.api import dispatcher_pb2 as d
+from berth.api import types_pb2 as t
+from controller import dispatcher as dispatcher_module
+from controller.cache import ClusterCache
+from controller.dispatcher import Dispatcher
+from controller.metrics import ControllerMetrics
+from controller.orchestrator import Orchestrator
+from controller.store import PREFIX, Store, assignment_key
+from tests.controller.conftest import until
+
+
+async def _resume_mid_revision(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatcher_module, "MAX_CHANGES", 2)
+    store = Store(url)
+    await store.connect()
+    cache = ClusterCache(store)
+    follower = asyncio.create_task(cache.run())
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    try:
+        await asyncio.wait_for(cache.wait_ready(), 10)
+        dispatcher = Dispatcher(store, Orchestrator(store, ControllerMetrics()), ControllerMetrics(), 5)
+        follow = cache.follow_assignments("n1")
+        assert follow is not None
+        current, queue = follow
+        stream = dispatcher._from_cache(cache, "n1", current, current, queue)
+        cids = ["c0", "c1", "c2"]
+        tx = client.transactions
+        await client.transaction([], [tx.put(assignment_key("n1", c), t.Assignment(container_id=c).SerializeToString())
+                                      for c in cids], [])  # three changes at one revision
+        await until(lambda: queue.qsize() == 3, "the three changes")
+        first = await asyncio.wait_for(anext(stream), 10)
+        assert [c.container_id for c in first.changes] == ["c0", "c1"]
+        await stream.aclose()  # the controller goes away: the agent resumes after the revision it took
+
+        follow = cache.follow_assignments("n1")
+        assert follow is not None
+        resumed = dispatcher._from_cache(cache, "n1", first.revision, *follow)
+        try:
+            msg = await asyncio.wait_for(anext(resumed), 10)
+        except TimeoutError:
+            raise AssertionError("c2 never came: the agent resumed after the revision of a message that did not "
+                                 "hold all of it") from None
+        finally:
+            await resumed.aclose()
+        if msg.kind == d.AssignmentsMessage.COMPLETE:
+            assert sorted(c.container_id for c in msg.changes) == cids
+        else:
+            assert "c2" in [c.container_id for c in msg.changes]
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await client.delete_prefix(PREFIX)
+        await client.close()
+        await store.close()
+
+
+def test_a_stream_resumed_after_a_message_cut_inside_a_revision_gets_the_rest(etcd_url: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_resume_mid_revision(etcd_url, monkeypatch))
