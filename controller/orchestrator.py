@@ -568,17 +568,22 @@ class Orchestrator:
             for cid, status in updates:
                 await self.on_status(cid, status)
             return
-        futures = []
-        for cid, status in updates:
-            v = cache.container(cid)
-            if v is None:
-                await self.on_status(cid, status)  # not seen yet (or gone): read etcd
-                continue
-            if _stale(status, v.container):
-                continue
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._reports.append((cid, status, v.mod_revision, future))
-            futures.append(future)
+        futures: list[asyncio.Future[None]] = []
+        try:
+            for cid, status in updates:
+                v = cache.container(cid)
+                if v is None:
+                    await self.on_status(cid, status)  # not seen yet (or gone): read etcd
+                    continue
+                if _stale(status, v.container):
+                    continue
+                future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._reports.append((cid, status, v.mod_revision, future))
+                futures.append(future)
+        except BaseException:  # the caller gone (or a failure) while one was recorded alone: as in _report_loop,
+            for queued in futures:  # what it queued is not written
+                queued.cancel()
+            raise
         if not futures:
             return
         if self._reporter is None or self._reporter.done():
