@@ -234,8 +234,11 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         return self._decorate(v.container, status, {node.id: node} if node is not None else {})
 
     @staticmethod
-    def _decorate(c: t.Container, status: t.ContainerStatus | None, nodes: dict[str, t.Node]) -> t.Container:
-        out = t.Container()
+    def _decorate(c: t.Container, status: t.ContainerStatus | None, nodes: dict[str, t.Node],
+                  out: t.Container | None = None) -> t.Container:
+        """The view of a container, made in `out` when given (a field of a reply: no second copy)."""
+        if out is None:
+            out = t.Container()
         out.CopyFrom(c)
         if status is not None:
             out.status.CopyFrom(status)
@@ -329,9 +332,9 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                           (placed_at - began) * 1000, t.ContainerState.Name(status.state),
                           (time.perf_counter() - placed_at) * 1000)
             self._count("Run", grpc.StatusCode.OK)
-            view = self._decorate(placed, status, {})
-            view.node_name = placed.node_id
-            yield control_pb2.RunEvent(started=view)
+            started = control_pb2.RunEvent()
+            self._decorate(placed, status, {}, out=started.started).node_name = placed.node_id
+            yield started
             if pump is None:
                 return
             while (entry := await logs.get()) is not None:
