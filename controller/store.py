@@ -26,7 +26,8 @@ Keys (values are serialized protobuf messages from berth.api.types):
 
 Every write that changes who owns a container (placement, desired state) compares the container key's
 mod_revision, so two controllers can never both place one container: the loser gets Conflict and retries
-on a fresh read.
+on a fresh read. A container placed as it is created (create_placed) compares that its key and its name do
+not exist yet instead: it is created, and placed, once.
 
 Exceptions:
 
