@@ -272,11 +272,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
 
 def _incremental(event: AssignmentEvent) -> d.AssignmentsMessage:
-    """One assignment change (from the store's watch or the cache's) as the stream's message."""
+    """One assignment change from the store's watch as the stream's message. It carries the revision before
+    the change's: other changes of that revision (one transaction) may follow in messages of their own, and
+    an agent that resumes after the message's revision must get them (and gets this one again: harmless)."""
     change = d.AssignmentChange(container_id=event.container_id)
     if event.assignment is None:
         change.action = d.AssignmentChange.REMOVE
     else:
         change.action = d.AssignmentChange.UPDATE
         change.assignment.CopyFrom(event.assignment)
-    return d.AssignmentsMessage(kind=d.AssignmentsMessage.INCREMENTAL, revision=event.revision, changes=[change])
+    return d.AssignmentsMessage(kind=d.AssignmentsMessage.INCREMENTAL, revision=event.revision - 1, changes=[change])

@@ -12,7 +12,9 @@ import asyncio
 import aetcd
 import pytest
 
+from berth import rpc
 from berth.api import dispatcher_pb2 as d
+from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
 from controller import dispatcher as dispatcher_module
 from controller.cache import ClusterCache
@@ -20,7 +22,7 @@ from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import PREFIX, Store, assignment_key
-from tests.controller.conftest import until
+from tests.controller.conftest import HOST, until
 
 
 async def _resume_mid_revision(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,3 +75,53 @@ async def _resume_mid_revision(url: str, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_a_stream_resumed_after_a_message_cut_inside_a_revision_gets_the_rest(etcd_url: str,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_resume_mid_revision(etcd_url, monkeypatch))
+
+
+async def _resume_mid_revision_from_etcd(url: str) -> None:
+    """The same without a cluster cache (the stream follows an etcd watch of its own, a message a change)."""
+    store = Store(url)
+    await store.connect()
+    server = rpc.aio_server()
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(
+        Dispatcher(store, Orchestrator(store, ControllerMetrics()), ControllerMetrics(), 5), server)
+    port = rpc.bind(server, f"{HOST}:0")
+    await server.start()
+    channel = rpc.aio_channel(f"{HOST}:{port}")
+    stub = dispatcher_pb2_grpc.DispatcherStub(channel)
+    host, etcd_port = url.split("//", 1)[1].rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(etcd_port))
+    await client.connect()
+    try:
+        start = await store.revision()
+        call = stub.Assignments(d.AssignmentsRequest(node_id="n1", after_revision=start))
+        cids = ["c0", "c1", "c2"]
+        tx = client.transactions
+        await client.transaction([], [tx.put(assignment_key("n1", c), t.Assignment(container_id=c).SerializeToString())
+                                      for c in cids], [])  # three changes at one revision
+        first = await asyncio.wait_for(anext(aiter(call)), 10)
+        assert [c.container_id for c in first.changes] == ["c0"]
+        call.cancel()  # the controller goes away: the agent resumes after the revision it took
+
+        resumed = stub.Assignments(d.AssignmentsRequest(node_id="n1", after_revision=first.revision))
+        seen: list[str] = []
+        try:
+            async with asyncio.timeout(10):
+                async for msg in resumed:
+                    seen += [c.container_id for c in msg.changes]
+                    if "c2" in seen:
+                        break
+        except TimeoutError:
+            raise AssertionError(f"c2 never came (got {seen}): the agent resumed after the revision of a message "
+                                 "that did not hold all of it") from None
+        finally:
+            resumed.cancel()
+    finally:
+        await client.delete_prefix(PREFIX)
+        await client.close()
+        await channel.close()
+        await server.stop(0)
+        await store.close()
+
+
+def test_a_stream_from_etcd_resumed_inside_a_revision_gets_the_rest(etcd_url: str) -> None:
+    asyncio.run(_resume_mid_revision_from_etcd(etcd_url))
