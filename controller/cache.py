@@ -1,6 +1,8 @@
 """An in-memory copy of the containers, statuses and hosts in etcd, fed by an etcd watch (issue 6): the leader's
 sweeps and the status path read it instead of every container from etcd (kube-scheduler's informers,
-swarmkit's memdb).
+swarmkit's memdb). Its watch also feeds `Run`'s status waits (`StatusWaiter`), every agent's assignment
+stream (`follow_assignments`), the DNS records (`follow_containers`) and the overlay's peers
+(`follow_nodes`); `ps` and `inspect` read it once it is `consistent` (caught up with etcd's revision).
 
 It is loaded with one read per prefix at one revision, then follows one watch on /berth/ from the next
 revision, in revision order, so the copy is etcd as of one revision plus this controller's own writes. It
@@ -8,11 +10,11 @@ keeps the indexes the scheduler needs without a scan: the pending containers (in
 placed on each host (memory, CPU, count, host ports), the containers of each host and of services.
 
 The copy is a hint, never the authority: every decision taken on it is committed with a compare on the
-container's mod_revision (controller.store), so a stale entry costs a retry on a fresh read, never a double
-placement. Writes this controller commits are applied at once with the revision etcd gave them
-(`put_container`, `put_status`), so the next decision sees them before their watch event arrives; an event
-older than what is held is ignored. A failed watch drops the copy (`ready` false: callers read etcd) and
-loads it again.
+container's mod_revision (controller.store), or, for a Run created already placed, on its id and name being
+new, so a stale entry costs a retry on a fresh read, never a double placement. Writes this controller
+commits are applied at once with the revision etcd gave them (`put_container`, `put_status`), so the next
+decision sees them before their watch event arrives; an event older than what is held is ignored. A failed
+watch drops the copy (`ready` false: callers read etcd) and loads it again.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Places containers and moves them through their lifecycle: the one place where the controller writes
 placement and desired state to the store.
 
-Every change is decided on a fresh read and committed with a compare on the container's mod_revision
-(swarmkit's applySchedulingDecisions); on a conflict the change is re-read and retried, so concurrent API
-calls and a second controller can never place one container twice.
+Every change is decided on a read (of etcd, or of the leader's cluster cache, controller.cache) and committed
+with a compare on the container's mod_revision (swarmkit's applySchedulingDecisions); on a conflict the change
+is re-read and retried, so concurrent API calls and a second controller can never place one container twice.
+A Run group-committed on the leader is created already placed, with a compare that its id and name are new
+(`_admit`): created once, so placed once.
 """
 
 from __future__ import annotations

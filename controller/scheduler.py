@@ -133,7 +133,8 @@ STRATEGIES = ("spread", "binpack")
 
 def host_view(n: t.Node, ready: bool, used: Sequence[int], ports: frozenset[tuple[str, int]]) -> HostView:
     """The scheduler's view of a stored node: `used` is (memory, CPUs, containers) placed on it; operator labels
-    win over the agent's. The one place both controller.orchestrator and controller.cache build it."""
+    win over the agent's. The one place both controller.orchestrator and controller.cache build it from a node
+    (the cache then puts a container's coming or going into the view it holds: ClusterCache._usage_changed)."""
     return HostView(
         n.id, n.name, ready, n.capacity.memory_bytes, n.capacity.nano_cpus, used[0], used[1], used[2],
         labels=tuple(sorted({**n.labels, **n.user_labels}.items())), platform=n.platform,
