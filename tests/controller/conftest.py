@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import aetcd
 import pytest
 
 from berthctl.dev import etcd
-from controller.store import PREFIX
+from controller.cache import ClusterCache
+from controller.store import PREFIX, Store
 from tests.conftest import SLOT
 from tests.support import etcd_keys, wait_for
 
-__all__ = ["HOST", "Controller", "etcd_keys", "until", "wait_for", "wipe_etcd"]
+__all__ = ["HOST", "Controller", "cache_on", "etcd_keys", "until", "wait_for", "wipe_etcd"]
 
 HOST = f"127.0.{SLOT}.77"
 
@@ -42,6 +44,28 @@ async def until(condition: Callable[[], object], what: str, timeout: float = 20.
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def cache_on(url: str) -> AsyncIterator[tuple[Store, ClusterCache, aetcd.Client]]:
+    """A store on the etcd at url, a cluster cache following it (loaded), and a plain etcd client for the
+    test's own writes; on the way out the cache is stopped, every berth key deleted and both clients closed."""
+    store = Store(url)
+    await store.connect()
+    cache = ClusterCache(store)
+    follower = asyncio.create_task(cache.run())
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    client = aetcd.Client(host=host, port=int(port))
+    await client.connect()
+    try:
+        await asyncio.wait_for(cache.wait_ready(), 10)
+        yield store, cache, client
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await client.delete_prefix(PREFIX)
+        await client.close()
+        await store.close()
 
 
 @dataclass(frozen=True)

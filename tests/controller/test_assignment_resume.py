@@ -17,25 +17,16 @@ from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
 from controller import dispatcher as dispatcher_module
-from controller.cache import ClusterCache
 from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import PREFIX, Store, assignment_key
-from tests.controller.conftest import HOST, until
+from tests.controller.conftest import HOST, cache_on, until
 
 
 async def _resume_mid_revision(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatcher_module, "MAX_CHANGES", 2)
-    store = Store(url)
-    await store.connect()
-    cache = ClusterCache(store)
-    follower = asyncio.create_task(cache.run())
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    client = aetcd.Client(host=host, port=int(port))
-    await client.connect()
-    try:
-        await asyncio.wait_for(cache.wait_ready(), 10)
+    async with cache_on(url) as (store, cache, client):
         dispatcher = Dispatcher(store, Orchestrator(store, ControllerMetrics()), ControllerMetrics(), 5)
         follow = cache.follow_assignments("n1")
         assert follow is not None
@@ -64,12 +55,6 @@ async def _resume_mid_revision(url: str, monkeypatch: pytest.MonkeyPatch) -> Non
             assert sorted(c.container_id for c in msg.changes) == cids
         else:
             assert "c2" in [c.container_id for c in msg.changes]
-    finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await client.delete_prefix(PREFIX)
-        await client.close()
-        await store.close()
 
 
 def test_a_stream_resumed_after_a_message_cut_inside_a_revision_gets_the_rest(etcd_url: str,

@@ -12,54 +12,45 @@ import secrets
 import pytest
 
 from berth.api import types_pb2 as t
-from controller.cache import ClusterCache
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import Store
-from tests.controller.conftest import until, wipe_etcd
+from tests.controller.conftest import cache_on, until
 
 
 async def _mixed_batch_caller_gone(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(url)
-    await store.connect()
-    orchestrator = Orchestrator(store, ControllerMetrics())
-    cache = orchestrator.cache = ClusterCache(store)
-    follower = asyncio.create_task(cache.run())
-    try:
-        await asyncio.wait_for(cache.wait_ready(), 10)
-        queued, kept = secrets.token_hex(32), secrets.token_hex(32)
-        for cid in (queued, kept):
-            await store.create_container(t.Container(
-                id=cid, spec=t.ContainerSpec(name=f"r-{cid[:8]}", image="busybox"),
-                desired_state=t.DESIRED_RUNNING, generation=1))
-        await until(lambda: cache.container(queued) and cache.container(kept), "the containers in the cache")
-        before, _ = await store.get_status(queued)
-        uncached = secrets.token_hex(32)  # not in the cache: on_statuses records it alone
-        recording = asyncio.Event()
+    async with cache_on(url) as (store, cache, _):
+        orchestrator = Orchestrator(store, ControllerMetrics())
+        orchestrator.cache = cache
+        try:
+            queued, kept = secrets.token_hex(32), secrets.token_hex(32)
+            for cid in (queued, kept):
+                await store.create_container(t.Container(
+                    id=cid, spec=t.ContainerSpec(name=f"r-{cid[:8]}", image="busybox"),
+                    desired_state=t.DESIRED_RUNNING, generation=1))
+            await until(lambda: cache.container(queued) and cache.container(kept), "the containers in the cache")
+            before, _ = await store.get_status(queued)
+            uncached = secrets.token_hex(32)  # not in the cache: on_statuses records it alone
+            recording = asyncio.Event()
 
-        async def held_on_status(cid: str, status: t.ContainerStatus) -> bool:
-            recording.set()
-            await asyncio.Event().wait()  # held until the caller goes
-            return False
+            async def held_on_status(cid: str, status: t.ContainerStatus) -> bool:
+                recording.set()
+                await asyncio.Event().wait()  # held until the caller goes
+                return False
 
-        monkeypatch.setattr(orchestrator, "on_status", held_on_status)
-        running = t.ContainerStatus(state=t.STATE_RUNNING, generation=1)
-        report = asyncio.create_task(orchestrator.on_statuses([(queued, running), (uncached, running)]))
-        await asyncio.wait_for(recording.wait(), 10)
-        assert orchestrator._reports  # `queued` waits for the group commit
-        report.cancel()  # its agent's stream ended
-        await asyncio.gather(report, return_exceptions=True)
-        await asyncio.wait_for(orchestrator.on_statuses([(kept, running)]), 10)  # the next group commit
-        assert (await store.get_status(kept))[0].state == t.STATE_RUNNING
-        assert (await store.get_status(queued))[0] == before, "a report whose caller was gone was written"
-    finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        if orchestrator._reporter is not None:
-            orchestrator._reporter.cancel()
-            await asyncio.gather(orchestrator._reporter, return_exceptions=True)
-        await wipe_etcd(url)
-        await store.close()
+            monkeypatch.setattr(orchestrator, "on_status", held_on_status)
+            running = t.ContainerStatus(state=t.STATE_RUNNING, generation=1)
+            report = asyncio.create_task(orchestrator.on_statuses([(queued, running), (uncached, running)]))
+            await asyncio.wait_for(recording.wait(), 10)
+            assert orchestrator._reports  # `queued` waits for the group commit
+            report.cancel()  # its agent's stream ended
+            await asyncio.gather(report, return_exceptions=True)
+            await asyncio.wait_for(orchestrator.on_statuses([(kept, running)]), 10)  # the next group commit
+            assert (await store.get_status(kept))[0].state == t.STATE_RUNNING
+            assert (await store.get_status(queued))[0] == before, "a report whose caller was gone was written"
+        finally:
+            if orchestrator._reporter is not None:
+                orchestrator._reporter.cancel()
+                await asyncio.gather(orchestrator._reporter, return_exceptions=True)
 
 
 def test_a_mixed_batch_whose_caller_is_gone_is_not_written(etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,11 +14,9 @@ import pytest
 from berth.api import control_pb2
 from berth.api import types_pb2 as t
 from controller.api import ControlAPI
-from controller.cache import ClusterCache
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import Store
-from tests.controller.conftest import wipe_etcd
+from tests.controller.conftest import cache_on
 
 
 class _Context:
@@ -27,12 +25,7 @@ class _Context:
 
 
 async def _run_ended_in_create(url: str, how: str) -> None:
-    store = Store(url)
-    await store.connect()
-    cache = ClusterCache(store)
-    follower = asyncio.create_task(cache.run())
-    try:
-        await asyncio.wait_for(cache.wait_ready(), 10)
+    async with cache_on(url) as (store, cache, _):
         orchestrator = Orchestrator(store, ControllerMetrics())
         orchestrator.cache = cache
         creating, fail = asyncio.Event(), asyncio.Event()
@@ -56,11 +49,6 @@ async def _run_ended_in_create(url: str, how: str) -> None:
         with pytest.raises(asyncio.CancelledError if how == "cancel" else RuntimeError):
             await call
         assert cache._subscribers == {}, "the Run's status waiter was left open"
-    finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await wipe_etcd(url)
-        await store.close()
 
 
 @pytest.mark.parametrize("how", ["cancel", "error"])
