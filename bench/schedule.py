@@ -1,5 +1,6 @@
 """Scheduling throughput: a real etcd, the real controller, 1,000 hollow agents (the real agent session, worker
-and reporter over agent.hollow's executor that starts nothing, many agents per process), 10,000 containers
+and reporter over agent.hollow's executor that starts nothing, many agents per process, following the
+overlay's Peers and the DNS Names streams as real agents do), 10,000 containers
 submitted through the API's Run (which returns once the agent reports the container running).
 
 Measures the time from the first submission until every container is placed and reported running, the Run
@@ -167,8 +168,9 @@ def main() -> None:
     parser.add_argument("--lease-ttl", type=int, default=30,
                         help="controller --lease-ttl: heartbeats come every TTL/4 from each agent, so the default "
                         "5 s means 800 heartbeats a second from 1,000 agents (default %(default)s)")
-    parser.add_argument("--agent-streams", action="store_true",
-                        help="the hollow agents also follow the Peers and Names streams, as real agents do")
+    parser.add_argument("--agent-streams", action=argparse.BooleanOptionalAction, default=True,
+                        help="the hollow agents also follow the Peers and Names streams, as real agents do (the "
+                        "default; --no-agent-streams leaves them out, as the figures before 2026-11-28 did)")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="berth-bench-schedule-"))
     dev.down(NAME, state)
