@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from berth.api import types_pb2 as t
 from controller import scheduler
@@ -42,6 +42,8 @@ from controller.store import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_BEHIND = 10_000  # assignment changes queued for one agent session before its stream is ended
 
@@ -130,6 +132,20 @@ class StatusWaiter:
 def _expire(future: asyncio.Future[t.ContainerStatus]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
+
+
+async def take_all(queue: asyncio.Queue[T | BaseException]) -> list[T]:
+    """A follower's next items (follow_containers, follow_nodes): waits for one, then takes every one already
+    queued, as they make one change to apply; raises the failure queued among them (the feed ends with it)."""
+    items: list[T] = []
+    item = await queue.get()
+    while True:
+        if isinstance(item, BaseException):
+            raise item
+        items.append(item)
+        if queue.empty():
+            return items
+        item = queue.get_nowait()
 
 
 def _parse_container(data: bytes) -> t.Container:

@@ -21,14 +21,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
+from controller.cache import ClusterCache, take_all
 from controller.store import Store, StoreError
-
-if TYPE_CHECKING:
-    from controller.cache import ClusterCache
 
 log = logging.getLogger(__name__)
 
@@ -119,32 +117,19 @@ class NamesHub:
                      asyncio.create_task(self._pump("status", self.store.watch_statuses(revision), events))]
             feed.ready.set_result(None)
             while True:
-                item = await events.get()
                 dirty: set[str] = set()
-                while True:  # everything already queued makes one delta
-                    if isinstance(item, BaseException):
-                        raise item
-                    kind, cid, value = item
+                for kind, cid, value in await take_all(events):  # everything already queued makes one delta
                     table: dict[str, Any] = feed.containers if kind == "container" else feed.statuses
                     if value is None:
                         table.pop(cid, None)
                     else:
                         table[cid] = value.container if kind == "container" else value
                     dirty.add(cid)
-                    if events.empty():
-                        break
-                    item = events.get_nowait()
                 self._publish(feed, dirty)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # every subscriber gets it and ends its stream
-            if not feed.ready.done():
-                feed.ready.set_exception(exc)
-                feed.ready.exception()  # retrieved: no "never retrieved" warning when nobody waits
-            for q in feed.subscribers:
-                q.put_nowait(exc)
-            if not isinstance(exc, StoreError):
-                log.exception("the DNS records' feed failed")
+        except BaseException as exc:  # noqa: BLE001 - every subscriber gets it and ends its stream
+            self._fail(feed, exc)
         finally:
             for p in pumps:
                 p.cancel()
@@ -160,15 +145,7 @@ class NamesHub:
                     feed.records[cid] = rec
             feed.ready.set_result(None)
             while True:
-                item = await changes.get()
-                dirty: set[str] = set()
-                while True:  # everything already queued makes one delta
-                    if isinstance(item, BaseException):
-                        raise item
-                    dirty.add(item)
-                    if changes.empty():
-                        break
-                    item = changes.get_nowait()
+                dirty = set(await take_all(changes))  # everything already queued makes one delta
                 for cid in dirty:  # _publish reads them from the feed's tables
                     v = cache.container(cid)
                     status = cache.status(cid)

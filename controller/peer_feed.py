@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from berth.api import dispatcher_pb2 as d
-from controller.cache import ClusterCache
+from controller.cache import ClusterCache, take_all
 from controller.network import peers, peers_message
 from controller.store import Store, StoreError
 
@@ -75,13 +75,7 @@ class PeerFeed:
     async def _run(shared: _Shared, cache: ClusterCache, changes: asyncio.Queue[str | BaseException]) -> None:
         try:
             while True:
-                item = await changes.get()
-                while True:  # everything already queued makes one set
-                    if isinstance(item, BaseException):
-                        raise item
-                    if changes.empty():
-                        break
-                    item = changes.get_nowait()
+                await take_all(changes)  # everything already queued makes one set
                 message = peers_message(n for n, _ in cache.nodes.values())
                 if message != shared.message:
                     shared.message = message
