@@ -678,10 +678,29 @@ class Supervisor:
             c.log_fd = -1
 
     def _write_log(self, c: Container, stream: str, data: bytes) -> None:
-        paths = self.sd.container(c.id)
         lines = cri_lines(time.time_ns(), stream, data)
-        if c.log_max_size > 0 and c.log_fd >= 0 and c.log_size > 0 and c.log_size + len(lines) > c.log_max_size:
+        if c.log_max_size <= 0:
+            self._append_log(c, lines)
+            return
+        # A chunk read from the pipe can hold many lines (64 KiB when the supervisor was slow to read): it is
+        # cut at line ends so that each file stays within the cap, as Docker's json-file checks every line.
+        while lines:
+            if c.log_fd < 0:
+                self._append_log(c, b"")  # opens the current file and learns its size
+            room = c.log_max_size - c.log_size
+            if len(lines) <= room:
+                self._append_log(c, lines)
+                return
+            cut = lines.rfind(b"\n", 0, room) + 1
+            if cut == 0 and c.log_size == 0:  # one line longer than the cap: alone in a file
+                cut = lines.find(b"\n") + 1 or len(lines)
+            if cut:
+                self._append_log(c, lines[:cut])
+                lines = lines[cut:]
             self._rotate_log(c)
+
+    def _append_log(self, c: Container, lines: bytes) -> None:
+        paths = self.sd.container(c.id)
         if c.log_fd < 0:
             c.log_fd = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             c.log_size = os.fstat(c.log_fd).st_size
@@ -693,7 +712,7 @@ class Supervisor:
 
     def _rotate_log(self, c: Container) -> None:
         """container.log becomes container.log.1, .1 becomes .2 and so on; the part beyond log_max_files
-        goes. Whole lines only: a chunk is never split across two files."""
+        goes. Whole lines only: a line is never split across two files (_write_log)."""
         paths = self.sd.container(c.id)
         os.close(c.log_fd)
         c.log_fd = -1
