@@ -687,7 +687,7 @@ class Supervisor:
         while lines:
             if c.log_fd < 0:
                 self._append_log(c, b"")  # opens the current file and learns its size
-            room = c.log_max_size - c.log_size
+            room = max(0, c.log_max_size - c.log_size)  # a file over the cap (an earlier supervisor's): none
             if len(lines) <= room:
                 self._append_log(c, lines)
                 return
