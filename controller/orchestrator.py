@@ -74,7 +74,8 @@ class Orchestrator:
         self._admissions: list[tuple[t.Container, asyncio.Future[t.Container]]] = []
         self._admit_wake = asyncio.Event()
         self._admitter: asyncio.Task[None] | None = None
-        self._reports: list[tuple[str, t.ContainerStatus, int, asyncio.Future[None]]] = []
+        # issue 6: reports queued for the group commit: (id, status, container's and status's mod_revision, caller)
+        self._reports: list[tuple[str, t.ContainerStatus, int, int, asyncio.Future[None]]] = []
         self._report_wake = asyncio.Event()
         self._reporter: asyncio.Task[None] | None = None
 
@@ -456,7 +457,7 @@ class Orchestrator:
             c = v.container
             if _stale(status, c):
                 return False
-            if await self.store.put_status(cid, status, v.mod_revision):
+            if await self.store.put_status(cid, status, v.mod_revision, await self.store.status_revision(cid)):
                 break
         else:
             raise Conflict(f"container {cid[:12]} kept changing while its status was recorded; report it again")
@@ -573,14 +574,14 @@ class Orchestrator:
         futures: list[asyncio.Future[None]] = []
         try:
             for cid, status in updates:
-                v = cache.container(cid)
-                if v is None:
+                v, held = cache.container(cid), cache.statuses.get(cid)
+                if v is None or held is None:
                     await self.on_status(cid, status)  # not seen yet (or gone): read etcd
                     continue
                 if _stale(status, v.container):
                     continue
                 future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._reports.append((cid, status, v.mod_revision, future))
+                self._reports.append((cid, status, v.mod_revision, held[1], future))
                 futures.append(future)
         except BaseException:  # the caller gone (or a failure) while one was recorded alone: as in _report_loop,
             for queued in futures:  # what it queued is not written
@@ -605,16 +606,21 @@ class Orchestrator:
                 batch, self._reports = self._reports[:self.max_txn_ops], self._reports[self.max_txn_ops:]
                 # issue 6: a report whose caller is gone (its agent's Reports stream ended) is not written: the
                 # agent sends it again, maybe to another controller, and a late write here could undo a newer one
-                batch = [report for report in batch if not report[3].cancelled()]
+                batch = [report for report in batch if not report[4].cancelled()]
                 if not batch:
                     continue
                 task = asyncio.create_task(self._commit_reports(batch))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
 
-    async def _commit_reports(self, batch: list[tuple[str, t.ContainerStatus, int, asyncio.Future[None]]]) -> None:
-        latest = {cid: (cid, status, mod) for cid, status, mod, _ in batch}  # one put per key in a transaction
-        items = list(latest.values())
+    async def _commit_reports(self, batch: list[tuple[str, t.ContainerStatus, int, int, asyncio.Future[None]]]
+                              ) -> None:
+        # one put per key in a transaction: a container's latest report, compared with what the first followed
+        first: dict[str, int] = {}
+        for cid, _, _, held, _ in batch:
+            first.setdefault(cid, held)
+        latest = {cid: (cid, status, mod, first[cid]) for cid, status, mod, _, _ in batch}
+        items: list[tuple[str, t.ContainerStatus, int, int | None]] = list(latest.values())
         try:
             revision = await self.store.put_statuses(items)
         except Exception as exc:  # noqa: BLE001 - every report of the batch gets it (none waits for ever)
@@ -623,7 +629,7 @@ class Orchestrator:
                     future.set_exception(exc)
             return
         if not revision:  # one changed since checked: each alone, on a fresh read
-            for cid, status, _, future in batch:
+            for cid, status, _, _, future in batch:
                 if future.cancelled():  # its caller is gone (as in _report_loop)
                     continue
                 try:
@@ -635,7 +641,7 @@ class Orchestrator:
                 if not future.done():
                     future.set_result(None)
             return
-        for cid, status, _ in items:
+        for cid, status, _, _ in items:
             if self.cache is not None:
                 self.cache.put_status(cid, status, revision)
                 v = self.cache.container(cid)

@@ -329,11 +329,17 @@ class Store:
             # only if still this container's; left behind (a controller crash just here) it is stale, so free
             await self._txn([tx.value(claim) == f"c/{c.id}".encode()], [tx.delete(claim)], [])
 
-    async def put_status(self, cid: str, status: t.ContainerStatus, mod_revision: int) -> bool:
+    async def put_status(self, cid: str, status: t.ContainerStatus, mod_revision: int,
+                         status_revision: int | None = None) -> bool:
         """Record one agent's report, only if its container is unchanged since the mod_revision given (its
-        generation was checked on that version), as put_statuses does for several. False if the container
-        changed or is gone: read it again before deciding."""
-        return bool(await self.put_statuses([(cid, status, mod_revision)]))
+        generation was checked on that version) and, given `status_revision`, its status too, as put_statuses
+        does for several. False if either changed or the container is gone: read again before deciding."""
+        return bool(await self.put_statuses([(cid, status, mod_revision, status_revision)]))
+
+    async def status_revision(self, cid: str) -> int:
+        """The mod_revision of the container's status (0: it has none)."""
+        kv = await self._get(status_key(cid))
+        return int(kv.mod_revision) if kv is not None else 0
 
     async def watch_status(self, cid: str, after_revision: int) -> AsyncIterator[StatusEvent]:
         """Changes of one container's status after a revision, in order; the status key is deleted with the
@@ -792,12 +798,16 @@ class Store:
                 ops.append(_put(assignment_key(c.node_id, c.id), assignment.SerializeToString()))
         return await self._raw_txn(compares, ops)
 
-    async def put_statuses(self, items: list[tuple[str, t.ContainerStatus, int]]) -> int:
-        """Record several agents' reports in one transaction, each only if its container is unchanged
-        since the mod_revision given (its generation was checked on that version). Returns the revision,
-        0 when a compare failed (record them one by one)."""
-        compares = [_mod_is(container_key(cid), mod) for cid, _, mod in items]
-        ops = [_put(status_key(cid), status.SerializeToString()) for cid, status, _ in items]
+    async def put_statuses(self, items: list[tuple[str, t.ContainerStatus, int, int | None]]) -> int:
+        """Record several agents' reports in one transaction, each only if its container is unchanged since
+        the mod_revision given (its generation was checked on that version) and, where a status revision is
+        given (0: none yet), its status is still the one the report follows: a report delivered late (its
+        agent's stream broke while it was in etcd's hands, and the agent sent it again, and newer ones, to
+        another controller) cannot overwrite a newer status of the same run. Returns the revision, 0 when a
+        compare failed (record them one by one)."""
+        compares = [_mod_is(container_key(cid), mod) for cid, _, mod, _ in items]
+        compares += [_mod_is(status_key(cid), rev) for cid, _, _, rev in items if rev is not None]
+        ops = [_put(status_key(cid), status.SerializeToString()) for cid, status, _, _ in items]
         return await self._raw_txn(compares, ops)
 
     async def keep_alive(self, lease_id: int) -> int:

@@ -14,6 +14,7 @@ import pytest
 from berth.api import types_pb2 as t
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
+from controller.store import status_key
 from tests.controller.conftest import cache_on, until
 
 
@@ -55,3 +56,50 @@ async def _mixed_batch_caller_gone(url: str, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_mixed_batch_whose_caller_is_gone_is_not_written(etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_mixed_batch_caller_gone(etcd_url, monkeypatch))
+
+
+async def _late_report(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with cache_on(url) as (store, cache, other):
+        orchestrator = Orchestrator(store, ControllerMetrics())
+        orchestrator.cache = cache
+        try:
+            cid = secrets.token_hex(32)
+            await store.create_container(t.Container(
+                id=cid, spec=t.ContainerSpec(name=f"late-{cid[:8]}", image="busybox"),
+                desired_state=t.DESIRED_RUNNING, generation=1))
+            await until(lambda: cache.container(cid) and cache.status(cid), "the container in the cache")
+            put_statuses = store.put_statuses
+            exited = t.ContainerStatus(state=t.STATE_EXITED, generation=1, exit_code=3)
+            report: asyncio.Task[None] | None = None
+            committed = asyncio.Event()
+
+            async def delivered_late(items: list[tuple[str, t.ContainerStatus, int, int | None]]) -> int:
+                # While this controller's transaction is on its way, the agent's stream breaks, and the agent
+                # delivers this report and a newer one (the run exited) through another controller.
+                assert report is not None
+                report.cancel()
+                await other.put(status_key(cid), exited.SerializeToString())  # the other controller's write
+                try:
+                    return await put_statuses(items)
+                finally:
+                    committed.set()
+
+            monkeypatch.setattr(store, "put_statuses", delivered_late)
+            running = t.ContainerStatus(state=t.STATE_RUNNING, generation=1, pid=42)
+            report = asyncio.create_task(orchestrator.on_statuses([(cid, running)]))
+            await asyncio.gather(report, return_exceptions=True)
+            await asyncio.wait_for(committed.wait(), 10)  # this controller's transaction has been answered
+            monkeypatch.undo()
+            assert (await store.get_status(cid))[0] == exited, "a late report overwrote a newer status of its run"
+        finally:
+            if orchestrator._reporter is not None:
+                orchestrator._reporter.cancel()
+                await asyncio.gather(orchestrator._reporter, return_exceptions=True)
+
+
+def test_a_report_delivered_late_never_overwrites_a_newer_status(etcd_url: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report already in the group commit's transaction when its caller goes (its agent's Reports stream
+    broke) must not land over what the agent reported since through another controller: the transaction
+    compares the status's revision with the one the report followed."""
+    asyncio.run(_late_report(etcd_url, monkeypatch))
