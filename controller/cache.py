@@ -134,6 +134,11 @@ def _expire(future: asyncio.Future[t.ContainerStatus]) -> None:
         future.set_exception(TimeoutError())
 
 
+# how long a feed that follows the cache (DNS records, overlay peers) waits for a loading cache before it
+# reads etcd itself
+CACHE_WAIT_S = 10.0
+
+
 async def take_all(queue: asyncio.Queue[T | BaseException]) -> list[T]:
     """A follower's next items (follow_containers, follow_nodes): waits for one, then takes every one already
     queued, as they make one change to apply; raises the failure queued among them (the feed ends with it)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
-from controller.cache import ClusterCache, take_all
+from controller.cache import CACHE_WAIT_S, ClusterCache, take_all
 from controller.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 DEFAULT_NETWORK = "bridge"
 MAX_BEHIND = 10_000  # deltas queued for one subscriber before its stream is ended
 SERVICE_LABEL = "berth.service"  # set by controller.services on its tasks, with the service's name
-CACHE_WAIT_S = 10.0  # how long a new feed waits for a loading cluster cache before it reads etcd itself
 
 
 def record_of(container: t.Container, status: t.ContainerStatus | None) -> d.NameRecord | None:

@@ -15,11 +15,9 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from berth.api import dispatcher_pb2 as d
-from controller.cache import ClusterCache, take_all
+from controller.cache import CACHE_WAIT_S, ClusterCache, take_all
 from controller.network import peers, peers_message
 from controller.store import Store, StoreError
-
-CACHE_WAIT_S = 10.0
 
 
 class _Shared:
