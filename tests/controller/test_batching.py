@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-import aetcd
 import pytest
 
 from berth.api import dispatcher_pb2 as d
@@ -17,7 +16,6 @@ from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import (
-    PREFIX,
     NameInUse,
     NotFound,
     Store,
@@ -25,7 +23,7 @@ from controller.store import (
     Unavailable,
     assignment_key,
 )
-from tests.controller.conftest import until, wipe_etcd
+from tests.controller.conftest import cache_on, until, wipe_etcd
 from tests.controller.test_race import _assignment_puts
 
 MIB = 1 << 20
@@ -218,15 +216,7 @@ def test_two_runs_of_one_new_name_in_one_group_commit(etcd_url: str) -> None:
 
 
 async def _stuck_session(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(url)
-    await store.connect()
-    cache = ClusterCache(store)
-    follower = asyncio.create_task(cache.run())
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    client = aetcd.Client(host=host, port=int(port))
-    await client.connect()
-    try:
-        await asyncio.wait_for(cache.wait_ready(), 10)
+    async with cache_on(url) as (_, cache, client):
         monkeypatch.setattr(cache_module, "MAX_BEHIND", 2)
         follow = cache.follow_assignments("n1")
         assert follow is not None
@@ -238,12 +228,6 @@ async def _stuck_session(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         assert [e.container_id for e in got[:2] if isinstance(e, RawAssignment)] == ["c0", "c1"]
         assert isinstance(got[2], Unavailable) and "agent n1 is 2 assignment changes behind" in str(got[2])
         assert "n1" not in cache._sessions  # no more changes queued for it
-    finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await client.delete_prefix(PREFIX)
-        await client.close()
-        await store.close()
 
 
 def test_an_agent_session_that_stops_reading_is_ended_not_queued_for_ever(etcd_url: str,
@@ -255,15 +239,7 @@ async def _queued_changes(url: str) -> None:
     """An agent session's stream from the cache: the changes queued when it gets to them go out in one
     message, in etcd's order, with the last one's revision; one older than the stream's start is skipped; a
     failure queued behind them ends the stream after they are sent."""
-    store = Store(url)
-    await store.connect()
-    cache = ClusterCache(store)
-    follower = asyncio.create_task(cache.run())
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    client = aetcd.Client(host=host, port=int(port))
-    await client.connect()
-    try:
-        await asyncio.wait_for(cache.wait_ready(), 10)
+    async with cache_on(url) as (store, cache, client):
         follow = cache.follow_assignments("n1")
         assert follow is not None
         current, queue = follow
@@ -293,12 +269,6 @@ async def _queued_changes(url: str) -> None:
         with pytest.raises(Unavailable, match="reloading"):
             await anext(stream)
         assert "n1" not in cache._sessions
-    finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await client.delete_prefix(PREFIX)
-        await client.close()
-        await store.close()
 
 
 def test_an_agent_stream_sends_the_changes_queued_together(etcd_url: str) -> None:
