@@ -21,7 +21,7 @@ from controller.store import PREFIX, Store
 from tests.conftest import SLOT
 from tests.support import etcd_keys, wait_for
 
-__all__ = ["HOST", "Controller", "cache_on", "etcd_keys", "until", "wait_for", "wipe_etcd"]
+__all__ = ["HOST", "Controller", "cache_on", "etcd_keys", "store_on", "until", "wait_for", "wipe_etcd"]
 
 HOST = f"127.0.{SLOT}.77"
 
@@ -47,25 +47,34 @@ async def until(condition: Callable[[], object], what: str, timeout: float = 20.
 
 
 @asynccontextmanager
-async def cache_on(url: str) -> AsyncIterator[tuple[Store, ClusterCache, aetcd.Client]]:
-    """A store on the etcd at url, a cluster cache following it (loaded), and a plain etcd client for the
-    test's own writes; on the way out the cache is stopped, every berth key deleted and both clients closed."""
+async def store_on(url: str) -> AsyncIterator[tuple[Store, aetcd.Client]]:
+    """A store on the etcd at url and a plain etcd client for the test's own writes; on the way out every berth
+    key is deleted and both clients are closed."""
     store = Store(url)
     await store.connect()
-    cache = ClusterCache(store)
-    follower = asyncio.create_task(cache.run())
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     client = aetcd.Client(host=host, port=int(port))
     await client.connect()
     try:
-        await asyncio.wait_for(cache.wait_ready(), 10)
-        yield store, cache, client
+        yield store, client
     finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
         await client.delete_prefix(PREFIX)
         await client.close()
         await store.close()
+
+
+@asynccontextmanager
+async def cache_on(url: str) -> AsyncIterator[tuple[Store, ClusterCache, aetcd.Client]]:
+    """store_on's store and client, and a cluster cache following the store (loaded, stopped on the way out)."""
+    async with store_on(url) as (store, client):
+        cache = ClusterCache(store)
+        follower = asyncio.create_task(cache.run())
+        try:
+            await asyncio.wait_for(cache.wait_ready(), 10)
+            yield store, cache, client
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-import aetcd
 import pytest
 
 from berth.api import types_pb2 as t
-from controller.cache import ClusterCache
 from controller.events import translate_all
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import Conflict, Store, assignment_key, container_key, name_key, status_key
-from tests.controller.conftest import until, wipe_etcd
+from controller.store import Conflict, assignment_key, container_key, name_key, status_key
+from tests.controller.conftest import cache_on, store_on, until
 
 MIB = 1 << 20
 
@@ -27,66 +25,57 @@ def _container(name: str, memory: int) -> t.Container:
 
 
 async def _created_placed(url: str) -> None:
-    store = Store(url)
-    await store.connect()
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    client = aetcd.Client(host=host, port=int(port))
-    await client.connect()
-    orchestrator = Orchestrator(store, ControllerMetrics())
-    orchestrator.cache = ClusterCache(store)
-    tasks = [asyncio.create_task(orchestrator.cache.run())]
-    try:
-        await asyncio.wait_for(orchestrator.cache.wait_ready(), 10)
-        lease = await store.grant_lease(60)
-        await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
-                                    capacity=t.Resources(memory_bytes=1024 * MIB, nano_cpus=8 * 10**9)))
-        await until(lambda: [h.id for h in orchestrator.cache.hosts() if h.ready] == ["n1"],  # type: ignore[union-attr]
-                     "the host in the cache")
-        tasks.append(asyncio.create_task(orchestrator.lead(period_s=0.05)))
-        await until(lambda: orchestrator.kick is not None, "leading")
-        start = await store.revision()
+    async with cache_on(url) as (store, cache, client):
+        orchestrator = Orchestrator(store, ControllerMetrics())
+        orchestrator.cache = cache
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            lease = await store.grant_lease(60)
+            await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
+                                        capacity=t.Resources(memory_bytes=1024 * MIB, nano_cpus=8 * 10**9)))
+            await until(lambda: [h.id for h in cache.hosts() if h.ready] == ["n1"], "the host in the cache")
+            tasks.append(asyncio.create_task(orchestrator.lead(period_s=0.05)))
+            await until(lambda: orchestrator.kick is not None, "leading")
+            start = await store.revision()
 
-        fits = [_container(f"fits{i}", 64 * MIB) for i in range(12)]  # 12 x 64 MiB: 768 of 1024 MiB
-        too_big = _container("too-big", 512 * MIB)  # placed last in its batch: what is left does not hold it
-        results = await asyncio.gather(*(orchestrator.create_and_place(c) for c in (*fits, too_big)))
-        assert all(r.node_id == "n1" for r in results[:12]), results
-        assert not results[12].node_id and "memory" in results[12].pending_reason, results[12]
+            fits = [_container(f"fits{i}", 64 * MIB) for i in range(12)]  # 12 x 64 MiB: 768 of 1024 MiB
+            too_big = _container("too-big", 512 * MIB)  # placed last in its batch: what is left does not hold it
+            results = await asyncio.gather(*(orchestrator.create_and_place(c) for c in (*fits, too_big)))
+            assert all(r.node_id == "n1" for r in results[:12]), results
+            assert not results[12].node_id and "memory" in results[12].pending_reason, results[12]
 
-        for c in fits:  # each key written once: created placed, not created pending and then placed
-            got = {key: (await client.get(key)) for key in (container_key(c.id), status_key(c.id),
-                                                           assignment_key("n1", c.id), name_key(c.spec.name))}
-            assert all(kv is not None and kv.version == 1 for kv in got.values()), (c.spec.name, got)
-            status = t.ContainerStatus()
-            status.ParseFromString(got[status_key(c.id)].value)
-            assert (status.state, status.generation) == (t.STATE_ASSIGNED, 1)
-            assert bytes(got[name_key(c.spec.name)].value).decode() == c.id
-        kv = await client.get(container_key(too_big.id))
-        assert kv is not None and kv.version == 1  # its pending reason came with its creation
-        status, _ = await store.get_status(too_big.id)
-        assert status.state == t.STATE_PENDING
+            for c in fits:  # each key written once: created placed, not created pending and then placed
+                got = {key: (await client.get(key)) for key in (container_key(c.id), status_key(c.id),
+                                                               assignment_key("n1", c.id), name_key(c.spec.name))}
+                assert all(kv is not None and kv.version == 1 for kv in got.values()), (c.spec.name, got)
+                status = t.ContainerStatus()
+                status.ParseFromString(got[status_key(c.id)].value)
+                assert (status.state, status.generation) == (t.STATE_ASSIGNED, 1)
+                assert bytes(got[name_key(c.spec.name)].value).decode() == c.id
+            kv = await client.get(container_key(too_big.id))
+            assert kv is not None and kv.version == 1  # its pending reason came with its creation
+            status, _ = await store.get_status(too_big.id)
+            assert status.state == t.STATE_PENDING
 
-        # The events of the creations: create then assign (same revision) for the placed ones, create alone
-        # for the pending one.
-        wanted = {c.id for c in (*fits, too_big)}
-        actions: dict[str, list[str]] = {}
-        async with asyncio.timeout(20):
-            async for change in store.watch_changes(start):
-                for event in translate_all(change):
-                    if event.id in wanted and event.action in ("create", "assign"):
-                        actions.setdefault(event.id, []).append(event.action)
-                        if event.action == "assign":
-                            assert (event.attributes["node"], event.revision) == ("n1", change.revision)
-                if container_key(too_big.id) == change.key:
-                    break
-        assert all(actions[c.id] == ["create", "assign"] for c in fits), actions
-        assert actions[too_big.id] == ["create"], actions[too_big.id]
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await wipe_etcd(url)
-        await client.close()
-        await store.close()
+            # The events of the creations: create then assign (same revision) for the placed ones, create alone
+            # for the pending one.
+            wanted = {c.id for c in (*fits, too_big)}
+            actions: dict[str, list[str]] = {}
+            async with asyncio.timeout(20):
+                async for change in store.watch_changes(start):
+                    for event in translate_all(change):
+                        if event.id in wanted and event.action in ("create", "assign"):
+                            actions.setdefault(event.id, []).append(event.action)
+                            if event.action == "assign":
+                                assert (event.attributes["node"], event.revision) == ("n1", change.revision)
+                    if container_key(too_big.id) == change.key:
+                        break
+            assert all(actions[c.id] == ["create", "assign"] for c in fits), actions
+            assert actions[too_big.id] == ["create"], actions[too_big.id]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def test_a_group_committed_run_is_created_placed_each_key_written_once(etcd_url: str) -> None:
@@ -94,12 +83,7 @@ def test_a_group_committed_run_is_created_placed_each_key_written_once(etcd_url:
 
 
 async def _removed_in_one_write(url: str) -> None:
-    store = Store(url)
-    await store.connect()
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    client = aetcd.Client(host=host, port=int(port))
-    await client.connect()
-    try:
+    async with store_on(url) as (store, client):
         c = _container("gone", 0)
         c.node_id = "n1"
         await store.create_container(c)
@@ -134,10 +118,6 @@ async def _removed_in_one_write(url: str) -> None:
         kv = await client.get(name_key("kept"))
         assert kv is not None and bytes(kv.value) == b"someone-else"
         assert await client.get(container_key(other.id)) is None
-    finally:
-        await wipe_etcd(url)
-        await client.close()
-        await store.close()
 
 
 def test_a_container_and_its_name_are_removed_in_one_transaction(etcd_url: str) -> None:

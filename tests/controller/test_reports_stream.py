@@ -23,12 +23,11 @@ from berth import rpc
 from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
-from controller.cache import ClusterCache
 from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import Store
-from tests.controller.conftest import HOST, until, wipe_etcd
+from tests.controller.conftest import HOST, cache_on, until
 
 
 @dataclass
@@ -41,27 +40,22 @@ class Serving:
 
 @asynccontextmanager
 async def _controller(url: str) -> AsyncIterator[Serving]:
-    """A controller's dispatcher (with its cache, as the controller runs it) served on loopback."""
-    store = Store(url)
-    await store.connect()
-    orchestrator = Orchestrator(store, ControllerMetrics())
-    cache = orchestrator.cache = ClusterCache(store)
-    follower = asyncio.create_task(cache.run())
-    server = rpc.aio_server()
-    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(Dispatcher(store, orchestrator, ControllerMetrics(), 10),
-                                                         server)
-    port = rpc.bind(server, f"{HOST}:0")
-    await server.start()
-    channel = rpc.aio_channel(f"{HOST}:{port}")
-    try:
-        await asyncio.wait_for(cache.wait_ready(), 10)
-        yield Serving(store, orchestrator, server, dispatcher_pb2_grpc.DispatcherStub(channel))
-    finally:
-        await channel.close()
-        await server.stop(0)
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await store.close()
+    """A controller's dispatcher (with its cache, as the controller runs it) served on loopback; every berth key
+    is deleted on the way out (conftest's cache_on)."""
+    async with cache_on(url) as (store, cache, _):
+        orchestrator = Orchestrator(store, ControllerMetrics())
+        orchestrator.cache = cache
+        server = rpc.aio_server()
+        dispatcher_pb2_grpc.add_DispatcherServicer_to_server(Dispatcher(store, orchestrator, ControllerMetrics(), 10),
+                                                             server)
+        port = rpc.bind(server, f"{HOST}:0")
+        await server.start()
+        channel = rpc.aio_channel(f"{HOST}:{port}")
+        try:
+            yield Serving(store, orchestrator, server, dispatcher_pb2_grpc.DispatcherStub(channel))
+        finally:
+            await channel.close()
+            await server.stop(0)
 
 
 async def _container(serving: Serving) -> str:
@@ -81,36 +75,33 @@ def _report(cid: str, state: int, generation: int = 1) -> d.StatusReport:
 
 
 async def _one_stream(url: str) -> None:
-    try:
-        async with _controller(url) as ctl:
-            joined = await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
-            cid = await _container(ctl)
-            stream = ReportStream(ctl.stub, joined.node_id)
-            try:
-                await stream.send(_report(cid, t.STATE_RUNNING))  # acknowledged: committed
-                status, _ = await ctl.store.get_status(cid)
-                assert status.state == t.STATE_RUNNING
-                assert 0 < await stream.heartbeat(timeout=10) <= 10
-                await stream.send(_report(cid, t.STATE_PREPARING, generation=0))  # an older run's: dropped
-                status, _ = await ctl.store.get_status(cid)
-                assert status.state == t.STATE_RUNNING
-            finally:
-                await stream.close()
-            with pytest.raises(ConnectionError, match="reports stream broken"):
-                await stream.send(_report(cid, t.STATE_EXITED))  # a closed stream delivers nothing
+    async with _controller(url) as ctl:
+        joined = await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
+        cid = await _container(ctl)
+        stream = ReportStream(ctl.stub, joined.node_id)
+        try:
+            await stream.send(_report(cid, t.STATE_RUNNING))  # acknowledged: committed
+            status, _ = await ctl.store.get_status(cid)
+            assert status.state == t.STATE_RUNNING
+            assert 0 < await stream.heartbeat(timeout=10) <= 10
+            await stream.send(_report(cid, t.STATE_PREPARING, generation=0))  # an older run's: dropped
+            status, _ = await ctl.store.get_status(cid)
+            assert status.state == t.STATE_RUNNING
+        finally:
+            await stream.close()
+        with pytest.raises(ConnectionError, match="reports stream broken"):
+            await stream.send(_report(cid, t.STATE_EXITED))  # a closed stream delivers nothing
 
-            # A heartbeat of a node that never joined ends the stream: the agent joins again.
-            stranger = ReportStream(ctl.stub, "nobody")
-            try:
-                with pytest.raises(ConnectionError, match="join first"):
-                    await stranger.heartbeat(timeout=10)
-                with pytest.raises(grpc.aio.AioRpcError) as failure:
-                    await stranger.closed
-                assert failure.value.code() == grpc.StatusCode.NOT_FOUND
-            finally:
-                await stranger.close()
-    finally:
-        await wipe_etcd(url)
+        # A heartbeat of a node that never joined ends the stream: the agent joins again.
+        stranger = ReportStream(ctl.stub, "nobody")
+        try:
+            with pytest.raises(ConnectionError, match="join first"):
+                await stranger.heartbeat(timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await stranger.closed
+            assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            await stranger.close()
 
 
 def test_statuses_are_acknowledged_once_committed_and_heartbeats_share_the_stream(etcd_url: str) -> None:
@@ -119,36 +110,33 @@ def test_statuses_are_acknowledged_once_committed_and_heartbeats_share_the_strea
 
 async def _failed_batch(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     reporter = Reporter()
-    try:
-        async with _controller(url) as ctl:
-            cid = await _container(ctl)
-            stream = ReportStream(ctl.stub, "n1")
-            failures = []
-            put_statuses = ctl.store.put_statuses
+    async with _controller(url) as ctl:
+        cid = await _container(ctl)
+        stream = ReportStream(ctl.stub, "n1")
+        failures = []
+        put_statuses = ctl.store.put_statuses
 
-            async def fails_once(items: list[tuple[str, t.ContainerStatus, int]]) -> int:
-                if not failures:
-                    failures.append(items)
-                    raise RuntimeError("etcd said no")
-                return await put_statuses(items)
+        async def fails_once(items: list[tuple[str, t.ContainerStatus, int]]) -> int:
+            if not failures:
+                failures.append(items)
+                raise RuntimeError("etcd said no")
+            return await put_statuses(items)
 
-            monkeypatch.setattr(ctl.store, "put_statuses", fails_once)
-            task = asyncio.create_task(reporter.run(stream.send, lambda: "n1"))
-            try:
-                reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
-                state = t.STATE_ASSIGNED
-                deadline = time.monotonic() + 20
-                while state != t.STATE_RUNNING:
-                    assert time.monotonic() < deadline, "the failed batch was not sent again"
-                    await asyncio.sleep(0.05)
-                    state = (await ctl.store.get_status(cid))[0].state
-                assert len(failures) == 1  # it did fail once, and was recorded on the next try
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await stream.close()
-    finally:
-        await wipe_etcd(url)
+        monkeypatch.setattr(ctl.store, "put_statuses", fails_once)
+        task = asyncio.create_task(reporter.run(stream.send, lambda: "n1"))
+        try:
+            reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
+            state = t.STATE_ASSIGNED
+            deadline = time.monotonic() + 20
+            while state != t.STATE_RUNNING:
+                assert time.monotonic() < deadline, "the failed batch was not sent again"
+                await asyncio.sleep(0.05)
+                state = (await ctl.store.get_status(cid))[0].state
+            assert len(failures) == 1  # it did fail once, and was recorded on the next try
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await stream.close()
 
 
 def test_a_batch_the_controller_failed_to_record_is_sent_again(etcd_url: str,
@@ -203,7 +191,6 @@ async def _failover(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         await asyncio.gather(task, return_exceptions=True)
         for stream in streams:
             await stream.close()
-        await wipe_etcd(url)
 
 
 def test_reports_in_flight_when_a_controller_dies_reach_the_next_one_running_first(
@@ -212,24 +199,21 @@ def test_reports_in_flight_when_a_controller_dies_reach_the_next_one_running_fir
 
 
 async def _unanswered(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        async with _controller(url) as ctl:
-            never = asyncio.Event()
+    async with _controller(url) as ctl:
+        never = asyncio.Event()
 
-            async def stuck(node_id: str) -> int:
-                await never.wait()
-                return 0
+        async def stuck(node_id: str) -> int:
+            await never.wait()
+            return 0
 
-            stream = ReportStream(ctl.stub, "n1")
-            try:
-                monkeypatch.setattr(Dispatcher, "_keep_alive", lambda _self, node_id: stuck(node_id))
-                # As a broken connection (which the session handles by starting over), not a TimeoutError.
-                with pytest.raises(ConnectionError, match=r"no answer from the controller within 0\.2s"):
-                    await stream.heartbeat(timeout=0.2)
-            finally:
-                await stream.close()
-    finally:
-        await wipe_etcd(url)
+        stream = ReportStream(ctl.stub, "n1")
+        try:
+            monkeypatch.setattr(Dispatcher, "_keep_alive", lambda _self, node_id: stuck(node_id))
+            # As a broken connection (which the session handles by starting over), not a TimeoutError.
+            with pytest.raises(ConnectionError, match=r"no answer from the controller within 0\.2s"):
+                await stream.heartbeat(timeout=0.2)
+        finally:
+            await stream.close()
 
 
 def test_a_heartbeat_not_answered_in_time_is_a_lost_connection(etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,44 +222,41 @@ def test_a_heartbeat_not_answered_in_time_is_a_lost_connection(etcd_url: str, mo
 
 async def _stalled(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     reporter = Reporter()
-    try:
-        async with _controller(url) as ctl:
-            cid = await _container(ctl)
-            never = asyncio.Event()
-            received: list[object] = []
+    async with _controller(url) as ctl:
+        cid = await _container(ctl)
+        never = asyncio.Event()
+        received: list[object] = []
 
-            async def stuck(updates: list[tuple[str, t.ContainerStatus]]) -> None:
-                received.append(updates)
-                await never.wait()
+        async def stuck(updates: list[tuple[str, t.ContainerStatus]]) -> None:
+            received.append(updates)
+            await never.wait()
 
-            monkeypatch.setattr(ctl.orchestrator, "on_statuses", stuck)
-            await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
-            stream = ReportStream(ctl.stub, "n1")
-            task = asyncio.create_task(reporter.run(stream.send, lambda: "n1"))
-            try:
-                reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
-                await until(lambda: received, "the batch at the controller")
-                assert await stream.heartbeat(timeout=10) > 0  # waiting for less than stall_s: not stalled
-                stream.stall_s = 0.05
-                deadline = time.monotonic() + 20
-                while True:  # a heartbeat once the batch has waited for longer fails: the session ends
-                    try:
-                        await stream.heartbeat(timeout=10)
-                    except ConnectionError as exc:
-                        assert "a status batch has had no answer for over 0.05s" in str(exc)
-                        break
-                    assert time.monotonic() < deadline, "heartbeats went on with a batch stuck"
-                    await asyncio.sleep(0.02)
-                await stream.close()
-                # The batch is kept for the next session; the reporter is still there to send it.
-                await until(lambda: cid in reporter._pending, "the batch back in the reporter")
-                assert not task.done()
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await stream.close()
-    finally:
-        await wipe_etcd(url)
+        monkeypatch.setattr(ctl.orchestrator, "on_statuses", stuck)
+        await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
+        stream = ReportStream(ctl.stub, "n1")
+        task = asyncio.create_task(reporter.run(stream.send, lambda: "n1"))
+        try:
+            reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
+            await until(lambda: received, "the batch at the controller")
+            assert await stream.heartbeat(timeout=10) > 0  # waiting for less than stall_s: not stalled
+            stream.stall_s = 0.05
+            deadline = time.monotonic() + 20
+            while True:  # a heartbeat once the batch has waited for longer fails: the session ends
+                try:
+                    await stream.heartbeat(timeout=10)
+                except ConnectionError as exc:
+                    assert "a status batch has had no answer for over 0.05s" in str(exc)
+                    break
+                assert time.monotonic() < deadline, "heartbeats went on with a batch stuck"
+                await asyncio.sleep(0.02)
+            await stream.close()
+            # The batch is kept for the next session; the reporter is still there to send it.
+            await until(lambda: cid in reporter._pending, "the batch back in the reporter")
+            assert not task.done()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await stream.close()
 
 
 def test_a_batch_stuck_at_the_controller_ends_the_session_and_is_kept(etcd_url: str,
@@ -284,26 +265,23 @@ def test_a_batch_stuck_at_the_controller_ends_the_session_and_is_kept(etcd_url: 
 
 
 async def _caller_gone(url: str) -> None:
-    try:
-        async with _controller(url) as ctl:
-            gone, kept = await _container(ctl), await _container(ctl)
-            before, _ = await ctl.store.get_status(gone)
-            orchestrator = ctl.orchestrator
-            held = asyncio.Event()
-            orchestrator._reporter = asyncio.create_task(held.wait())  # type: ignore[assignment]  # commits wait
-            report = asyncio.create_task(orchestrator.on_statuses(
-                [(gone, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))]))
-            await until(lambda: orchestrator._reports, "the report queued for the group commit")
-            report.cancel()  # its agent's stream ended: the agent will send it again, maybe elsewhere
-            await asyncio.gather(report, return_exceptions=True)
-            held.set()
-            await orchestrator._reporter
-            orchestrator._reporter = None
-            await orchestrator.on_statuses([(kept, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))])
-            assert (await ctl.store.get_status(kept))[0].state == t.STATE_RUNNING
-            assert (await ctl.store.get_status(gone))[0] == before  # not written late
-    finally:
-        await wipe_etcd(url)
+    async with _controller(url) as ctl:
+        gone, kept = await _container(ctl), await _container(ctl)
+        before, _ = await ctl.store.get_status(gone)
+        orchestrator = ctl.orchestrator
+        held = asyncio.Event()
+        orchestrator._reporter = asyncio.create_task(held.wait())  # type: ignore[assignment]  # commits wait
+        report = asyncio.create_task(orchestrator.on_statuses(
+            [(gone, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))]))
+        await until(lambda: orchestrator._reports, "the report queued for the group commit")
+        report.cancel()  # its agent's stream ended: the agent will send it again, maybe elsewhere
+        await asyncio.gather(report, return_exceptions=True)
+        held.set()
+        await orchestrator._reporter
+        orchestrator._reporter = None
+        await orchestrator.on_statuses([(kept, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))])
+        assert (await ctl.store.get_status(kept))[0].state == t.STATE_RUNNING
+        assert (await ctl.store.get_status(gone))[0] == before  # not written late
 
 
 def test_a_queued_report_whose_caller_is_gone_is_not_written(etcd_url: str) -> None:

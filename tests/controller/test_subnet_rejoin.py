@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import asyncio
 
-import aetcd
 import pytest
 
 from controller.network import SubnetAllocator, SubnetsExhausted
-from controller.store import SUBNETS, Store
-from tests.controller.conftest import wipe_etcd
+from controller.store import SUBNETS
+from tests.controller.conftest import store_on
 
 
 async def _rejoin(url: str) -> None:
-    store = Store(url)
-    await store.connect()
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    client = aetcd.Client(host=host, port=int(port))
-    await client.connect()
-    try:
+    async with store_on(url) as (store, client):
         subnets = SubnetAllocator(store, "10.203.0.0/22", 24)  # four subnets
         a, b = await subnets.subnet_for("a"), await subnets.subnet_for("b")
         assert (a, b) == ("10.203.0.0/24", "10.203.1.0/24")
@@ -33,10 +27,6 @@ async def _rejoin(url: str) -> None:
         await client.put(SUBNETS + b"10.203.2.0_23", b"x")
         with pytest.raises(SubnetsExhausted):
             await subnets.subnet_for("c")
-    finally:
-        await wipe_etcd(url)
-        await client.close()
-        await store.close()
 
 
 def test_a_rejoining_host_gets_its_own_subnet_back(etcd_url: str) -> None:
