@@ -82,10 +82,7 @@ class SubnetAllocator:
         """A subnet of the CIDR kept by a removed node (`node rm` keeps it while containers of the node are left)
         that no container names any more: free to give to another."""
         removed = REMOVED_NODE.decode()
-        named = set()
-        for v in await self.store.list_containers():
-            named.add(v.container.node_id)
-            named.update(v.container.stale_nodes)
+        named = await self.store.named_nodes()
         for subnet, owner in sorted(claims.items()):
             if (owner.startswith(removed) and owner.removeprefix(removed) not in named
                     and ipaddress.IPv4Network(subnet).subnet_of(self.cidr)):

@@ -493,6 +493,16 @@ class Store:
                 return node
         raise Conflict(f"node {node_id} kept changing; try again")
 
+    async def named_nodes(self, network: str | None = None) -> set[str]:
+        """The nodes that containers (those on `network`, when given) are on or keep a stopped copy on: a removed
+        node's subnet and gateways stay its own while one of them names it."""
+        named: set[str] = set()
+        for v in await self.list_containers():
+            if network is None or v.container.spec.network == network:
+                named.add(v.container.node_id)
+                named.update(v.container.stale_nodes)
+        return named
+
     async def delete_node(self, node_id: str) -> None:
         """Forget a node; free its subnet of the container CIDR when no container of it is left (running there,
         lost there or with a stopped copy there), and its gateway address on each user network that no such

@@ -232,11 +232,7 @@ class UserNetworks:
         """(address, claim) of the gateways on `net` of hosts that were removed (`node rm`) while a container of
         theirs was on it (Store.delete_node keeps those) and that no container on it names any more."""
         nodes = {n.id for n in await self.store.list_nodes()}
-        named: set[str] = set()
-        for v in await self.store.list_containers():
-            if v.container.spec.network == net.name:
-                named.add(v.container.node_id)
-                named.update(v.container.stale_nodes)
+        named = await self.store.named_nodes(net.name)
         return sorted(((ip, who) for ip, who in ips.items()
                        if who.startswith("gw/") and who[3:] not in nodes and who[3:] not in named),
                       key=lambda x: ipaddress.IPv4Address(x[0]))
