@@ -685,8 +685,7 @@ class Supervisor:
         # A chunk read from the pipe can hold many lines (64 KiB when the supervisor was slow to read): it is
         # cut at line ends so that each file stays within the cap, as Docker's json-file checks every line.
         while lines:
-            if c.log_fd < 0:
-                self._append_log(c, b"")  # opens the current file and learns its size
+            self._open_log(c)  # the current file, and its size
             room = max(0, c.log_max_size - c.log_size)  # a file over the cap (an earlier supervisor's): none
             if len(lines) <= room:
                 self._append_log(c, lines)
@@ -699,11 +698,14 @@ class Supervisor:
                 lines = lines[cut:]
             self._rotate_log(c)
 
-    def _append_log(self, c: Container, lines: bytes) -> None:
-        paths = self.sd.container(c.id)
+    def _open_log(self, c: Container) -> None:
         if c.log_fd < 0:
-            c.log_fd = os.open(paths.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            c.log_fd = os.open(self.sd.container(c.id).log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o640)
             c.log_size = os.fstat(c.log_fd).st_size
+
+    def _append_log(self, c: Container, lines: bytes) -> None:
+        self._open_log(c)
         try:
             os.write(c.log_fd, lines)
             c.log_size += len(lines)
