@@ -29,6 +29,7 @@ from agent.network import NetworkError
 from agent.network.dns import DnsServer, serve_networks
 from agent.network.host import HostNetwork
 from agent.network.ipam import Port
+from agent.report_order import ReportOrder
 from agent.restart import RestartPolicy, RestartPolicyError, RestartTracker
 from agent.run_record import RunRecord
 from berth.api import dispatcher_pb2 as d
@@ -50,15 +51,20 @@ class Images(Protocol):
 class Reporter:
     """Delivers status updates to the controller: the latest per container, retried until delivered. A
     RUNNING not delivered yet is kept ahead of what follows it (a run that exits at once, while an earlier
-    report is in flight, is still recorded as started: events, docker's `start`), and goes first."""
+    report is in flight, is still recorded as started: events, docker's `start`), and goes first. With an
+    `order` (agent.report_order, set by the Worker), each status reported gets the next seq, so the controller
+    can refuse one older than what it holds (issue 6, order)."""
 
-    def __init__(self) -> None:
+    def __init__(self, order: Callable[[], int] | None = None) -> None:
+        self.order = order
         self._pending: dict[str, t.ContainerStatus] = {}
         self._after: dict[str, t.ContainerStatus] = {}  # what follows a pending RUNNING, for the next batch
         self._wake = asyncio.Event()
         self.sent: dict[str, t.ContainerStatus] = {}
 
     def report(self, cid: str, status: t.ContainerStatus) -> None:
+        if self.order is not None:
+            status.seq = self.order()
         held = self._pending.get(cid)
         if cid in self._after or (held is not None and held.state == t.STATE_RUNNING
                                   and status.state != t.STATE_RUNNING and status.generation == held.generation):
@@ -191,6 +197,8 @@ class Worker:
         self.assignments: dict[str, t.Assignment] = {}
         self.info: dict[str, ContainerInfo] = {}
         self._record = RunRecord(state_dir)  # issue 6: generations started and restart counts, one file
+        if reporter.order is None:  # issue 6 (order): statuses numbered across this host's agent restarts
+            reporter.order = ReportOrder(state_dir)
         self._started = self._record.started  # read here, changed through self._record
         self._wake: dict[str, asyncio.Event] = {}
         self._actors: dict[str, asyncio.Task[None]] = {}

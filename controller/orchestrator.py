@@ -445,10 +445,11 @@ class Orchestrator:
             await asyncio.sleep(period_s)
 
     async def on_status(self, cid: str, status: t.ContainerStatus) -> bool:
-        """Record an agent's report. Stale reports (an older run) are dropped; a finished --rm container
-        is removed. Returns whether the report was recorded. The write compares the container's revision
-        with the one whose generation was checked (as on_statuses does), so a report that turns stale
-        meanwhile (a new run, a move off its host) never overwrites the newer status."""
+        """Record an agent's report. Stale reports (an older run, or not newer than the status held for its
+        run: `_superseded`) are dropped; a finished --rm container is removed. Returns whether the report was
+        recorded. The write compares the container's revision with the one whose generation was checked, and
+        the status's with the one whose order was checked (as on_statuses does), so a report that turns stale
+        meanwhile (a new run, a move off its host, a newer status of the run) never overwrites the newer one."""
         for _ in range(10):
             try:
                 v = await self.store.get_container(cid)
@@ -457,7 +458,10 @@ class Orchestrator:
             c = v.container
             if _stale(status, c):
                 return False
-            if await self.store.put_status(cid, status, v.mod_revision, await self.store.status_revision(cid)):
+            held, held_revision = await self.store.held_status(cid)
+            if _superseded(status, held):
+                return False
+            if await self.store.put_status(cid, status, v.mod_revision, held_revision):
                 break
         else:
             raise Conflict(f"container {cid[:12]} kept changing while its status was recorded; report it again")
@@ -578,7 +582,7 @@ class Orchestrator:
                 if v is None or held is None:
                     await self.on_status(cid, status)  # not seen yet (or gone): read etcd
                     continue
-                if _stale(status, v.container):
+                if _stale(status, v.container) or _superseded(status, held[0]):
                     continue
                 future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._reports.append((cid, status, v.mod_revision, held[1], future))
@@ -615,11 +619,15 @@ class Orchestrator:
 
     async def _commit_reports(self, batch: list[tuple[str, t.ContainerStatus, int, int, asyncio.Future[None]]]
                               ) -> None:
-        # one put per key in a transaction: a container's latest report, compared with what the first followed
+        # one put per key in a transaction: a container's latest report (its newest by the agent's order, issue 6:
+        # two sessions of one agent can queue them out of order), compared with what the first followed
         first: dict[str, int] = {}
-        for cid, _, _, held, _ in batch:
+        latest: dict[str, tuple[str, t.ContainerStatus, int, int | None]] = {}
+        for cid, status, mod, held, _ in batch:
             first.setdefault(cid, held)
-        latest = {cid: (cid, status, mod, first[cid]) for cid, status, mod, _, _ in batch}
+            kept = latest.get(cid)
+            if kept is None or not _superseded(status, kept[1]):
+                latest[cid] = (cid, status, mod, first[cid])
         items: list[tuple[str, t.ContainerStatus, int, int | None]] = list(latest.values())
         try:
             revision = await self.store.put_statuses(items)
@@ -662,6 +670,17 @@ def _stale(status: t.ContainerStatus, c: t.Container) -> bool:
     """Whether an agent's report is of an older run than the stored container's (a run since started, or the
     container moved off that host: both bump the generation); such a report is dropped."""
     return status.generation < c.generation
+
+
+def _superseded(status: t.ContainerStatus, held: t.ContainerStatus | None) -> bool:
+    """Whether an agent's report is not newer than `held` (the status stored, or another report) by the agent's
+    order (issue 6): of an older run, or of the same run with a seq not greater. The controller's statuses
+    (pending, assigned: each the first of its run, written before any agent has it) and agents that do not
+    number theirs have seq 0, which neither refuses nor is refused. Such a report is dropped (acknowledged: the
+    agent has reported something newer since, which is, or will be, recorded instead)."""
+    if held is None or not status.seq or not held.seq:
+        return False
+    return (held.generation, held.seq) >= (status.generation, status.seq)
 
 
 def _placed(c: t.Container, node_id: str) -> None:

@@ -3,7 +3,9 @@
 Keys (values are serialized protobuf messages from berth.api.types):
 
     /berth/containers/<id>                 Container: spec, desired state, assignment (API + controller)
-    /berth/status/<id>                     ContainerStatus (written for the agent that runs it)
+    /berth/status/<id>                     ContainerStatus (written for the agent that runs it; an agent's
+                                           status only over an older one of its run, by its seq: the write
+                                           compares the mod_revision of the status whose seq was checked)
     /berth/names/<name>                    the id owning a container name (uniqueness by txn)
     /berth/assignments/<node-id>/<id>      Assignment: what a node must run; its watch is the agent's stream
     /berth/nodes/<node-id>                 Node
@@ -336,10 +338,11 @@ class Store:
         does for several. False if either changed or the container is gone: read again before deciding."""
         return bool(await self.put_statuses([(cid, status, mod_revision, status_revision)]))
 
-    async def status_revision(self, cid: str) -> int:
-        """The mod_revision of the container's status (0: it has none)."""
+    async def held_status(self, cid: str) -> tuple[t.ContainerStatus | None, int]:
+        """The container's status and its mod_revision ((None, 0): it has none), to decide on and compare with
+        (a report is written only over the status it was checked against: Orchestrator.on_status)."""
         kv = await self._get(status_key(cid))
-        return int(kv.mod_revision) if kv is not None else 0
+        return (_parse(t.ContainerStatus, kv.value), int(kv.mod_revision)) if kv is not None else (None, 0)
 
     async def watch_status(self, cid: str, after_revision: int) -> AsyncIterator[StatusEvent]:
         """Changes of one container's status after a revision, in order; the status key is deleted with the

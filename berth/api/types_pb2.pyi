@@ -348,6 +348,7 @@ class ContainerStatus(_message.Message):
     PORTS_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     state: Global___ContainerState.ValueType
     exit_code: _builtins.int
     message: _builtins.str
@@ -369,6 +370,12 @@ class ContainerStatus(_message.Message):
     network: _builtins.str
     """issue 5, user networks (net: 50-54): the network the container is attached to ("bridge", or a user
     network's name; empty for none/host), with ip_address above as its address on it.
+    """
+    seq: _builtins.int
+    """issue 6 (order, 80-84): the order of this status among those its agent produced for the container: set
+    by the agent's Reporter (controller.orchestrator's write refuses one not newer than the stored status of
+    the same run), increasing across the agent's restarts (agent/report_order.py); 0 for the controller's
+    own statuses and agents without it.
     """
     @_builtins.property
     def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortMapping]:
@@ -396,10 +403,11 @@ class ContainerStatus(_message.Message):
         ports: _abc.Iterable[Global___PortMapping] | None = ...,
         health: Global___Health | None = ...,
         network: _builtins.str = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "health", b"health", "image_digest", b"image_digest", "ip_address", b"ip_address", "message", b"message", "network", b"network", "oom_killed", b"oom_killed", "pid", b"pid", "ports", b"ports", "restart_count", b"restart_count", "signal", b"signal", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "generation", b"generation", "health", b"health", "image_digest", b"image_digest", "ip_address", b"ip_address", "message", b"message", "network", b"network", "oom_killed", b"oom_killed", "pid", b"pid", "ports", b"ports", "restart_count", b"restart_count", "seq", b"seq", "signal", b"signal", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
