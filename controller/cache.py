@@ -1,8 +1,9 @@
 """An in-memory copy of the containers, statuses and hosts in etcd, fed by an etcd watch (issue 6): the leader's
 sweeps and the status path read it instead of every container from etcd (kube-scheduler's informers,
 swarmkit's memdb). Its watch also feeds `Run`'s status waits (`StatusWaiter`), every agent's assignment
-stream (`follow_assignments`), the DNS records (`follow_containers`) and the overlay's peers
-(`follow_nodes`); `ps` and `inspect` read it once it is `consistent` (caught up with etcd's revision).
+stream (`follow_assignments`: the containers naming the agent's node, controller.assigned), the DNS
+records (`follow_containers`) and the overlay's peers (`follow_nodes`); `ps` and `inspect` read it once it
+is `consistent` (caught up with etcd's revision).
 
 It is loaded with one read per prefix at one revision, then follows one watch on /berth/ from the next
 revision, in revision order, so the copy is etcd as of one revision plus this controller's own writes. It
@@ -27,9 +28,9 @@ from typing import NamedTuple, TypeVar
 
 from berth.api import types_pb2 as t
 from controller import scheduler
+from controller.assigned import nodes_of
 from controller.store import (
     ALIVE,
-    ASSIGNMENTS,
     CONTAINERS,
     NODES,
     PREFIX,
@@ -49,13 +50,14 @@ MAX_BEHIND = 10_000  # assignment changes queued for one agent session before it
 
 
 class RawAssignment(NamedTuple):
-    """One change of a node's assignments as the cache's watch saw it (issue 6): the stored Assignment's
-    bytes, parsed once, straight into the message the agent session sends (controller.dispatcher); None when
-    the assignment was removed."""
+    """One change of a node's assignments as the cache's watch saw it (issue 6): the container whose key
+    changed, as parsed once by the cache (the agent session fills its message from it for its node,
+    controller.assigned.fill: the container may have left the node, which makes it a removal); None when the
+    container was removed."""
 
     revision: int
     container_id: str
-    value: bytes | None
+    container: t.Container | None
 
 
 class StatusWaiter:
@@ -184,6 +186,12 @@ class ClusterCache:
         self.alive: set[str] = set()
         self.pending: dict[str, None] = {}  # an ordered set: first come, first placed
         self.on_node: dict[str, set[str]] = {}
+        # issue 6 (keys): the nodes each container has an assignment on (its node, its stale nodes) and the
+        # containers with an assignment on each node, as of `revision` (updated by the watch only, in etcd's
+        # order, unlike the indexes above that this controller's own writes update first): what the agents'
+        # streams send and their complete sets are read from
+        self.assigned: dict[str, tuple[str, ...]] = {}
+        self.assigned_on: dict[str, set[str]] = {}
         self.of_services: set[str] = set()
         self._usage: dict[str, list[int]] = {}  # node -> [memory, cpus, containers]
         self._ports: dict[str, Counter[tuple[str, int]]] = {}
@@ -365,6 +373,54 @@ class ClusterCache:
         self._sessions.setdefault(node_id, []).append(queue)
         return self.revision, queue
 
+    def assigned_to(self, node_id: str) -> list[t.Container]:
+        """The containers with an assignment on a node as of `revision` (call it in the same step as
+        follow_assignments, so that the queue holds every change after them): each as held now, which may be
+        a write of this controller's that the watch has not brought yet (its change comes through the queue
+        too, and is sent again: harmless)."""
+        out = []
+        for cid in self.assigned_on.get(node_id, ()):
+            v = self.containers.get(cid)
+            if v is not None:
+                out.append(v.container)
+        return out
+
+    def _assign(self, cid: str, c: t.Container | None, mod: int) -> None:
+        """A container's change in the watch's order: the index of its assignments, and the change queued for
+        the agent sessions of every node it had or has an assignment on."""
+        old = self.assigned.get(cid, ())
+        new = nodes_of(c) if c is not None else ()
+        if new:
+            self.assigned[cid] = new
+        else:
+            self.assigned.pop(cid, None)
+        if old != new:
+            for node_id in old:
+                if node_id not in new:
+                    on = self.assigned_on.get(node_id)
+                    if on is not None:
+                        on.discard(cid)
+                        if not on:
+                            del self.assigned_on[node_id]
+            for node_id in new:
+                self.assigned_on.setdefault(node_id, set()).add(cid)
+        if not self._sessions:
+            return
+        change: RawAssignment | None = None
+        for node_id in (*old, *(n for n in new if n not in old)):
+            sessions = self._sessions.get(node_id)
+            if not sessions:
+                continue
+            if change is None:
+                change = RawAssignment(mod, cid, c)
+            for session in list(sessions):
+                if session.qsize() >= MAX_BEHIND:  # an agent that stopped reading: end its stream
+                    session.put_nowait(Unavailable(f"agent {node_id} is {MAX_BEHIND} assignment changes "
+                                                   "behind; it resumes from its revision when it reconnects"))
+                    self.unfollow_assignments(node_id, session)
+                else:
+                    session.put_nowait(change)
+
     def unfollow_assignments(self, node_id: str, queue: asyncio.Queue[RawAssignment | BaseException]) -> None:
         queues = self._sessions.get(node_id, [])
         if queue in queues:
@@ -468,7 +524,9 @@ class ClusterCache:
         revision, loaded = await self.store.read_prefixes((CONTAINERS, STATUS, NODES, ALIVE))
         self._reset()
         for _, value, mod in loaded[CONTAINERS]:
-            self.put_container(_parse_container(value), mod)
+            c = _parse_container(value)
+            self.put_container(c, mod)
+            self._assign(c.id, c, mod)
         for key, value, mod in loaded[STATUS]:
             self.statuses[key[len(STATUS):].decode()] = (_parse_status(value), mod)
         for _, value, mod in loaded[NODES]:
@@ -495,24 +553,18 @@ class ClusterCache:
             cid = key[len(CONTAINERS):].decode()
             if put:
                 held = self.containers.get(cid)
-                if held is None or held.mod_revision < mod:  # not when it is our own write, applied already
-                    self.put_container(_parse_container(value), mod)
+                if held is not None and held.mod_revision == mod:
+                    c = held.container  # our own write, applied already
+                else:
+                    c = _parse_container(value)
+                    if held is None or held.mod_revision < mod:
+                        self.put_container(c, mod)
+                self._assign(cid, c, mod)
             else:
                 self._delete_container(cid, mod)
+                self._assign(cid, None, mod)
             for follower in self._followers:
                 follower.put_nowait(cid)
-        elif key.startswith(ASSIGNMENTS):
-            node_id, _, cid = key[len(ASSIGNMENTS):].decode().partition("/")
-            sessions = self._sessions.get(node_id)
-            if sessions:
-                change = RawAssignment(mod, cid, value if put else None)
-                for session in list(sessions):
-                    if session.qsize() >= MAX_BEHIND:  # an agent that stopped reading: end its stream
-                        session.put_nowait(Unavailable(f"agent {node_id} is {MAX_BEHIND} assignment changes "
-                                                       "behind; it resumes from its revision when it reconnects"))
-                        self.unfollow_assignments(node_id, session)
-                    else:
-                        session.put_nowait(change)
         elif key.startswith(STATUS):
             cid = key[len(STATUS):].decode()
             status = None

@@ -10,6 +10,7 @@ down within one TTL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,8 @@ import grpc.aio
 from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
-from controller.cache import ClusterCache, RawAssignment
+from controller.assigned import fill
+from controller.cache import CACHE_WAIT_S, ClusterCache, RawAssignment
 from controller.dns import NamesHub
 from controller.metrics import ControllerMetrics
 from controller.network import SubnetAllocator
@@ -105,6 +107,9 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         node_id = request.node_id
         self.metrics.agent_sessions.inc()
         cache = self.orchestrator.cache
+        if cache is not None and not cache.ready:  # issue 6: loading; without it each stream reads every container
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cache.wait_ready(), CACHE_WAIT_S)
         follow = cache.follow_assignments(node_id) if cache is not None else None
         try:
             if cache is not None and follow is not None:  # issue 6: fed by the cache's watch
@@ -124,7 +129,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                         for a in assignments
                     ],
                 )
-            async for event in self.store.watch_assignments(node_id, revision):
+            async for event in self.store.watch_assigned(node_id, revision):
                 yield _incremental(event)
         except Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
@@ -137,16 +142,19 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
     async def _from_cache(self, cache: ClusterCache, node_id: str, after: int, current: int,
                           queue: asyncio.Queue[RawAssignment | BaseException]) -> AsyncIterator[d.AssignmentsMessage]:
         """The Assignments stream from the cache's watch: the changes after `current` come through `queue`;
-        an agent that resumes from before it (or starts) gets the complete set as of `current` first. The
+        an agent that resumes from before it (or starts) gets the complete set as of `current` first (the
+        containers naming the node, from the cache's index: no etcd read, issue 6). The
         changes queued when the stream gets to them go in one message (the agent applies a message's changes
         in order, then takes its revision, which the message holds all of), each parsed once from etcd's bytes
         into that message."""
         try:
             if after < current:
-                assignments = await self.store.assignments_at(node_id, current)
-                yield d.AssignmentsMessage(kind=d.AssignmentsMessage.COMPLETE, revision=current, changes=[
-                    d.AssignmentChange(action=d.AssignmentChange.UPDATE, container_id=a.container_id, assignment=a)
-                    for a in assignments])
+                complete = d.AssignmentsMessage(kind=d.AssignmentsMessage.COMPLETE, revision=current)
+                for c in cache.assigned_to(node_id):
+                    change = complete.changes.add(container_id=c.id, action=d.AssignmentChange.UPDATE)
+                    if not fill(change, c, node_id):  # a write of ours ahead of the watch took it off the node:
+                        del complete.changes[-1]        # its change is queued
+                yield complete
                 after = current
             while True:
                 event = await queue.get()
@@ -160,11 +168,10 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                         if msg is None:
                             msg = d.AssignmentsMessage(kind=d.AssignmentsMessage.INCREMENTAL)
                         change = msg.changes.add(container_id=event.container_id)
-                        if event.value is None:
-                            change.action = d.AssignmentChange.REMOVE
-                        else:
+                        if event.container is not None and fill(change, event.container, node_id):
                             change.action = d.AssignmentChange.UPDATE
-                            change.assignment.MergeFromString(event.value)
+                        else:
+                            change.action = d.AssignmentChange.REMOVE
                         msg.revision = event.revision
                     if queue.empty():  # a watch reply's changes are queued together: its revisions are whole
                         break

@@ -65,6 +65,12 @@ async def serve(args: argparse.Namespace) -> None:
         await store.connect()
     except StoreError as exc:
         raise SystemExit(f"berth-controller: cannot reach etcd at {args.etcd}: {exc}") from None
+    try:  # issue 6: what a node runs is derived from the container keys; an older controller's keys go
+        dropped = await store.drop_assignment_keys()
+    except StoreError as exc:
+        raise SystemExit(f"berth-controller: cannot clear the old assignment keys in etcd: {exc}") from None
+    if dropped:
+        log.info("deleted %d /berth/assignments/ keys of an older controller", dropped)
     metrics = ControllerMetrics()
     orchestrator = Orchestrator(store, metrics)
     orchestrator.strategy, orchestrator.sample = args.strategy, args.sample

@@ -30,16 +30,9 @@ log = logging.getLogger(__name__)
 TERMINAL = (t.STATE_EXITED, t.STATE_FAILED)
 
 
-def assignment_of(c: t.Container) -> t.Assignment:
-    return t.Assignment(
-        container_id=c.id, spec=c.spec, desired_state=c.desired_state, generation=c.generation,
-        stop_timeout_s=c.stop_timeout_s,
-    )
-
-
 # Restart policies under which a container is moved off a dead host (issue 6).
 MOVABLE_POLICIES = ("always", "on-failure", "unless-stopped")
-BATCH = 32  # containers per placement transaction: 3 operations each, under etcd's 128
+BATCH = 32  # containers per placement transaction: 2 operations each, under etcd's 128
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops; the controller's --max-txn-ops when etcd allows more
 SWEEP_GAP_S = 0.1
 
@@ -157,13 +150,11 @@ class Orchestrator:
                     if new.pending_reason == decision.reason:
                         return c
                     new.pending_reason = decision.reason
-                    assignment = None
                 else:
                     _placed(new, decision.host.id)
-                    assignment = assignment_of(new)
                     status = t.ContainerStatus(state=t.STATE_ASSIGNED, generation=new.generation)
                 try:
-                    await self.store.update_container(v, new, assignment=assignment, status=status)
+                    await self.store.update_container(v, new, status=status)
                 except Conflict:
                     continue
                 if decision.host is not None:
@@ -187,13 +178,12 @@ class Orchestrator:
             new.desired_state = desired  # type: ignore[assignment]
             if stop_timeout_s is not None:
                 new.stop_timeout_s = stop_timeout_s
-            assignment = assignment_of(new) if new.node_id else None
             status: t.ContainerStatus | None = None
             if desired == t.DESIRED_RUNNING:
                 state = t.STATE_ASSIGNED if new.node_id else t.STATE_PENDING
                 status = t.ContainerStatus(state=state, generation=new.generation)
             try:
-                await self.store.update_container(v, new, assignment=assignment, status=status)
+                await self.store.update_container(v, new, status=status)
             except Conflict:
                 continue
             if desired == t.DESIRED_RUNNING and not new.node_id:
@@ -268,7 +258,7 @@ class Orchestrator:
             pending.sort(key=lambda v: v.container.replaces_unplaced)
             hosts = await self.hosts(containers)
             index = {h.id: i for i, h in enumerate(hosts)}
-            writes: list[tuple[Versioned, t.Container, t.Assignment, t.ContainerStatus]] = []
+            writes: list[tuple[Versioned, t.Container, t.ContainerStatus]] = []
             unplaced: list[tuple[Versioned, str]] = []
             for v in pending:
                 decision = self.decide(v.container, hosts)
@@ -280,11 +270,10 @@ class Orchestrator:
                 new = t.Container()
                 new.CopyFrom(v.container)
                 _placed(new, decision.host.id)
-                writes.append((v, new, assignment_of(new),
-                               t.ContainerStatus(state=t.STATE_ASSIGNED, generation=new.generation)))
+                writes.append((v, new, t.ContainerStatus(state=t.STATE_ASSIGNED, generation=new.generation)))
             placed = 0
             retry: list[str] = []
-            per = max(1, self.max_txn_ops // 3)
+            per = max(1, self.max_txn_ops // 2)  # container, status
             batches = [writes[start:start + per] for start in range(0, len(writes), per)]
             # Committed together: etcd folds concurrent transactions into one disk write.
             results = await asyncio.gather(*(self.store.update_containers(b) for b in batches))
@@ -292,14 +281,14 @@ class Orchestrator:
                 if committed:
                     placed += len(batch)
                     now = self.clock()
-                    for old, placed_c, _, status in batch:
+                    for old, placed_c, status in batch:
                         self.metrics.scheduling_latency.observe(max(0.0, now - old.container.created_at_ns / 1e9))
                         outcome[placed_c.id] = placed_c
                         if cache is not None:
                             cache.put_container(placed_c, committed)
                             cache.put_status(placed_c.id, status, committed)
                 else:
-                    retry += [old.container.id for old, _, _, _ in batch]
+                    retry += [old.container.id for old, _, _ in batch]
             for v, reason in unplaced:
                 if v.container.pending_reason != reason:
                     new = t.Container()
@@ -362,8 +351,6 @@ class Orchestrator:
         """Take a container off its host: the host is told to stop its copy (and keep its files), the
         container becomes pending with a new generation, for the next placement."""
         c = v.container
-        stale = assignment_of(c)
-        stale.desired_state = t.DESIRED_STOPPED
         new = t.Container()
         new.CopyFrom(c)
         if c.node_id not in new.stale_nodes:
@@ -372,7 +359,7 @@ class Orchestrator:
         new.generation += 1
         new.pending_reason = reason or f"its host {c.node_id} is down; placing it elsewhere"
         status = t.ContainerStatus(state=t.STATE_PENDING, generation=new.generation, message=new.pending_reason)
-        revision = await self.store.move_off(v, new, stale, status)
+        revision = await self.store.move_off(v, new, status)
         if self.cache is not None:
             self.cache.put_container(new, revision)
             self.cache.put_status(new.id, status, revision)
@@ -475,7 +462,8 @@ class Orchestrator:
         """Store a new container and place it; returns it as stored (placed, or pending with the reason).
         Raises NameInUse. On the leader with its cache loaded, the Run calls in flight are group-committed:
         each is decided on the cache's host views, then one transaction creates the batch already placed
-        (names, containers, statuses, assignments; a compare on each name and id), see _admit."""
+        (names, containers, statuses; a node's assignment is the container key; a compare on each name and id),
+        see _admit."""
         if self.kick is None or self._cached() is None:
             await self.store.create_container(c)
             return await self.schedule(c.id)
@@ -501,10 +489,10 @@ class Orchestrator:
 
     async def _admit(self, batch: list[tuple[t.Container, asyncio.Future[t.Container]]]) -> None:
         """Create a batch of Run calls already placed: each decided on the cache's view of the hosts, then
-        stored with its name, its status and its assignment in the transaction that creates it (a compare on
+        stored with its name and its status in the transaction that creates it (a compare on
         each name and id: created once, so placed once), instead of created pending and written again by a
         placement (2 puts of the container and its status, and a compare, fewer per container)."""
-        items: list[tuple[t.Container, t.ContainerStatus, t.Assignment | None]] = []
+        items: list[tuple[t.Container, t.ContainerStatus]] = []
         alone: list[t.Container] = []
         names: set[str] = set()
         outcome: dict[str, t.Container] = {}
@@ -520,26 +508,26 @@ class Orchestrator:
                 decision = self.decide(c, hosts)
                 if decision.host is None:
                     c.pending_reason = decision.reason
-                    items.append((c, t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation), None))
+                    items.append((c, t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation)))
                     continue
                 i = index[decision.host.id]
                 hosts[i] = scheduler.with_container(hosts[i], scheduler.Demand.of(c.spec))
                 _placed(c, decision.host.id)
-                items.append((c, t.ContainerStatus(state=t.STATE_ASSIGNED, generation=c.generation), assignment_of(c)))
-            per = max(1, self.max_txn_ops // 4)  # name, container, status, assignment
+                items.append((c, t.ContainerStatus(state=t.STATE_ASSIGNED, generation=c.generation)))
+            per = max(1, self.max_txn_ops // 3)  # name, container, status (its assignment: the container key)
             chunks = [items[i:i + per] for i in range(0, len(items), per)]
             revisions = await asyncio.gather(*(self.store.create_placed(chunk) for chunk in chunks),
                                              return_exceptions=True)
             now = self.clock()
             for chunk, revision in zip(chunks, revisions, strict=True):
                 if isinstance(revision, BaseException) or not revision:
-                    for c, _, _ in chunk:  # a name in use (or etcd failed): one by one, to tell which
+                    for c, _ in chunk:  # a name in use (or etcd failed): one by one, to tell which
                         c.node_id = c.pending_reason = ""
                         alone.append(c)
                     continue
-                for c, status, assignment in chunk:
+                for c, status in chunk:
                     outcome[c.id] = c
-                    if assignment is not None:
+                    if c.node_id:
                         self.metrics.scheduling_latency.observe(max(0.0, now - c.created_at_ns / 1e9))
                     if self.cache is not None:
                         self.cache.put_container(c, revision)

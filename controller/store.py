@@ -7,7 +7,10 @@ Keys (values are serialized protobuf messages from berth.api.types):
                                            status only over an older one of its run, by its seq: the write
                                            compares the mod_revision of the status whose seq was checked)
     /berth/names/<name>                    the id owning a container name (uniqueness by txn)
-    /berth/assignments/<node-id>/<id>      Assignment: what a node must run; its watch is the agent's stream
+    (/berth/assignments/<node-id>/<id>     no longer written (issue 6): what a node must run is derived from
+                                           the container keys, which name its node and the nodes keeping a
+                                           stopped copy (controller.assigned); keys left by an older
+                                           controller are deleted at start, drop_assignment_keys)
     /berth/nodes/<node-id>                 Node
     /berth/alive/<node-id>                 attached to the node's lease: present while the node is ready
     /berth/leader                          the leading controller's id, attached to its lease (issue 6)
@@ -57,12 +60,13 @@ from aetcd import rpc as etcdrpc
 from google.protobuf.message import Message
 
 from berth.api import types_pb2 as t
+from controller.assigned import assignment_for, nodes_of
 
 PREFIX = b"/berth/"
 CONTAINERS = PREFIX + b"containers/"
 STATUS = PREFIX + b"status/"
 NAMES = PREFIX + b"names/"
-ASSIGNMENTS = PREFIX + b"assignments/"
+ASSIGNMENTS = PREFIX + b"assignments/"  # no longer written (issue 6): left by older controllers, dropped at start
 NODES = PREFIX + b"nodes/"
 ALIVE = PREFIX + b"alive/"
 LEADER = PREFIX + b"leader"
@@ -280,18 +284,12 @@ class Store:
         old: Versioned,
         new: t.Container,
         *,
-        assignment: t.Assignment | None = None,
-        unassign_from: str = "",
         status: t.ContainerStatus | None = None,
     ) -> int:
-        """Write a container back if nobody changed it since it was read (else Conflict), together with
-        its assignment: put on new.node_id when given, deleted from unassign_from when named."""
+        """Write a container back if nobody changed it since it was read (else Conflict), with its status when
+        given. Its node's assignment changes with it (controller.assigned: derived from the container key)."""
         tx = self._tx
         ops = [tx.put(container_key(new.id), new.SerializeToString())]
-        if unassign_from:
-            ops.append(tx.delete(assignment_key(unassign_from, new.id)))
-        if assignment is not None:
-            ops.append(tx.put(assignment_key(new.node_id, new.id), assignment.SerializeToString()))
         if status is not None:
             ops.append(tx.put(status_key(new.id), status.SerializeToString()))
         ok, responses = await self._txn([tx.mod(container_key(new.id)) == old.mod_revision], ops, [])
@@ -305,10 +303,7 @@ class Store:
         name is never freed before its container is gone, nor left behind by a crash in between (issue 6)."""
         c = old.container
         key = container_key(c.id)
-        ops = [_delete(key), _delete(status_key(c.id))]
-        if c.node_id:
-            ops.append(_delete(assignment_key(c.node_id, c.id)))
-        ops += [_delete(assignment_key(n, c.id)) for n in c.stale_nodes if n != c.node_id]
+        ops = [_delete(key), _delete(status_key(c.id))]  # its assignments go with the container key (issue 6)
         # issue 5: its user network address, read in the same transaction that deletes it (no claim can come
         # after: a claim needs the container) and then freed below
         attachment_at = len(ops)
@@ -353,16 +348,37 @@ class Store:
     # ---- assignments ------------------------------------------------------------------------------
 
     async def assignments(self, node_id: str) -> tuple[int, list[t.Assignment]]:
-        """The node's whole assignment set and the revision it was read at."""
-        result = await self._call(self._client.get_prefix, assignment_prefix(node_id))
-        return int(result.header.revision), [_parse(t.Assignment, kv.value) for kv in result]
+        """The node's whole assignment set and the revision it was read at: derived from every container key
+        (issue 6; controller.assigned), so this reads them all: the cluster cache's streams do not call it."""
+        result = await self._call(self._client.get_prefix, CONTAINERS)
+        out = []
+        for kv in result:
+            a = assignment_for(_parse(t.Container, kv.value), node_id)
+            if a is not None:
+                out.append(a)
+        return int(result.header.revision), out
 
-    async def watch_assignments(self, node_id: str, after_revision: int) -> AsyncIterator[AssignmentEvent]:
-        prefix = assignment_prefix(node_id)
-        async for kind, kv in self._watch(prefix, after_revision + 1, prefix=True):
-            cid = kv.key[len(prefix) :].decode()
-            assignment = _parse(t.Assignment, kv.value) if kind == "PUT" else None
-            yield AssignmentEvent(int(kv.mod_revision), cid, assignment)
+    async def watch_assigned(self, node_id: str, after_revision: int) -> AsyncIterator[AssignmentEvent]:
+        """The node's assignment changes after a revision, from a watch on every container key with its previous
+        value (issue 6): a container that names the node (placed there, or keeping a stopped copy there) after
+        the change gives its assignment, one that named it before and no longer does (removed, placed back
+        elsewhere) a removal."""
+        async for change in self.watch_changes(after_revision, CONTAINERS):
+            cid = change.key[len(CONTAINERS):].decode()
+            new = _parse(t.Container, change.value) if change.put else None
+            a = assignment_for(new, node_id) if new is not None else None
+            if a is not None:
+                yield AssignmentEvent(change.revision, cid, a)
+            elif change.previous and node_id in nodes_of(_parse(t.Container, change.previous)):
+                yield AssignmentEvent(change.revision, cid, None)
+
+    async def drop_assignment_keys(self) -> int:
+        """Delete the /berth/assignments/ keys an older controller wrote (issue 6: what a node runs is derived
+        from the container keys now; a stale node's stopped copy is told apart by generation 0 instead of its
+        old one). Run at controller start; returns how many there were."""
+        reply = await self._rpc(self._client.kvstub.DeleteRange, etcdrpc.DeleteRangeRequest(
+            key=ASSIGNMENTS, range_end=_prefix_end(ASSIGNMENTS)))
+        return int(reply.deleted)
 
     # ---- nodes ------------------------------------------------------------------------------------
 
@@ -454,25 +470,25 @@ class Store:
         tx = self._tx
         await self._txn([tx.value(LEADER) == identity.encode()], [tx.delete(LEADER)], [])
 
-    async def update_containers(self, writes: list[tuple[Versioned, t.Container, t.Assignment, t.ContainerStatus]]) -> int:  # noqa: E501
-        """Place several containers in one transaction: each written back with its assignment and status,
-        all or none, and only if none of them changed since read. The revision, 0 on a conflict (retry one by one)."""
+    async def update_containers(self, writes: list[tuple[Versioned, t.Container, t.ContainerStatus]]) -> int:
+        """Place several containers in one transaction: each written back with its status (its assignment is
+        the container key, issue 6), all or none, and only if none of them changed since read. The revision,
+        0 on a conflict (retry one by one)."""
         compares = []
         ops = []
-        for old, new, assignment, status in writes:
+        for old, new, status in writes:
             compares.append(_mod_is(container_key(new.id), old.mod_revision))
             ops.append(_put(container_key(new.id), new.SerializeToString()))
-            ops.append(_put(assignment_key(new.node_id, new.id), assignment.SerializeToString()))
             ops.append(_put(status_key(new.id), status.SerializeToString()))
         return await self._raw_txn(compares, ops)  # issue 6: the revision, for the cluster cache
 
-    async def move_off(self, old: Versioned, new: t.Container, stale: t.Assignment, status: t.ContainerStatus) -> int:
-        """Take a container off a dead host: the host keeps an assignment that says stopped (so it stops
-        its copy when it comes back, keeping the files), the container goes back to pending."""
+    async def move_off(self, old: Versioned, new: t.Container, status: t.ContainerStatus) -> int:
+        """Take a container off a dead host: the container goes back to pending and names the host among its
+        stale_nodes, whose assignment then says stopped (controller.assigned: it stops its copy when it comes
+        back, keeping the files)."""
         tx = self._tx
         ops = [
             tx.put(container_key(new.id), new.SerializeToString()),
-            tx.put(assignment_key(old.container.node_id, new.id), stale.SerializeToString()),
             tx.put(status_key(new.id), status.SerializeToString()),
         ]
         ok, responses = await self._txn([tx.mod(container_key(new.id)) == old.mod_revision], ops, [])
@@ -589,10 +605,10 @@ class Store:
             return None  # compacted
         return _parse(t.Container, reply.kvs[0].value) if reply.kvs else None
 
-    async def watch_changes(self, after_revision: int) -> AsyncIterator[Change]:
-        """Every change under /berth/ after a revision, with the value before it."""
+    async def watch_changes(self, after_revision: int, prefix: bytes = PREFIX) -> AsyncIterator[Change]:
+        """Every change under /berth/ (or a prefix of it) after a revision, with the value before it."""
         queue: asyncio.Queue[tuple[str, Any] | BaseException] = asyncio.Queue()
-        watch = await self._call(self._client.watch_prefix, PREFIX, start_revision=after_revision + 1,
+        watch = await self._call(self._client.watch_prefix, prefix, start_revision=after_revision + 1,
                                  prev_kv=True)
         pump = asyncio.create_task(_pump_events(watch, queue))
         try:
@@ -761,14 +777,6 @@ class Store:
         async for kind, kv in self._watch(prefix, after_revision + 1, prefix=True):
             yield kind == "PUT", bytes(kv.key), bytes(kv.value), int(kv.mod_revision)
 
-    async def assignments_at(self, node_id: str, revision: int) -> list[t.Assignment]:
-        """The node's whole assignment set as it was at a revision."""
-        prefix = assignment_prefix(node_id)
-        request = self._client._build_get_range_request(prefix, range_end=_prefix_end(prefix))
-        request.revision = revision
-        reply = await self._rpc(self._client.kvstub.Range, request)
-        return [_parse(t.Assignment, kv.value) for kv in reply.kvs]
-
     async def watch_batches(self, prefix: bytes, after_revision: int) -> AsyncIterator[list[tuple[bool, bytes, bytes, int]]]:  # noqa: E501
         """Like watch_prefix, on a Watch stream of its own, each etcd reply's events at once: (put, key, value,
         mod_revision) lists in revision order, without a task, a queue and a parse per event on the way."""
@@ -796,19 +804,18 @@ class Store:
             closed.set()
             call.cancel()
 
-    async def create_placed(self, items: list[tuple[t.Container, t.ContainerStatus, t.Assignment | None]]) -> int:
-        """Create several containers in one transaction, each with its name claimed, its status, and its
-        assignment when it is already placed: all or none, only if none of the names and ids exist. Returns
-        the revision, 0 when a compare failed (a name in use: create them one by one to learn which)."""
+    async def create_placed(self, items: list[tuple[t.Container, t.ContainerStatus]]) -> int:
+        """Create several containers in one transaction, each with its name claimed and its status (placed or
+        not: its node's assignment is the container key, issue 6): all or none, only if none of the names and
+        ids exist. Returns the revision, 0 when a compare failed (a name in use: create them one by one to
+        learn which)."""
         compares = []
         ops = []
-        for c, status, assignment in items:
+        for c, status in items:
             name, key = name_key(c.spec.name), container_key(c.id)
             compares += [_version_is(name, 0), _version_is(key, 0)]
             ops += [_put(name, c.id.encode()), _put(key, c.SerializeToString()),
                     _put(status_key(c.id), status.SerializeToString())]
-            if assignment is not None:
-                ops.append(_put(assignment_key(c.node_id, c.id), assignment.SerializeToString()))
         return await self._raw_txn(compares, ops)
 
     async def put_statuses(self, items: list[tuple[str, t.ContainerStatus, int, int | None]]) -> int:

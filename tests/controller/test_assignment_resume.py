@@ -20,8 +20,13 @@ from controller import dispatcher as dispatcher_module
 from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import PREFIX, Store, assignment_key
+from controller.store import PREFIX, Store, container_key
 from tests.controller.conftest import HOST, cache_on, until
+
+
+def _placed(cid: str, node_id: str = "n1") -> bytes:
+    """A container key's value: the container placed on a node (its assignment there, issue 6)."""
+    return t.Container(id=cid, node_id=node_id, generation=1, desired_state=t.DESIRED_RUNNING).SerializeToString()
 
 
 async def _resume_mid_revision(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,8 +39,7 @@ async def _resume_mid_revision(url: str, monkeypatch: pytest.MonkeyPatch) -> Non
         stream = dispatcher._from_cache(cache, "n1", current, current, queue)
         cids = ["c0", "c1", "c2"]
         tx = client.transactions
-        await client.transaction([], [tx.put(assignment_key("n1", c), t.Assignment(container_id=c).SerializeToString())
-                                      for c in cids], [])  # three changes at one revision
+        await client.transaction([], [tx.put(container_key(c), _placed(c)) for c in cids], [])  # one revision
         await until(lambda: queue.qsize() == 3, "the three changes")
         first = await asyncio.wait_for(anext(stream), 10)
         assert [c.container_id for c in first.changes] == ["c0", "c1"]
@@ -81,8 +85,7 @@ async def _resume_mid_revision_from_etcd(url: str) -> None:
         call = stub.Assignments(d.AssignmentsRequest(node_id="n1", after_revision=start))
         cids = ["c0", "c1", "c2"]
         tx = client.transactions
-        await client.transaction([], [tx.put(assignment_key("n1", c), t.Assignment(container_id=c).SerializeToString())
-                                      for c in cids], [])  # three changes at one revision
+        await client.transaction([], [tx.put(container_key(c), _placed(c)) for c in cids], [])  # one revision
         first = await asyncio.wait_for(anext(aiter(call)), 10)
         assert [c.container_id for c in first.changes] == ["c0"]
         call.cancel()  # the controller goes away: the agent resumes after the revision it took

@@ -21,12 +21,18 @@ from controller.store import (
     Store,
     StoreError,
     Unavailable,
-    assignment_key,
+    container_key,
 )
 from tests.controller.conftest import cache_on, until, wipe_etcd
 from tests.controller.test_race import _assignment_puts
 
 MIB = 1 << 20
+
+
+def _on(cid: str, node_id: str = "n1", generation: int = 1) -> bytes:
+    """A container key's value: the container placed on a node (its assignment there, issue 6)."""
+    return t.Container(id=cid, node_id=node_id, generation=generation,
+                       desired_state=t.DESIRED_RUNNING).SerializeToString()
 
 
 def _container(name: str, memory: int = 0) -> t.Container:
@@ -56,7 +62,7 @@ async def _cache_follows(url: str) -> None:
         placed = t.Container()
         placed.CopyFrom(v.container)
         placed.node_id = "n1"
-        revision = await store.update_container(v, placed, assignment=t.Assignment(container_id=c.id),
+        revision = await store.update_container(v, placed,
                                                 status=t.ContainerStatus(state=t.STATE_ASSIGNED, generation=1))
         await until(lambda: (e := cache.container(c.id)) is not None and e.mod_revision == revision, "the placement")
         [host] = cache.hosts()
@@ -222,7 +228,7 @@ async def _stuck_session(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         assert follow is not None
         _, queue = follow
         for i in range(3):  # nobody reads the queue
-            await client.put(assignment_key("n1", f"c{i}"), t.Assignment(container_id=f"c{i}").SerializeToString())
+            await client.put(container_key(f"c{i}"), _on(f"c{i}"))
         await until(lambda: queue.qsize() == 3, "the third change")
         got = [queue.get_nowait() for _ in range(3)]
         assert [e.container_id for e in got[:2] if isinstance(e, RawAssignment)] == ["c0", "c1"]
@@ -243,11 +249,10 @@ async def _queued_changes(url: str) -> None:
         follow = cache.follow_assignments("n1")
         assert follow is not None
         current, queue = follow
-        await client.put(assignment_key("n1", "c0"), t.Assignment(container_id="c0").SerializeToString())
+        await client.put(container_key("c0"), _on("c0"))
         for i in (1, 2):
-            await client.put(assignment_key("n1", f"c{i}"), t.Assignment(container_id=f"c{i}",
-                                                                         generation=i).SerializeToString())
-        await client.delete(assignment_key("n1", "c1"))
+            await client.put(container_key(f"c{i}"), _on(f"c{i}", generation=i))
+        await client.delete(container_key("c1"))
         await until(lambda: queue.qsize() == 4, "the four changes")
         skipped = queue.get_nowait()  # the agent resumes after the first change: it is not sent again
         assert isinstance(skipped, RawAssignment)
@@ -261,7 +266,7 @@ async def _queued_changes(url: str) -> None:
             (d.AssignmentChange.REMOVE, "c1", 0)]
         assert msg.revision == await store.revision()
 
-        await client.put(assignment_key("n1", "c3"), t.Assignment(container_id="c3").SerializeToString())
+        await client.put(container_key("c3"), _on("c3"))
         await until(lambda: queue.qsize() == 1, "the fifth change")
         queue.put_nowait(Unavailable("reloading"))
         msg = await anext(stream)

@@ -13,7 +13,7 @@ from berth.api import types_pb2 as t
 from controller.events import translate_all
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import Conflict, assignment_key, container_key, name_key, status_key
+from controller.store import ASSIGNMENTS, Conflict, container_key, name_key, status_key
 from tests.controller.conftest import cache_on, store_on, until
 
 MIB = 1 << 20
@@ -46,12 +46,13 @@ async def _created_placed(url: str) -> None:
 
             for c in fits:  # each key written once: created placed, not created pending and then placed
                 got = {key: (await client.get(key)) for key in (container_key(c.id), status_key(c.id),
-                                                               assignment_key("n1", c.id), name_key(c.spec.name))}
+                                                               name_key(c.spec.name))}
                 assert all(kv is not None and kv.version == 1 for kv in got.values()), (c.spec.name, got)
                 status = t.ContainerStatus()
                 status.ParseFromString(got[status_key(c.id)].value)
                 assert (status.state, status.generation) == (t.STATE_ASSIGNED, 1)
                 assert bytes(got[name_key(c.spec.name)].value).decode() == c.id
+            assert not list(await client.get_prefix(ASSIGNMENTS))  # issue 6: the container key is the assignment
             kv = await client.get(container_key(too_big.id))
             assert kv is not None and kv.version == 1  # its pending reason came with its creation
             status, _ = await store.get_status(too_big.id)

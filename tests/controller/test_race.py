@@ -1,8 +1,9 @@
 """Two controllers racing over the same 500 pending containers on one real etcd never place one twice
 (issue 6): every placement compares the container's revision, and the loser re-reads.
 
-Each placement puts the container's assignment; the etcd history of the assignment keys from before the race
-is read back, so a container placed twice (even if later overwritten) is seen."""
+Each placement puts the container key with its node (its assignment there, issue 6); the etcd history of the
+container keys from before the race is read back, so a container placed twice (even if later overwritten) is
+seen."""
 
 from __future__ import annotations
 
@@ -15,27 +16,35 @@ import aetcd
 from berth.api import types_pb2 as t
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import ASSIGNMENTS, PREFIX, Store
+from controller.store import CONTAINERS, PREFIX, Store
 
 N = 500
 
 
 async def _assignment_puts(url: str, start: int) -> Counter[str]:
-    """How many times each container's assignment was put since a revision."""
+    """How many times each container was written placed on a node (given its assignment there) since a
+    revision: created placed, placed from pending, or written placed over a placed copy of the same run (a
+    second placement that did not see the first); a placed container written with a new run (generation) is
+    not a placement."""
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     client = aetcd.Client(host=host, port=int(port))
     await client.connect()
     puts: Counter[str] = Counter()
-    end = ASSIGNMENTS + b"~end"  # a key put after the race: the history is read up to it
+    end = CONTAINERS + b"~end"  # a key put after the race: the history is read up to it
     try:
         await client.put(end, b"")
-        watch = await client.watch_prefix(ASSIGNMENTS, start_revision=start + 1)
+        watch = await client.watch_prefix(CONTAINERS, start_revision=start + 1, prev_kv=True)
         async with asyncio.timeout(30):
             async for event in watch:
                 if bytes(event.kv.key) == end:
                     break
                 if str(event.kind) == "PUT":
-                    puts[bytes(event.kv.key).decode().rsplit("/", 1)[1]] += 1
+                    c, before = t.Container(), t.Container()
+                    c.ParseFromString(bytes(event.kv.value))
+                    if event.prev_kv is not None:
+                        before.ParseFromString(bytes(event.prev_kv.value))
+                    if c.node_id and (not before.node_id or before.generation == c.generation):
+                        puts[c.id] += 1
         await watch.cancel()
     finally:
         await client.delete_prefix(PREFIX)
