@@ -67,6 +67,8 @@ class LifecycleMixin:
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"{exc}: remove it (berthctl rm {exc.name}) or choose another name with --name",
             )
+        except NotFound as exc:  # issue 5 (order): its network removed, or being removed, meanwhile
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         raise AssertionError

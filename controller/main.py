@@ -90,6 +90,10 @@ async def serve(args: argparse.Namespace) -> None:
         api.networks = dispatcher.networks = UserNetworks(store, args.container_cidr, args.network_pool)
     except ValueError as exc:
         raise SystemExit(f"berth-controller: invalid --network-pool: {exc}") from None
+    try:  # issue 5 (order): networks older than their open key get it; one a crashed `network rm` closed reopens
+        await store.open_networks()
+    except StoreError as exc:
+        raise SystemExit(f"berth-controller: opening the user networks in etcd: {exc}") from None
     dispatcher_pb2_grpc.add_DispatcherServicer_to_server(dispatcher, server)
     health_servicer = await serving.start(
         server, args.listen, "berth-controller", lambda: metrics.serve(args.metrics_listen)

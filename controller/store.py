@@ -21,6 +21,13 @@ Keys (values are serialized protobuf messages from berth.api.types):
     /berth/networks/<id>                   Network: a user network (issue 5; controller.user_networks)
     /berth/networks-rev                    rewritten by every network create/rm, whose transactions compare
                                            its mod_revision: they run one at a time (names, subnets, VNIs)
+    /berth/network-open/<name>             "open" while containers may be created on the user network of
+                                           that name, "closed" while `network rm` looks for its users: every
+                                           creation of a container (or service) on a user network compares it
+                                           is "open", so none is created after rm closed it; rm deletes the
+                                           network with a compare on the revision of its own close, or puts
+                                           "open" back. Put with the network, deleted with it; put for
+                                           networks older than it (and reopened) at controller start
     /berth/network-ips/<net-id>/<ip>       who holds an address of a user network: c/<container-id> or
                                            gw/<node-id> (that host's gateway on the network's bridge; kept
                                            while the node exists, deleted with it unless a container of it
@@ -38,6 +45,7 @@ Exceptions:
 
     StoreError
      +-- NotFound         no such object
+         +-- NetworkClosed  a container (or service) created on a user network that is gone or being removed
      +-- NameInUse        a container name already taken (carries the owner's id)
      +-- Conflict         a compare-and-swap lost against a concurrent writer
      +-- Unavailable      etcd cannot be reached
@@ -78,6 +86,9 @@ NETWORKS = PREFIX + b"networks/"  # issue 5: user networks
 NETWORKS_REV = PREFIX + b"networks-rev"
 NETWORK_IPS = PREFIX + b"network-ips/"
 NETWORK_ATTACHMENTS = PREFIX + b"network-attachments/"
+NETWORK_OPEN = PREFIX + b"network-open/"  # issue 5 (order, session 4): network rm vs run --network
+OPEN, CLOSED = b"open", b"closed"
+NOT_USER_NETWORKS = ("", "bridge", "host", "none")  # a ContainerSpec.network that names no user network
 
 M = TypeVar("M", bound=Message)
 
@@ -88,6 +99,16 @@ class StoreError(Exception):
 
 class NotFound(StoreError):
     pass
+
+
+class NetworkClosed(NotFound):
+    """A container (or service) created on a user network that does not exist or is being removed: nothing
+    was created."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"network {name!r} does not exist or is being removed, so nothing was created; "
+                         f"see `berthctl network ls`, or create it with `berthctl network create {name}`")
+        self.name = name
 
 
 class NameInUse(StoreError):
@@ -131,6 +152,15 @@ def node_key(node_id: str) -> bytes:
 
 def alive_key(node_id: str) -> bytes:
     return ALIVE + node_id.encode()
+
+
+def network_open_key(name: str) -> bytes:
+    return NETWORK_OPEN + name.encode()
+
+
+def user_network(network: str) -> bool:
+    """Whether a ContainerSpec.network names a user network (not a built-in, not none)."""
+    return network not in NOT_USER_NETWORKS
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -220,8 +250,11 @@ class Store:
         sees every change and, with its deletion, the removal."""
         tx = self._tx
         pending = t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation)
+        compares = [tx.version(name_key(c.spec.name)) == 0, tx.version(container_key(c.id)) == 0]
+        if user_network(c.spec.network):  # not on a network `network rm` has closed (or removed)
+            compares.append(tx.value(network_open_key(c.spec.network)) == OPEN)
         ok, responses = await self._txn(
-            [tx.version(name_key(c.spec.name)) == 0, tx.version(container_key(c.id)) == 0],
+            compares,
             [
                 tx.put(name_key(c.spec.name), c.id.encode()),
                 tx.put(container_key(c.id), c.SerializeToString()),
@@ -230,8 +263,11 @@ class Store:
             [tx.get(name_key(c.spec.name))],
         )
         if not ok:
-            owner = responses[0][0][0].decode() if responses and responses[0] else "?"
-            raise NameInUse(c.spec.name, owner)
+            if responses and responses[0]:
+                raise NameInUse(c.spec.name, responses[0][0][0].decode())
+            if user_network(c.spec.network):
+                raise NetworkClosed(c.spec.network)
+            raise NameInUse(c.spec.name, "?")
         return int(responses[0].response_put.header.revision)
 
     async def get_container(self, cid: str) -> Versioned:
@@ -553,12 +589,18 @@ class Store:
     async def create_service(self, svc: t.Service) -> None:
         tx = self._tx
         name = SERVICE_NAMES + svc.spec.name.encode()
+        network = svc.spec.template.network
+        compares = [tx.version(name) == 0]
+        if user_network(network):  # as create_container: not on a network `network rm` has closed
+            compares.append(tx.value(network_open_key(network)) == OPEN)
         ok, responses = await self._txn(
-            [tx.version(name) == 0],
+            compares,
             [tx.put(name, svc.id.encode()), tx.put(SERVICES + svc.id.encode(), svc.SerializeToString())],
             [tx.get(name)],
         )
         if not ok:
+            if not (responses and responses[0]) and user_network(network):
+                raise NetworkClosed(network)
             owner = responses[0][0][0].decode() if responses and responses[0] else "?"
             raise NameInUse(svc.spec.name, owner)
 
@@ -661,23 +703,54 @@ class Store:
         return rev, [_parse(t.Network, kv.value) for kv in await self._get_prefix(NETWORKS)]
 
     async def create_network(self, net: t.Network, rev: int) -> bool:
-        """Store a network if no network was created or removed since `rev` was read; False if one was."""
+        """Store a network, open (containers may be created on it), if no network was created or removed since
+        `rev` was read; False if one was."""
         tx = self._tx
         ok, _ = await self._txn(
             [tx.mod(NETWORKS_REV) == rev],
-            [tx.put(NETWORKS + net.id.encode(), net.SerializeToString()), tx.put(NETWORKS_REV, net.id.encode())],
+            [tx.put(NETWORKS + net.id.encode(), net.SerializeToString()), tx.put(NETWORKS_REV, net.id.encode()),
+             tx.put(network_open_key(net.name), OPEN)],
             [],
         )
         return ok
 
-    async def delete_network(self, net: t.Network, rev: int) -> bool:
-        """Remove a network and every address claim in it, if no network changed since `rev`."""
+    async def close_network(self, net: t.Network) -> int:
+        """Close a network (`network rm`'s first step): from the revision returned on, no container or service
+        can be created on it (their transactions compare it is open). 0 when the network is gone."""
+        return await self._raw_txn([_version_is(NETWORKS + net.id.encode(), 0, etcdrpc.Compare.GREATER)],
+                                   [_put(network_open_key(net.name), CLOSED)])
+
+    async def reopen_network(self, net: t.Network, closed_at: int) -> bool:
+        """Undo close_network (the network is kept: it has users), unless its open key changed since (another
+        `network rm` closed it again, or a controller start reopened it). True when reopened here."""
+        return bool(await self._raw_txn([_mod_is(network_open_key(net.name), closed_at)],
+                                        [_put(network_open_key(net.name), OPEN)]))
+
+    async def open_networks(self) -> int:
+        """At controller start: put the open key of every network that has none (made before there was one), and
+        reopen one left closed (a `network rm` that ended between its close and its delete); a removal in
+        flight meanwhile sees its close undone and starts over. Returns how many were (re)opened."""
+        opened = 0
+        for net in (await self.list_networks())[1]:
+            key = network_open_key(net.name)
+            kv = await self._get(key)
+            if kv is not None and bytes(kv.value) == OPEN:
+                continue
+            held = _mod_is(key, int(kv.mod_revision)) if kv is not None else _version_is(key, 0)
+            exists = _version_is(NETWORKS + net.id.encode(), 0, etcdrpc.Compare.GREATER)
+            opened += bool(await self._raw_txn([held, exists], [_put(key, OPEN)]))
+        return opened
+
+    async def delete_network(self, net: t.Network, rev: int, closed_at: int) -> bool:
+        """Remove a network, its open key and every address claim in it, if no network changed since `rev` and
+        the network is still as closed at `closed_at` (close_network) left it: no container was created on it
+        since that close."""
         tx = self._tx
         ips = NETWORK_IPS + net.id.encode() + b"/"
         ok, _ = await self._txn(
-            [tx.mod(NETWORKS_REV) == rev],
+            [tx.mod(NETWORKS_REV) == rev, tx.mod(network_open_key(net.name)) == closed_at],
             [tx.delete(NETWORKS + net.id.encode()), tx.delete(ips, range_end=_prefix_end(ips)),
-             tx.put(NETWORKS_REV, net.id.encode())],
+             tx.put(NETWORKS_REV, net.id.encode()), tx.delete(network_open_key(net.name))],
             [],
         )
         return ok
@@ -807,13 +880,16 @@ class Store:
     async def create_placed(self, items: list[tuple[t.Container, t.ContainerStatus]]) -> int:
         """Create several containers in one transaction, each with its name claimed and its status (placed or
         not: its node's assignment is the container key, issue 6): all or none, only if none of the names and
-        ids exist. Returns the revision, 0 when a compare failed (a name in use: create them one by one to
-        learn which)."""
+        ids exist (and the user networks they are on are open, as create_container checks). Returns the
+        revision, 0 when a compare failed (a name in use, a network closed: create them one by one to learn
+        which)."""
         compares = []
         ops = []
         for c, status in items:
             name, key = name_key(c.spec.name), container_key(c.id)
             compares += [_version_is(name, 0), _version_is(key, 0)]
+            if user_network(c.spec.network):  # as create_container: not on a network `network rm` has closed
+                compares.append(_value_is(network_open_key(c.spec.network), OPEN))
             ops += [_put(name, c.id.encode()), _put(key, c.SerializeToString()),
                     _put(status_key(c.id), status.SerializeToString())]
         return await self._raw_txn(compares, ops)
@@ -853,8 +929,12 @@ class Store:
         return int(reply.header.revision) if reply.succeeded else 0
 
 
-def _version_is(key: bytes, version: int) -> Any:
-    return etcdrpc.Compare(key=key, result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.VERSION, version=version)
+def _version_is(key: bytes, version: int, result: Any = etcdrpc.Compare.EQUAL) -> Any:
+    return etcdrpc.Compare(key=key, result=result, target=etcdrpc.Compare.VERSION, version=version)
+
+
+def _value_is(key: bytes, value: bytes) -> Any:
+    return etcdrpc.Compare(key=key, result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.VALUE, value=value)
 
 
 def _mod_is(key: bytes, revision: int) -> Any:

@@ -12,7 +12,11 @@ the agent has removed it. `node rm` (controller.store.delete_node) frees the hos
 network that a container of the host (lost there, or with a stopped copy there) is on, as the host would put
 that address on its bridge again if it came back; such a gateway is taken (`_orphan_gateways`) once no
 container names the host any more and the network has no other free address. Removing a network deletes
-every claim in it, and is refused while a container (running or not) is on it.
+every claim in it, and is refused while a container (running or not) or a service is on it: `remove` first
+closes the network (its /berth/network-open/ key, which every creation of a container or service on it
+compares), then looks for users, then deletes it with a compare on its close, or opens it again and refuses;
+so a `run --network` racing it either comes first (and is a user) or fails with a clear error, leaving
+nothing behind, instead of a container created on a network removed under it.
 
 Creates and removes compare one revision key, so they run one at a time and two networks never get the same
 name, VNI or overlapping subnets.
@@ -148,23 +152,30 @@ class UserNetworks:
         return net
 
     async def remove(self, ref: str) -> t.Network:
+        """Close the network (no container or service can be created on it from then on), look for its users
+        (every one created before the close is visible now), then delete it, or open it again and refuse."""
         if ref in BUILTIN:
             raise NetworkRequestError(f"network {ref!r} is built in and cannot be removed")
         for _ in range(RETRIES):
             net = await self.get(ref)
             rev, _ = await self.store.list_networks()
+            closed_at = await self.store.close_network(net)
+            if not closed_at:
+                continue  # removed meanwhile: get() says so
             users = [v.container.spec.name for v in await self.store.list_containers()
                      if v.container.spec.network == net.name]
             users += [f"service {svc.spec.name}" for svc, _ in await self.store.list_services()
                       if svc.spec.template.network == net.name]
             if users:
+                await self.store.reopen_network(net, closed_at)
                 shown = ", ".join(sorted(users)[:5]) + (", ..." if len(users) > 5 else "")
                 raise NetworkRequestError(
                     f"network {net.name!r} is in use by {len(users)} container(s) or service(s) ({shown}); "
                     "remove them first"
                 )
-            if await self.store.delete_network(net, rev):
+            if await self.store.delete_network(net, rev, closed_at):
                 return net
+            await self.store.reopen_network(net, closed_at)  # another network changed meanwhile: start over
         raise StoreError("networks kept changing while removing this one; try again")
 
     async def check_spec(self, spec: t.ContainerSpec) -> None:
