@@ -24,7 +24,10 @@ name, VNI or overlapping subnets.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import logging
 import re
 import secrets
 import time
@@ -32,6 +35,8 @@ import time
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
 from controller.store import NotFound, Store, StoreError
+
+log = logging.getLogger(__name__)
 
 BUILTIN = ("bridge", "host", "none")
 DEFAULT_POOL = "10.128.0.0/12"
@@ -59,6 +64,7 @@ class UserNetworks:
         self.store = store
         self.container_cidr = ipaddress.IPv4Network(container_cidr)
         self.pool = ipaddress.IPv4Network(pool)
+        self._reopening: set[asyncio.Future[bool]] = set()  # remove()'s undoing of its close, kept referenced
 
     # ---- objects --------------------------------------------------------------------------------------
 
@@ -162,10 +168,14 @@ class UserNetworks:
             closed_at = await self.store.close_network(net)
             if not closed_at:
                 continue  # removed meanwhile: get() says so
-            users = [v.container.spec.name for v in await self.store.list_containers()
-                     if v.container.spec.network == net.name]
-            users += [f"service {svc.spec.name}" for svc, _ in await self.store.list_services()
-                      if svc.spec.template.network == net.name]
+            try:
+                users = [v.container.spec.name for v in await self.store.list_containers()
+                         if v.container.spec.network == net.name]
+                users += [f"service {svc.spec.name}" for svc, _ in await self.store.list_services()
+                          if svc.spec.template.network == net.name]
+            except BaseException:  # etcd failed, or the caller went away: not removed, so open again (review)
+                await self._reopen_anyway(net, closed_at)
+                raise
             if users:
                 await self.store.reopen_network(net, closed_at)
                 shown = ", ".join(sorted(users)[:5]) + (", ..." if len(users) > 5 else "")
@@ -173,10 +183,31 @@ class UserNetworks:
                     f"network {net.name!r} is in use by {len(users)} container(s) or service(s) ({shown}); "
                     "remove them first"
                 )
-            if await self.store.delete_network(net, rev, closed_at):
+            try:
+                deleted = await self.store.delete_network(net, rev, closed_at)
+            except BaseException:  # maybe deleted: reopening compares the close, so it undoes nothing else
+                await self._reopen_anyway(net, closed_at)
+                raise
+            if deleted:
                 return net
             await self.store.reopen_network(net, closed_at)  # another network changed meanwhile: start over
         raise StoreError("networks kept changing while removing this one; try again")
+
+    async def _reopen_anyway(self, net: t.Network, closed_at: int) -> None:
+        """Open a network again that a `remove` closed and did not finish (etcd failed, or its caller went
+        away): left closed, every creation on it would fail until a controller restarted (open_networks). Done
+        in a task of its own, so that the cancellation of the caller does not stop it; a failure is logged."""
+        reopen = asyncio.ensure_future(self.store.reopen_network(net, closed_at))
+        self._reopening.add(reopen)
+        reopen.add_done_callback(self._reopened)
+        with contextlib.suppress(BaseException):  # what ended the removal is what its caller gets
+            await asyncio.shield(reopen)
+
+    def _reopened(self, reopen: asyncio.Future[bool]) -> None:
+        self._reopening.discard(reopen)
+        if not reopen.cancelled() and reopen.exception() is not None:
+            log.warning("network rm did not finish, and opening the network again failed (a controller restart "
+                        "opens it): %s", reopen.exception())
 
     async def check_spec(self, spec: t.ContainerSpec) -> None:
         """Raise NotFound when a container asks for a user network that does not exist."""
