@@ -107,11 +107,11 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         node_id = request.node_id
         self.metrics.agent_sessions.inc()
         cache = self.orchestrator.cache
-        if cache is not None and not cache.ready:  # issue 6: loading; without it each stream reads every container
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(cache.wait_ready(), CACHE_WAIT_S)
-        follow = cache.follow_assignments(node_id) if cache is not None else None
         try:
+            if cache is not None and not cache.ready:  # issue 6: loading; without it each stream reads every container
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cache.wait_ready(), CACHE_WAIT_S)
+            follow = cache.follow_assignments(node_id) if cache is not None else None
             if cache is not None and follow is not None:  # issue 6: fed by the cache's watch
                 async for msg in self._from_cache(cache, node_id, request.after_revision, *follow):
                     yield msg
