@@ -242,8 +242,8 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         out.CopyFrom(c)
         if status is not None:
             out.status.CopyFrom(status)
-        if not out.status.state:
-            out.status.state = t.STATE_PENDING
+        if not out.status.state:  # issue 6: no status key yet (created placed): what the container implies
+            out.status.state = t.STATE_ASSIGNED if c.node_id else t.STATE_PENDING
         if c.generation == 0 and out.status.state == t.STATE_PENDING:  # issue 3a: made by create
             out.status.state = t.STATE_CREATED
         node = nodes.get(c.node_id)

@@ -40,6 +40,7 @@ from controller.store import (
     StoreError,
     Unavailable,
     Versioned,
+    implied_status,
 )
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,8 @@ class ClusterCache:
         return out
 
     def with_status(self, cids: Iterable[str]) -> list[Versioned]:
-        """Copies of these containers with their status filled in, as Store.list_containers gives them."""
+        """Copies of these containers with their status filled in (implied_status when they have none, issue
+        6), as Store.list_containers gives them."""
         out = []
         for cid in cids:
             v = self.containers.get(cid)
@@ -287,17 +289,16 @@ class ClusterCache:
             c = t.Container()
             c.CopyFrom(v.container)
             status = self.status(cid)
-            if status is not None:
-                c.status.CopyFrom(status)
+            c.status.CopyFrom(status if status is not None else implied_status(c))
             out.append(Versioned(c, v.mod_revision))
         return out
 
     def state_counts(self) -> Counter[int]:
         """Containers by status state (for the metrics)."""
         counts: Counter[int] = Counter()
-        for cid in self.containers:
+        for cid, v in self.containers.items():
             status = self.status(cid)
-            counts[(status.state if status is not None else 0) or t.STATE_PENDING] += 1
+            counts[(status.state if status is not None else implied_status(v.container).state) or t.STATE_PENDING] += 1
         return counts
 
     # ---- status watches (what Run waits on) ----------------------------------------------------------
@@ -563,6 +564,8 @@ class ClusterCache:
             else:
                 self._delete_container(cid, mod)
                 self._assign(cid, None, mod)
+                for waiter in self._subscribers.get(cid, ()):  # issue 6: it may have had no status key
+                    waiter._add(None)
             for follower in self._followers:
                 follower.put_nowait(cid)
         elif key.startswith(STATUS):

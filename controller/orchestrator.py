@@ -489,10 +489,11 @@ class Orchestrator:
 
     async def _admit(self, batch: list[tuple[t.Container, asyncio.Future[t.Container]]]) -> None:
         """Create a batch of Run calls already placed: each decided on the cache's view of the hosts, then
-        stored with its name and its status in the transaction that creates it (a compare on
-        each name and id: created once, so placed once), instead of created pending and written again by a
-        placement (2 puts of the container and its status, and a compare, fewer per container)."""
-        items: list[tuple[t.Container, t.ContainerStatus]] = []
+        stored with its name in the transaction that creates it (a compare on each name and id: created once,
+        so placed once), instead of created pending and written again by a placement (2 puts of the container
+        and its status, and a compare, fewer per container). It has no status key until its agent's first
+        report (issue 6): its status is what the container implies (store.implied_status)."""
+        items: list[t.Container] = []  # no status key: implied by the container until its first report
         alone: list[t.Container] = []
         names: set[str] = set()
         outcome: dict[str, t.Container] = {}
@@ -508,30 +509,31 @@ class Orchestrator:
                 decision = self.decide(c, hosts)
                 if decision.host is None:
                     c.pending_reason = decision.reason
-                    items.append((c, t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation)))
+                    items.append(c)
                     continue
                 i = index[decision.host.id]
                 hosts[i] = scheduler.with_container(hosts[i], scheduler.Demand.of(c.spec))
                 _placed(c, decision.host.id)
-                items.append((c, t.ContainerStatus(state=t.STATE_ASSIGNED, generation=c.generation)))
-            per = max(1, self.max_txn_ops // 3)  # name, container, status (its assignment: the container key)
+                items.append(c)
+            # 2 puts each (name, container: its assignment, its status implied), up to 3 compares (name, id, an
+            # open user network): etcd bounds each list by --max-txn-ops
+            per = max(1, self.max_txn_ops // 3)
             chunks = [items[i:i + per] for i in range(0, len(items), per)]
             revisions = await asyncio.gather(*(self.store.create_placed(chunk) for chunk in chunks),
                                              return_exceptions=True)
             now = self.clock()
             for chunk, revision in zip(chunks, revisions, strict=True):
                 if isinstance(revision, BaseException) or not revision:
-                    for c, _ in chunk:  # a name in use (or etcd failed): one by one, to tell which
+                    for c in chunk:  # a name in use (or etcd failed): one by one, to tell which
                         c.node_id = c.pending_reason = ""
                         alone.append(c)
                     continue
-                for c, status in chunk:
+                for c in chunk:
                     outcome[c.id] = c
                     if c.node_id:
                         self.metrics.scheduling_latency.observe(max(0.0, now - c.created_at_ns / 1e9))
                     if self.cache is not None:
                         self.cache.put_container(c, revision)
-                        self.cache.put_status(c.id, status, revision)
         for c, future in batch:
             if future.done():
                 continue
@@ -566,14 +568,18 @@ class Orchestrator:
         futures: list[asyncio.Future[None]] = []
         try:
             for cid, status in updates:
-                v, held = cache.container(cid), cache.statuses.get(cid)
-                if v is None or held is None:
+                v = cache.container(cid)
+                if v is None:
                     await self.on_status(cid, status)  # not seen yet (or gone): read etcd
                     continue
-                if _stale(status, v.container) or _superseded(status, held[0]):
+                # issue 6: no status held is a container created placed, before its first report: the write
+                # compares that it still has none (revision 0); a status the cache has not seen yet fails that
+                # compare, and the report is redone alone on a fresh read
+                held, held_revision = cache.statuses.get(cid) or (None, 0)
+                if _stale(status, v.container) or _superseded(status, held):
                     continue
                 future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._reports.append((cid, status, v.mod_revision, held[1], future))
+                self._reports.append((cid, status, v.mod_revision, held_revision, future))
                 futures.append(future)
         except BaseException:  # the caller gone (or a failure) while one was recorded alone: as in _report_loop,
             for queued in futures:  # what it queued is not written

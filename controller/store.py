@@ -5,7 +5,11 @@ Keys (values are serialized protobuf messages from berth.api.types):
     /berth/containers/<id>                 Container: spec, desired state, assignment (API + controller)
     /berth/status/<id>                     ContainerStatus (written for the agent that runs it; an agent's
                                            status only over an older one of its run, by its seq: the write
-                                           compares the mod_revision of the status whose seq was checked)
+                                           compares the mod_revision of the status whose seq was checked).
+                                           A Run group-committed on the leader (create_placed) has none
+                                           until its first report (issue 6): an absent status is what the
+                                           container implies (implied_status: assigned with a node, else
+                                           pending)
     /berth/names/<name>                    the id owning a container name (uniqueness by txn)
     (/berth/assignments/<node-id>/<id>     no longer written (issue 6): what a node must run is derived from
                                            the container keys, which name its node and the nodes keeping a
@@ -163,6 +167,12 @@ def user_network(network: str) -> bool:
     return network not in NOT_USER_NETWORKS
 
 
+def implied_status(c: t.Container) -> t.ContainerStatus:
+    """The status of a container that has no status key (issue 6: created placed, no report yet): assigned
+    when it has a node, pending otherwise, of its current run."""
+    return t.ContainerStatus(state=t.STATE_ASSIGNED if c.node_id else t.STATE_PENDING, generation=c.generation)
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """The range end that covers every key starting with `prefix`."""
     return prefix[:-1] + bytes([prefix[-1] + 1])
@@ -246,8 +256,8 @@ class Store:
 
     async def create_container(self, c: t.Container) -> int:
         """Store a new container, its first (pending) status, and claim its name, atomically. Raises
-        NameInUse. Every container has a status key from birth to removal, so a watch on that key alone
-        sees every change and, with its deletion, the removal."""
+        NameInUse. (A container created by create_placed has no status key until its first report; watch_status
+        follows its container key for the removal.)"""
         tx = self._tx
         pending = t.ContainerStatus(state=t.STATE_PENDING, generation=c.generation)
         compares = [tx.version(name_key(c.spec.name)) == 0, tx.version(container_key(c.id)) == 0]
@@ -284,7 +294,7 @@ class Store:
         return _parse(t.ContainerStatus, kv.value), int(kv.header.revision)
 
     async def list_containers(self) -> list[Versioned]:
-        """Every container, with its status filled in."""
+        """Every container, with its status filled in (implied_status when it has none)."""
         containers = await self._get_prefix(CONTAINERS)
         statuses = {
             kv.key[len(STATUS) :].decode(): _parse(t.ContainerStatus, kv.value)
@@ -293,8 +303,7 @@ class Store:
         out = []
         for kv in containers:
             c = _parse(t.Container, kv.value)
-            if c.id in statuses:
-                c.status.CopyFrom(statuses[c.id])
+            c.status.CopyFrom(statuses[c.id] if c.id in statuses else implied_status(c))
             out.append(Versioned(c, int(kv.mod_revision)))
         return out
 
@@ -376,10 +385,35 @@ class Store:
         return (_parse(t.ContainerStatus, kv.value), int(kv.mod_revision)) if kv is not None else (None, 0)
 
     async def watch_status(self, cid: str, after_revision: int) -> AsyncIterator[StatusEvent]:
-        """Changes of one container's status after a revision, in order; the status key is deleted with the
-        container, so a None status (and the end) means it was removed."""
-        async for event in _status_events(self._watch(status_key(cid), after_revision + 1, prefix=False)):
-            yield event
+        """Changes of one container's status after a revision, in order; a None status (and the end) means it
+        was removed: its container key's deletion, followed too, as a container created placed has no status
+        key until its first report (issue 6)."""
+        statuses = _status_events(self._watch(status_key(cid), after_revision + 1, prefix=False))
+        containers = self._watch(container_key(cid), after_revision + 1, prefix=False)
+
+        async def removal() -> StatusEvent:
+            async for kind, kv in containers:
+                if kind != "PUT":
+                    return StatusEvent(int(kv.mod_revision), None)
+            raise StoreError("etcd watch ended")
+
+        removed = asyncio.ensure_future(removal())
+        status: asyncio.Future[StatusEvent] | None = None
+        try:
+            while True:
+                status = asyncio.ensure_future(anext(statuses))
+                await asyncio.wait((status, removed), return_when=asyncio.FIRST_COMPLETED)
+                event = status.result() if status.done() else removed.result()
+                status = None if status.done() else status
+                yield event
+                if event.status is None:
+                    return
+        finally:
+            for pending in (removed, status):
+                if pending is not None:
+                    pending.cancel()
+                    await asyncio.gather(pending, return_exceptions=True)
+            await statuses.aclose()  # type: ignore[attr-defined]
 
     # ---- assignments ------------------------------------------------------------------------------
 
@@ -877,21 +911,20 @@ class Store:
             closed.set()
             call.cancel()
 
-    async def create_placed(self, items: list[tuple[t.Container, t.ContainerStatus]]) -> int:
-        """Create several containers in one transaction, each with its name claimed and its status (placed or
-        not: its node's assignment is the container key, issue 6): all or none, only if none of the names and
-        ids exist (and the user networks they are on are open, as create_container checks). Returns the
-        revision, 0 when a compare failed (a name in use, a network closed: create them one by one to learn
-        which)."""
+    async def create_placed(self, items: list[t.Container]) -> int:
+        """Create several containers in one transaction, each with its name claimed (placed or not: its node's
+        assignment is the container key, and it has no status key until its first report, implied_status;
+        issue 6): all or none, only if none of the names and ids exist (and the user networks they are on are
+        open, as create_container checks). Returns the revision, 0 when a compare failed (a name in use, a
+        network closed: create them one by one to learn which)."""
         compares = []
         ops = []
-        for c, status in items:
+        for c in items:
             name, key = name_key(c.spec.name), container_key(c.id)
             compares += [_version_is(name, 0), _version_is(key, 0)]
             if user_network(c.spec.network):  # as create_container: not on a network `network rm` has closed
                 compares.append(_value_is(network_open_key(c.spec.network), OPEN))
-            ops += [_put(name, c.id.encode()), _put(key, c.SerializeToString()),
-                    _put(status_key(c.id), status.SerializeToString())]
+            ops += [_put(name, c.id.encode()), _put(key, c.SerializeToString())]
         return await self._raw_txn(compares, ops)
 
     async def put_statuses(self, items: list[tuple[str, t.ContainerStatus, int, int | None]]) -> int:

@@ -45,18 +45,26 @@ async def _created_placed(url: str) -> None:
             assert not results[12].node_id and "memory" in results[12].pending_reason, results[12]
 
             for c in fits:  # each key written once: created placed, not created pending and then placed
-                got = {key: (await client.get(key)) for key in (container_key(c.id), status_key(c.id),
-                                                               name_key(c.spec.name))}
+                got = {key: (await client.get(key)) for key in (container_key(c.id), name_key(c.spec.name))}
                 assert all(kv is not None and kv.version == 1 for kv in got.values()), (c.spec.name, got)
-                status = t.ContainerStatus()
-                status.ParseFromString(got[status_key(c.id)].value)
-                assert (status.state, status.generation) == (t.STATE_ASSIGNED, 1)
                 assert bytes(got[name_key(c.spec.name)].value).decode() == c.id
-            assert not list(await client.get_prefix(ASSIGNMENTS))  # issue 6: the container key is the assignment
+                # issue 6: no status key before the first report, no assignment key: the container implies both
+                assert await client.get(status_key(c.id)) is None
+            assert not list(await client.get_prefix(ASSIGNMENTS))
             kv = await client.get(container_key(too_big.id))
             assert kv is not None and kv.version == 1  # its pending reason came with its creation
-            status, _ = await store.get_status(too_big.id)
-            assert status.state == t.STATE_PENDING
+            views = {v.container.id: v.container.status for v in await store.list_containers()}
+            assert all((views[c.id].state, views[c.id].generation) == (t.STATE_ASSIGNED, 1) for c in fits), views
+            assert views[too_big.id].state == t.STATE_PENDING
+            assert await cache.consistent()
+            cached = {v.container.id: v.container.status.state for v in cache.with_status([too_big.id, fits[0].id])}
+            assert cached == {too_big.id: t.STATE_PENDING, fits[0].id: t.STATE_ASSIGNED}
+
+            # The first report of a container without a status key is written (compared absent) and seen.
+            running = t.ContainerStatus(state=t.STATE_RUNNING, generation=1, pid=7)
+            await orchestrator.on_statuses([(fits[0].id, running)])
+            status, _ = await store.get_status(fits[0].id)
+            assert (status.state, status.pid) == (t.STATE_RUNNING, 7)
 
             # The events of the creations: create then assign (same revision) for the placed ones, create alone
             # for the pending one.
