@@ -216,7 +216,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             await _abort(context, exc)
 
     async def _view(self, cid: str) -> t.Container:
-        """A container as a user sees it: with status, host name, and lost when its host is down."""
+        """A container as a user sees it: with status, host name, and lost when its host is down or removed."""
         cache = self.orchestrator.cache
         if cache is not None and await cache.consistent():  # issue 6: one read of etcd's revision, not four
             held = cache.container(cid)
@@ -227,16 +227,17 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             if entry is not None:  # read only: _decorate takes its name and state
                 nodes[entry[0].id] = t.Node(id=entry[0].id, name=entry[0].name, state=t.NODE_READY
                                             if entry[0].id in cache.alive else t.NODE_DOWN)
-            return self._decorate(held.container, cache.status(cid), nodes)
+            return self._decorate(held.container, cache.status(cid), nodes, complete=True)
         v = await self.store.get_container(cid)
         status, _ = await self.store.get_status(cid)
         node = await self.store.node_state(v.container.node_id) if v.container.node_id else None
-        return self._decorate(v.container, status, {node.id: node} if node is not None else {})
+        return self._decorate(v.container, status, {node.id: node} if node is not None else {}, complete=True)
 
     @staticmethod
     def _decorate(c: t.Container, status: t.ContainerStatus | None, nodes: dict[str, t.Node],
-                  out: t.Container | None = None) -> t.Container:
-        """The view of a container, made in `out` when given (a field of a reply: no second copy)."""
+                  out: t.Container | None = None, complete: bool = False) -> t.Container:
+        """The view of a container, made in `out` when given (a field of a reply: no second copy). `complete`:
+        `nodes` was looked up for its host, so a host not in it was removed (node rm)."""
         if out is None:
             out = t.Container()
         out.CopyFrom(c)
@@ -247,11 +248,14 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         if c.generation == 0 and out.status.state == t.STATE_PENDING:  # issue 3a: made by create
             out.status.state = t.STATE_CREATED
         node = nodes.get(c.node_id)
+        if node is None and complete and c.node_id:  # its host was removed (node rm), it could not move: lost
+            node = t.Node(id=c.node_id, name=c.node_id, state=t.NODE_UNSPECIFIED)
         if node is not None:
             out.node_name = node.name
             if node.state != t.NODE_READY and out.status.state == t.STATE_RUNNING:
                 out.status.state = t.STATE_LOST
-                out.status.message = f"host {node.name} is down"
+                out.status.message = (f"host {node.name} is down" if node.state == t.NODE_DOWN
+                                      else f"host {node.name} was removed (node rm)")
         return out
 
     async def _wait(self, cid: str, generation: int, states: Iterable[int], timeout_s: float) -> t.ContainerStatus:
@@ -442,7 +446,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 containers = await self.store.list_containers()
             out = []
             for v in containers:
-                c = self._decorate(v.container, None, nodes)
+                c = self._decorate(v.container, None, nodes, complete=True)
                 if request.all or c.status.state in (
                     t.STATE_PENDING, t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING, t.STATE_LOST
                 ):
