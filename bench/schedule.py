@@ -1,7 +1,8 @@
 """Scheduling throughput: a real etcd, the real controller, 1,000 hollow agents (the real agent session, worker
 and reporter over agent.hollow's executor that starts nothing, many agents per process, following the
 overlay's Peers and the DNS Names streams as real agents do), 10,000 containers
-submitted through the API's Run (which returns once the agent reports the container running).
+submitted through the API's RunStream (each request answered once the agent reports its container running;
+`--submit unary`: one Run call each, as before 2026-11-28).
 
 Measures the time from the first submission until every container is placed and reported running, the Run
 latency (p50, p99) and the controller's peak resident memory. Prints one last line:
@@ -10,6 +11,7 @@ latency (p50, p99) and the controller's peak resident memory. Prints one last li
             "controller_peak_mib": ...}
 
     sudo .venv/bin/python bench/schedule.py [--containers 10000] [--agents 1000] [--processes 4]
+                                            [--submit stream|unary] [--streams 4] [--concurrency 200]
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def etcd_counts(url: str) -> dict[str, float]:
 
 
 async def bench(controller: str, etcd: str, containers: int, agents: int, processes: int, concurrency: int,
-                hollow_procs: list[subprocess.Popen[bytes]], pids: dict[str, list[int]]) -> tuple[float, list[float]]:
+                hollow_procs: list[subprocess.Popen[bytes]], pids: dict[str, list[int]], submit: str = "stream",
+                streams: int = 4) -> tuple[float, list[float]]:
     channel = rpc.aio_channel(controller)
     stub = control_pb2_grpc.ControlStub(channel)
     deadline = time.monotonic() + 600
@@ -126,17 +129,54 @@ async def bench(controller: str, etcd: str, containers: int, agents: int, proces
     latencies: list[float] = []
     next_index = 0
 
-    async def submitter() -> None:
+    def next_spec() -> t.ContainerSpec | None:
         nonlocal next_index
-        while next_index < containers:
-            i = next_index
-            next_index += 1
-            spec = t.ContainerSpec(name=f"c{i}", image="busybox", command=["sleep", "1000"])
+        if next_index >= containers:
+            return None
+        next_index += 1
+        return t.ContainerSpec(name=f"c{next_index - 1}", image="busybox", command=["sleep", "1000"])
+
+    async def submitter() -> None:
+        while (spec := next_spec()) is not None:
             latencies.append(await run_one(stub, spec))
 
+    async def streamer(in_flight: int) -> None:
+        """One RunStream with up to in_flight requests unanswered; a request's latency is from its write to
+        its reply."""
+        call = stub.RunStream(timeout=600)  # type: ignore[call-arg]  # the read/write API: no request iterator
+        room = asyncio.Semaphore(in_flight)
+        sent: list[float] = []
+
+        async def write() -> None:
+            while True:
+                await room.acquire()
+                if (spec := next_spec()) is None:
+                    break
+                sent.append(time.perf_counter())
+                await call.write(control_pb2.RunRequest(spec=spec))
+            await call.done_writing()
+
+        writer = asyncio.create_task(write())
+        try:
+            while (reply := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                assert isinstance(reply, control_pb2.RunStreamEvent)
+                if reply.WhichOneof("result") != "started" or reply.started.status.state != t.STATE_RUNNING:
+                    raise RuntimeError(f"request {reply.index}: {reply}")
+                latencies.append((time.perf_counter() - sent[reply.index]) * 1000)
+                room.release()
+            await writer
+        finally:
+            writer.cancel()
+
+    print(f"submitting through {'RunStream' if submit == 'stream' else 'Run'}: "
+          + (f"{streams} streams, " if submit == "stream" else "") + f"{concurrency} in flight", file=sys.stderr)
     before, etcd_before = cpu_shares(pids), etcd_counts(etcd)
     t0 = time.perf_counter()
-    await asyncio.gather(*(submitter() for _ in range(concurrency)))
+    if submit == "stream":
+        await asyncio.gather(*(streamer(concurrency // streams + (i < concurrency % streams))
+                               for i in range(streams)))
+    else:
+        await asyncio.gather(*(submitter() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
     # What etcd was asked to do, per container: its cost follows the requests and keys, not the containers
     etcd_after = etcd_counts(etcd)
@@ -163,7 +203,10 @@ def main() -> None:
     parser.add_argument("--containers", type=int, default=10_000)
     parser.add_argument("--agents", type=int, default=1_000)
     parser.add_argument("--processes", type=int, default=4, help="processes the hollow agents share")
-    parser.add_argument("--concurrency", type=int, default=200, help="Run calls in flight")
+    parser.add_argument("--concurrency", type=int, default=200, help="containers submitted and not yet answered")
+    parser.add_argument("--submit", choices=("stream", "unary"), default="stream",
+                        help="stream: through RunStream (the default, issue 6); unary: one Run call per container")
+    parser.add_argument("--streams", type=int, default=4, help="RunStream calls that share --concurrency")
     parser.add_argument("--sample", type=int, default=10, help="controller --sample")
     parser.add_argument("--lease-ttl", type=int, default=30,
                         help="controller --lease-ttl: heartbeats come every TTL/4 from each agent, so the default "
@@ -203,7 +246,8 @@ def main() -> None:
         pids = {"controller": [ctl.pid], "etcd": etcd_pids, "hollow_agents": [p.pid for p in hollow],
                 "client": [os.getpid()]}
         elapsed, latencies = asyncio.run(
-            bench(controller, info.etcd, args.containers, args.agents, args.processes, args.concurrency, hollow, pids))
+            bench(controller, info.etcd, args.containers, args.agents, args.processes, args.concurrency, hollow, pids,
+                  args.submit, args.streams))
         result = {
             "containers": args.containers, "agents": args.agents,
             "per_second": round(args.containers / elapsed, 1),

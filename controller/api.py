@@ -10,10 +10,11 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar, cast
 
 import grpc
 import grpc.aio
+from prometheus_client import Gauge
 
 from berth import healthcheck
 from berth.api import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
@@ -179,18 +180,54 @@ def validate_3b(spec: t.ContainerSpec) -> str | None:
     return None
 
 
-async def _abort(context: Ctx, exc: StoreError) -> NoReturn:
+class RunRefused(Exception):
+    """A Run that cannot be done, or whose container failed to start (nothing of it is left stored): a gRPC
+    status code and one line for the user. Run ends its call with it; RunStream replies with it to that
+    request alone (issue 6)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def refusal(exc: StoreError) -> RunRefused:
+    """The gRPC status code and message of a store error, as every control RPC gives it to the user."""
     if isinstance(exc, NotFound):
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return RunRefused(grpc.StatusCode.NOT_FOUND, str(exc))
     if isinstance(exc, NameInUse):
-        await context.abort(
-            grpc.StatusCode.ALREADY_EXISTS,
-            f"{exc}: remove it (berthctl rm {exc.name}) or choose another name with --name",
-        )
+        return RunRefused(grpc.StatusCode.ALREADY_EXISTS,
+                          f"{exc}: remove it (berthctl rm {exc.name}) or choose another name with --name")
     if isinstance(exc, Unavailable):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        return RunRefused(grpc.StatusCode.UNAVAILABLE, str(exc))
+    return RunRefused(grpc.StatusCode.ABORTED, str(exc))
+
+
+async def _abort(context: Ctx, exc: StoreError) -> NoReturn:
+    refused = refusal(exc)
+    await context.abort(refused.code, refused.message)
     raise AssertionError  # abort always raises
+
+
+class _Refuse:
+    """The context Run's checks that abort a call (pin_to_volumes, check_network) are given by `_start`: their
+    abort raises RunRefused instead, so that RunStream refuses that one request and serves the others."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
+        raise RunRefused(code, details)
+
+
+_REFUSE: Ctx = cast(Ctx, _Refuse())
+RUN_STREAM_IN_FLIGHT = 1024  # requests of one RunStream served at once; it reads no more until one is answered
+
+
+class _Attached(NamedTuple):
+    """What an attached Run keeps open once its container started: its status tracker and its output's pump."""
+
+    cid: str
+    tracker: StatusTracker | StatusWaiter
+    logs: asyncio.Queue[t.LogEntry | None]
+    pump: asyncio.Task[None]
 
 
 class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (create, kill, pause)
@@ -206,6 +243,12 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         self.metrics = metrics
         self.links = AgentLinks()
         self.clock = clock
+        self._run_streams: list[set[asyncio.Task[None]]] = []  # each open RunStream's requests in flight (issue 6)
+        Gauge("berth_run_stream_requests", "Requests of open RunStream calls being served",
+              registry=metrics.registry).set_function(lambda: sum(len(s) for s in self._run_streams))
+        Gauge("berth_run_waiters", "Status waiters open on the cluster cache (Run and RunStream requests waiting)",
+              registry=metrics.registry).set_function(
+                  lambda: self.orchestrator.cache.waiters() if self.orchestrator.cache is not None else 0)
 
     # ---- helpers ----------------------------------------------------------------------------------
 
@@ -285,73 +328,148 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
     # ---- RPCs -------------------------------------------------------------------------------------
 
     async def Run(self, request: control_pb2.RunRequest, context: Ctx) -> AsyncIterator[control_pb2.RunEvent]:
-        began = time.perf_counter()  # issue 2: Run's latency by step, in the debug log
-        spec = request.spec
-        problem = validate(spec)
-        if problem:
-            self._count("Run", grpc.StatusCode.INVALID_ARGUMENT)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        await self.pin_to_volumes(spec, context)  # issue 3b
-        await self.check_network(spec, context)  # issue 5: --network NAME exists
-        c = t.Container(
-            id=secrets.token_hex(32), spec=spec, created_at_ns=int(self.clock() * 1e9),
-            desired_state=t.DESIRED_RUNNING, generation=1, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S,
-        )
-        # The status watch goes in before the container exists, so every status of this run is seen, at
-        # once, even when an --rm container is deleted right after its exit.
-        tracker = await StatusTracker.before_changes(self.store, c.id, self.orchestrator.cache)
+        started = control_pb2.RunEvent()
         try:
-            if not c.spec.name:
-                c.spec.name = await self._free_name()
-            placed = await self.orchestrator.create_and_place(c)  # issue 6: group-committed on the leader
-            placed_at = time.perf_counter()
-        except StoreError as exc:
-            tracker.close()
-            self._count("Run", grpc.StatusCode.ABORTED)
-            await _abort(context, exc)
-        except BaseException:  # the caller gone (cancelled) or an unexpected error: nothing left open
-            tracker.close()
-            raise
-        if not placed.node_id:
-            # Nothing fits now: it stays pending, and the pending sweep places it when a host frees up.
-            tracker.close()
-            self._count("Run", grpc.StatusCode.OK)
-            yield control_pb2.RunEvent(started=await self._view(c.id))
+            attached = await self._start(request.spec, started.started, "Run", attach=request.attach)
+        except RunRefused as exc:
+            await context.abort(exc.code, exc.message)
+        if attached is None:
+            yield started
             return
-
-        logs: asyncio.Queue[t.LogEntry | None] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump_logs(placed, logs)) if request.attach else None
         try:
+            yield started
+            while (entry := await attached.logs.get()) is not None:
+                yield control_pb2.RunEvent(log=entry)
+            try:
+                final = await attached.tracker.wait(1, TERMINAL, timeout_s=30)
+            except (StoreError, TimeoutError) as exc:
+                await context.abort(grpc.StatusCode.ABORTED, f"lost track of container {attached.cid[:12]}: {exc}")
+            yield control_pb2.RunEvent(exit_code=final.exit_code)
+        finally:
+            attached.tracker.close()
+            attached.pump.cancel()
+
+    async def RunStream(self, request_iterator: AsyncIterator[control_pb2.RunRequest], context: Ctx
+                        ) -> AsyncIterator[control_pb2.RunStreamEvent]:
+        """issue 6: Run for each request of the stream, all at once (up to RUN_STREAM_IN_FLIGHT), each answered
+        as soon as it is decided, tagged with its index; a refused request is answered with its error alone.
+        When the caller goes away, every request still in flight is cancelled (its waiter closed)."""
+        replies: asyncio.Queue[control_pb2.RunStreamEvent | BaseException | None] = asyncio.Queue()
+        in_flight: set[asyncio.Task[None]] = set()
+        room = asyncio.Semaphore(RUN_STREAM_IN_FLIGHT)
+
+        async def serve(index: int, request: control_pb2.RunRequest) -> None:
+            reply = control_pb2.RunStreamEvent(index=index)
+            try:
+                if request.attach:
+                    raise RunRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                     "attach is not served on RunStream: run that container with Run (berthctl run)")
+                await self._start(request.spec, reply.started, "RunStream")
+            except RunRefused as exc:
+                reply.error.code, reply.error.message = exc.code.value[0], exc.message
+            except Exception as exc:
+                log.exception("RunStream request %d", index)
+                reply.error.code, reply.error.message = grpc.StatusCode.INTERNAL.value[0], f"internal error: {exc}"
+            finally:
+                room.release()
+            replies.put_nowait(reply)
+
+        async def read() -> None:
+            index = 0
+            try:
+                async for request in request_iterator:
+                    await room.acquire()
+                    task = asyncio.create_task(serve(index, request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                    index += 1
+                while in_flight:  # the caller sent its last request: the stream ends once each is answered
+                    await asyncio.wait(list(in_flight))
+            except Exception as exc:  # noqa: BLE001 - ends the stream with it
+                replies.put_nowait(exc)
+                return
+            replies.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        self._run_streams.append(in_flight)
+        try:
+            while (reply := await replies.get()) is not None:
+                if isinstance(reply, BaseException):
+                    raise reply
+                yield reply
+        finally:
+            self._run_streams.remove(in_flight)
+            reader.cancel()
+            for task in list(in_flight):
+                task.cancel()
+
+    async def _start(self, spec: t.ContainerSpec, out: t.Container, method: str, attach: bool = False
+                     ) -> _Attached | None:
+        """Run's work for one container, shared by Run and RunStream: validate, create and place it, and wait
+        until it runs (or exits), fills `out` with it as the user sees it. One that no host fits now is
+        answered pending with the reason (the pending sweep places it later); one that failed to start is
+        removed. Raises RunRefused (nothing of the container left stored). With attach, what follows its
+        output is returned open (close it)."""
+        began = time.perf_counter()  # issue 2: Run's latency by step, in the debug log
+        attached: _Attached | None = None
+        handed: _Attached | None = None
+        tracker: StatusTracker | StatusWaiter | None = None
+        try:
+            problem = validate(spec)
+            if problem:
+                raise RunRefused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await self.pin_to_volumes(spec, _REFUSE)  # issue 3b
+            await self.check_network(spec, _REFUSE)  # issue 5: --network NAME exists
+            c = t.Container(
+                id=secrets.token_hex(32), spec=spec, created_at_ns=int(self.clock() * 1e9),
+                desired_state=t.DESIRED_RUNNING, generation=1, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S,
+            )
+            # The status watch goes in before the container exists, so every status of this run is seen, at
+            # once, even when an --rm container is deleted right after its exit.
+            tracker = await StatusTracker.before_changes(self.store, c.id, self.orchestrator.cache)
+            try:
+                if not c.spec.name:
+                    c.spec.name = await self._free_name()
+                placed = await self.orchestrator.create_and_place(c)  # issue 6: group-committed on the leader
+                placed_at = time.perf_counter()
+                if not placed.node_id:
+                    # Nothing fits now: it stays pending, and the pending sweep places it when a host frees up.
+                    out.CopyFrom(await self._view(c.id))
+                    self._count(method, grpc.StatusCode.OK)
+                    return None
+            except StoreError as exc:
+                raise refusal(exc) from None
+            if attach:
+                logs: asyncio.Queue[t.LogEntry | None] = asyncio.Queue()
+                attached = _Attached(c.id, tracker, logs, asyncio.create_task(self._pump_logs(placed, logs)))
             try:
                 status = await tracker.wait(1, (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED), timeout_s=3600)
             except (StoreError, TimeoutError) as exc:
-                await context.abort(grpc.StatusCode.ABORTED, f"container {c.id[:12]}: {exc}")
+                raise RunRefused(grpc.StatusCode.ABORTED, f"container {c.id[:12]}: {exc}") from None
             if status.state == t.STATE_FAILED:
                 # It never ran: leave nothing behind, as `docker run` leaves no half-made container.
-                await self.orchestrator.remove(c.id)
-                self._count("Run", grpc.StatusCode.FAILED_PRECONDITION)
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
+                try:
+                    await self.orchestrator.remove(c.id)
+                except StoreError as exc:
+                    raise refusal(exc) from None
+                raise RunRefused(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("run %s: placed on %s in %.1f ms, %s %.1f ms later", c.id[:12], placed.node_id,
                           (placed_at - began) * 1000, t.ContainerState.Name(status.state),
                           (time.perf_counter() - placed_at) * 1000)
-            self._count("Run", grpc.StatusCode.OK)
-            started = control_pb2.RunEvent()
-            self._decorate(placed, status, {}, out=started.started).node_name = placed.node_id
-            yield started
-            if pump is None:
-                return
-            while (entry := await logs.get()) is not None:
-                yield control_pb2.RunEvent(log=entry)
-            try:
-                final = await tracker.wait(1, TERMINAL, timeout_s=30)
-            except (StoreError, TimeoutError) as exc:
-                await context.abort(grpc.StatusCode.ABORTED, f"lost track of container {c.id[:12]}: {exc}")
-            yield control_pb2.RunEvent(exit_code=final.exit_code)
-        finally:
-            tracker.close()
-            if pump is not None:
-                pump.cancel()
+            self._count(method, grpc.StatusCode.OK)
+            self._decorate(placed, status, {}, out=out).node_name = placed.node_id
+            handed = attached  # the caller closes it
+            return handed
+        except RunRefused as exc:
+            self._count(method, exc.code)
+            raise
+        finally:  # done, refused, or the caller gone (cancelled): nothing left open but what is handed over
+            if handed is None:
+                if tracker is not None:
+                    tracker.close()
+                if attached is not None:
+                    attached.pump.cancel()
 
     async def _pump_logs(self, c: t.Container, out: asyncio.Queue[t.LogEntry | None]) -> None:
         try:

@@ -313,6 +313,10 @@ class ClusterCache:
         self._subscribers.setdefault(cid, []).append(waiter)
         return waiter
 
+    def waiters(self) -> int:
+        """How many status waiters are open (the controller's metrics: each is a Run waiting)."""
+        return sum(len(waiters) for waiters in self._subscribers.values())
+
     def _drop_waiter(self, waiter: StatusWaiter) -> None:
         waiters = self._subscribers.get(waiter.cid)
         if waiters is None:

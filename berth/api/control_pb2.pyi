@@ -666,3 +666,65 @@ class NetworkListResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NetworkListResponse: _TypeAlias = NetworkListResponse  # noqa: Y015
+
+@_typing.final
+class RunStreamEvent(_message.Message):
+    """issue 6: RunStream's reply to one of its requests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """the request's position on the stream: 0 for the first request sent, 1 for the next, ..."""
+    @_builtins.property
+    def started(self) -> _types_pb2.Container:
+        """as Run's started event: running (or exited), or pending with its reason"""
+
+    @_builtins.property
+    def error(self) -> Global___RunStreamError:
+        """this request was refused or failed: nothing of it is left stored"""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        started: _types_pb2.Container | None = ...,
+        error: Global___RunStreamError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "index", b"index", "result", b"result", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["started", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___RunStreamEvent: _TypeAlias = RunStreamEvent  # noqa: Y015
+
+@_typing.final
+class RunStreamError(_message.Message):
+    """issue 6: why one request of a RunStream was refused or failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """a gRPC status code number, as Run would have failed with (3 INVALID_ARGUMENT, 5 NOT_FOUND, ...)"""
+    message: _builtins.str
+    """one line for the user, as Run's error details"""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunStreamError: _TypeAlias = RunStreamError  # noqa: Y015

@@ -241,6 +241,11 @@ class ControlStub:
                 request_serializer=berth_dot_api_dot_control__pb2.NetworkRef.SerializeToString,
                 response_deserializer=berth_dot_api_dot_types__pb2.Network.FromString,
                 _registered_method=True)
+        self.RunStream = channel.stream_stream(
+                '/berth.api.Control/RunStream',
+                request_serializer=berth_dot_api_dot_control__pb2.RunRequest.SerializeToString,
+                response_deserializer=berth_dot_api_dot_control__pb2.RunStreamEvent.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -505,6 +510,17 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunStream(self, request_iterator, context):
+        """issue 6: pipelined submission. Each request is one container to run (as Run, without attach); the
+        requests of a stream are served at once, not one after another, and each gets one reply, tagged with
+        the request's index on the stream, as soon as it is decided: the container as Run's `started` event
+        gives it (running, exited, or pending with its reason), or that request's error. A bad request ends
+        neither the stream nor the others, and leaves nothing stored. The replies come in any order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -712,6 +728,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.NetworkRemove,
                     request_deserializer=berth_dot_api_dot_control__pb2.NetworkRef.FromString,
                     response_serializer=berth_dot_api_dot_types__pb2.Network.SerializeToString,
+            ),
+            'RunStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunStream,
+                    request_deserializer=berth_dot_api_dot_control__pb2.RunRequest.FromString,
+                    response_serializer=berth_dot_api_dot_control__pb2.RunStreamEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1821,6 +1842,33 @@ class Control:
             '/berth.api.Control/NetworkRemove',
             berth_dot_api_dot_control__pb2.NetworkRef.SerializeToString,
             berth_dot_api_dot_types__pb2.Network.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/berth.api.Control/RunStream',
+            berth_dot_api_dot_control__pb2.RunRequest.SerializeToString,
+            berth_dot_api_dot_control__pb2.RunStreamEvent.FromString,
             options,
             channel_credentials,
             insecure,

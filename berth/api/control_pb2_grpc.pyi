@@ -89,6 +89,13 @@ class ControlStub:
     NetworkList: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkListRequest, _control_pb2.NetworkListResponse]
     NetworkInspect: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]
     NetworkRemove: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]
+    RunStream: _grpc.StreamStreamMultiCallable[_control_pb2.RunRequest, _control_pb2.RunStreamEvent]
+    """issue 6: pipelined submission. Each request is one container to run (as Run, without attach); the
+    requests of a stream are served at once, not one after another, and each gets one reply, tagged with
+    the request's index on the stream, as soon as it is decided: the container as Run's `started` event
+    gives it (running, exited, or pending with its reason), or that request's error. A bad request ends
+    neither the stream nor the others, and leaves nothing stored. The replies come in any order.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -149,6 +156,13 @@ class ControlAsyncStub(ControlStub):
     NetworkList: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkListRequest, _control_pb2.NetworkListResponse]  # type: ignore[assignment]
     NetworkInspect: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]  # type: ignore[assignment]
     NetworkRemove: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]  # type: ignore[assignment]
+    RunStream: _aio.StreamStreamMultiCallable[_control_pb2.RunRequest, _control_pb2.RunStreamEvent]  # type: ignore[assignment]
+    """issue 6: pipelined submission. Each request is one container to run (as Run, without attach); the
+    requests of a stream are served at once, not one after another, and each gets one reply, tagged with
+    the request's index on the stream, as soon as it is decided: the container as Run's `started` event
+    gives it (running, exited, or pending with its reason), or that request's error. A bad request ends
+    neither the stream nor the others, and leaves nothing stored. The replies come in any order.
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -452,5 +466,18 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.NetworkRef,
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.Network, _abc.Awaitable[_types_pb2.Network]]: ...
+
+    @_abc_1.abstractmethod
+    def RunStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_control_pb2.RunRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.RunStreamEvent], _abc.AsyncIterator[_control_pb2.RunStreamEvent]]:
+        """issue 6: pipelined submission. Each request is one container to run (as Run, without attach); the
+        requests of a stream are served at once, not one after another, and each gets one reply, tagged with
+        the request's index on the stream, as soon as it is decided: the container as Run's `started` event
+        gives it (running, exited, or pending with its reason), or that request's error. A bad request ends
+        neither the stream nor the others, and leaves nothing stored. The replies come in any order.
+        """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
