@@ -50,7 +50,9 @@ async def _cancelled_mid_stream(url: str) -> None:
             assert refused.index == 20 and refused.WhichOneof("result") == "error"
             assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
             assert refused.error.message.startswith("invalid name 'bad name'")
-            await until(lambda: cache.waiters() == 20, "each request placed and waiting for its host's report")
+            await until(lambda: sum(1 for v in cache.containers.values() if v.container.node_id == "n1") == 20,
+                        "each request's container placed")
+            await until(lambda: cache.waiters() == 20, "each request waiting for its host's report")
             assert len(_stream_tasks()) == 21  # one per request and the stream's reader
             assert metrics.registry.get_sample_value("berth_run_stream_requests") == 20
             assert metrics.registry.get_sample_value("berth_run_waiters") == 20
@@ -107,7 +109,7 @@ async def _in_order_of_decision(url: str) -> None:
             placed = (await store.get_container(await store.resolve(waiting))).container
             assert await store.put_status(placed.id, t.ContainerStatus(state=t.STATE_RUNNING, generation=1),
                                           (await store.get_container(placed.id)).mod_revision,
-                                          await store.status_revision(placed.id))
+                                          (await store.held_status(placed.id))[1])
             reply = await asyncio.wait_for(call.read(), 20)
             assert isinstance(reply, control_pb2.RunStreamEvent)
             assert (reply.index, reply.started.spec.name, reply.started.status.state) == (0, waiting, t.STATE_RUNNING)
