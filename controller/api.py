@@ -442,8 +442,21 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             if attach:
                 logs: asyncio.Queue[t.LogEntry | None] = asyncio.Queue()
                 attached = _Attached(c.id, tracker, logs, asyncio.create_task(self._pump_logs(placed, logs)))
+            begun = (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED)
             try:
-                status = await tracker.wait(1, (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED), timeout_s=3600)
+                try:
+                    status = await tracker.wait(1, begun, timeout_s=3600)
+                except StoreError as exc:
+                    if isinstance(exc, NotFound):
+                        raise
+                    # The cache's watch failed (it drops its copy and loads it again, failing its waiters): the
+                    # container was created and may run; follow its status on etcd instead of failing the call.
+                    tracker.close()
+                    current, revision = await self.store.get_status(c.id)
+                    tracker = StatusTracker.after(self.store, c.id, revision, current)
+                    if attached is not None:
+                        attached = attached._replace(tracker=tracker)
+                    status = await tracker.wait(1, begun, timeout_s=3600)
             except (StoreError, TimeoutError) as exc:
                 raise RunRefused(grpc.StatusCode.ABORTED, f"container {c.id[:12]}: {exc}") from None
             if status.state == t.STATE_FAILED:
