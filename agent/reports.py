@@ -6,6 +6,11 @@ instead of a unary call per batch and per heartbeat.
 did not (an error in the acknowledgement, no answer in time, the stream broken): the Reporter keeps what was
 not acknowledged and sends it again, on this stream or the next session's. A broken stream fails everything
 waiting on it, and `closed` (awaited by the session) ends with the failure.
+
+`deliver` (issue 6, streams: what the session's Reporter uses) returns once the batch is written, with a future
+for its acknowledgement: the controller commits a stream's lazy_ack batches in the order written and
+acknowledges them together, in the next heartbeat's answer (committed_through), so a batch costs one message
+instead of two and the Reporter need not wait for one batch's commit before sending the next.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class ReportStream:
         self._seq = 0
         self._waiting: dict[int, asyncio.Future[d.ReportsAck]] = {}
         self._batches: dict[int, float] = {}  # seq -> when sent, of the batches not answered yet
+        self._lazy: dict[int, asyncio.Future[None]] = {}  # issue 6 (streams): lazy_ack batches written, in seq order
         self.stall_s = STALL_S
         self._failure: BaseException | None = None
         self.closed = asyncio.create_task(self._read())
@@ -44,6 +50,48 @@ class ReportStream:
         ack = await self._request(d.ReportsRequest(node_id=self.node_id, updates=report.updates), None)
         if ack.error:
             raise ReportError(f"the controller did not record the statuses: {ack.error}")
+
+    async def deliver(self, report: d.StatusReport) -> asyncio.Future[None]:
+        """issue 6 (streams): write a batch of statuses to be acknowledged lazily. Returns once it is written,
+        with a future done once the controller has recorded it (a committed_through that covers it), failed
+        when the stream breaks first (then this batch, and any written after it, may or may not be recorded:
+        send them again). A batch not acknowledged for `stall_s` fails the next heartbeat, as with `send`."""
+        if self._failure is not None:
+            raise ConnectionError(f"reports stream broken: {self._failure}")
+        self._seq += 1
+        seq = self._seq
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lazy[seq] = acked
+        self._batches[seq] = time.monotonic()
+        try:
+            async with self._writing:
+                await self._call.write(d.ReportsRequest(node_id=self.node_id, seq=seq, updates=report.updates,
+                                                        lazy_ack=True))
+        except BaseException as exc:
+            self._lazy.pop(seq, None)
+            self._batches.pop(seq, None)
+            acked.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is None or not task.cancelling():
+                    raise ConnectionError("reports stream closed") from None  # grpc's word for a cancelled call
+            raise
+        return acked
+
+    @property
+    def unacknowledged(self) -> int:
+        """How many lazy_ack batches written on this stream are not acknowledged yet."""
+        return len(self._lazy)
+
+    def _committed_through(self, seq: int) -> None:
+        while self._lazy:
+            first = next(iter(self._lazy))
+            if first > seq:
+                break
+            acked = self._lazy.pop(first)
+            self._batches.pop(first, None)
+            if not acked.done():
+                acked.set_result(None)
 
     async def heartbeat(self, timeout: float) -> int:
         """Keep the node's lease alive; returns its TTL in seconds."""
@@ -79,6 +127,8 @@ class ReportStream:
     async def _read(self) -> None:
         try:
             async for ack in self._call:
+                if ack.committed_through:
+                    self._committed_through(ack.committed_through)
                 answer = self._waiting.get(ack.seq)
                 if answer is not None and not answer.done():
                     answer.set_result(ack)
@@ -88,6 +138,10 @@ class ReportStream:
             for answer in self._waiting.values():
                 if not answer.done():
                     answer.set_exception(ConnectionError(f"reports stream broken: {exc}"))
+            lazy, self._lazy = self._lazy, {}
+            for acked in lazy.values():
+                if not acked.done():
+                    acked.set_exception(ConnectionError(f"reports stream broken: {exc}"))
             raise
 
     async def close(self) -> None:

@@ -55,10 +55,10 @@ class Session:
         self._reports: ReportStream | None = None  # issue 6: the session's status reports and heartbeats
         self.joined = asyncio.Event()
 
-    async def _send(self, report: d.StatusReport) -> None:
+    async def _send(self, report: d.StatusReport) -> asyncio.Future[None]:
         if self._reports is None:
             raise ConnectionError("no controller session")
-        await self._reports.send(report)
+        return await self._reports.deliver(report)  # issue 6 (streams): acknowledged with the next heartbeat
 
     async def run(self) -> None:
         reporter = asyncio.create_task(self.reporter.run(self._send, lambda: self.node_id if self._stub else ""))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -61,6 +62,9 @@ class Reporter:
         self._after: dict[str, t.ContainerStatus] = {}  # what follows a pending RUNNING, for the next batch
         self._wake = asyncio.Event()
         self.sent: dict[str, t.ContainerStatus] = {}
+        # issue 6 (streams): batches written and not acknowledged yet, in the order sent
+        self._unacked: dict[int, dict[str, t.ContainerStatus]] = {}
+        self._batch_no = 0
 
     def report(self, cid: str, status: t.ContainerStatus) -> None:
         if self.order is not None:
@@ -92,9 +96,31 @@ class Reporter:
         self._pending.pop(cid, None)
         self._after.pop(cid, None)
         self.sent.pop(cid, None)
+        for batch in self._unacked.values():
+            batch.pop(cid, None)
 
-    async def run(self, send: Callable[[d.StatusReport], Awaitable[None]], node_id: Callable[[], str]) -> None:
-        """Send batches through `send` (an awaitable RPC); on failure keep them and try again."""
+    def _acknowledged(self, key: int, acked: asyncio.Future[None]) -> None:
+        if acked.cancelled() or acked.exception() is not None:
+            self._lost()
+        else:
+            self._unacked.pop(key, None)
+
+    def _lost(self) -> None:
+        """issue 6 (streams): the stream broke: every batch not acknowledged may or may not be recorded; all are
+        put back, the newest first, so that each container's newer status wins (and a RUNNING stays ahead of
+        what followed it), to go again on the next session."""
+        lost = list(self._unacked.values())
+        self._unacked.clear()
+        for batch in reversed(lost):
+            for cid, status in batch.items():
+                self._requeue(cid, status)
+
+    async def run(self, send: Callable[[d.StatusReport], Awaitable[asyncio.Future[None] | None]],
+                  node_id: Callable[[], str]) -> None:
+        """Send batches through `send`, which returns once the batch is delivered (None), or once it is written,
+        with a future for its acknowledgement (issue 6, streams: agent.reports.ReportStream.deliver, whose
+        stream's batches are recorded in the order written). Written batches are kept until acknowledged; when
+        one fails, or a send fails, all of them are put back (`_lost`) and go again."""
         backoff = 0.05
         while True:
             await self._wake.wait()
@@ -105,18 +131,27 @@ class Reporter:
                     node_id=node_id(),
                     updates=[d.ContainerStatusUpdate(container_id=c, status=s) for c, s in batch.items()],
                 )
+                self._batch_no += 1
+                key = self._batch_no
+                self._unacked[key] = batch
                 try:
-                    await send(report)
-                    backoff = 0.05
-                    for cid, delivered in batch.items():  # a RUNNING is delivered: what followed it goes next
-                        if delivered.state == t.STATE_RUNNING and cid in self._after and cid not in self._pending:
-                            self._pending[cid] = self._after.pop(cid)
-                except Exception as exc:  # noqa: BLE001 - any transport failure: keep the batch and retry
+                    acked = await send(report)
+                except Exception as exc:  # noqa: BLE001 - any transport failure: keep the batches and retry
                     log.warning("status report failed, will retry: %s", exc)
-                    for cid, status in batch.items():
-                        self._requeue(cid, status)
+                    self._lost()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.05
+                if key not in self._unacked:  # put back meanwhile (the stream broke): it goes again
+                    continue
+                if acked is None:
+                    del self._unacked[key]
+                else:
+                    acked.add_done_callback(functools.partial(self._acknowledged, key))
+                for cid, delivered in batch.items():  # a RUNNING is sent: what followed it goes next, behind it
+                    if delivered.state == t.STATE_RUNNING and cid in self._after and cid not in self._pending:
+                        self._pending[cid] = self._after.pop(cid)
 
 
 def build_config(cid: str, spec: t.ContainerSpec, image: Image) -> ContainerConfig:

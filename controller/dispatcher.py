@@ -34,6 +34,9 @@ from controller.user_networks import UserNetworks
 log = logging.getLogger(__name__)
 
 MAX_CHANGES = 256  # queued assignment changes sent in one message of an agent's stream (issue 6)
+# issue 6 (streams): lazy_ack batches committed and not acknowledged yet get an ack of their own after this many
+# heartbeat periods (the agent's next heartbeat answer, which carries committed_through, normally comes first)
+ACK_DELAY = 1.5
 
 
 class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
@@ -45,6 +48,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self.metrics = metrics
         self.lease_ttl_s = lease_ttl_s
         self._leases: dict[str, int] = {}
+        self.heartbeat_period_s = max(0.5, lease_ttl_s / 4)  # told to agents at Join
         self.subnets: SubnetAllocator | None = None  # issue 5: set by main; None gives no container network
         self.peer_feed = PeerFeed(store, lambda: orchestrator.cache)  # issue 6: the overlay's peers, cached
         self.names = NamesHub(store, lambda: orchestrator.cache)  # issue 5 (names): DNS records (issue 6: cached)
@@ -77,7 +81,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         self._leases[node_id] = lease
         log.info("node %s joined from %s (lease %x)", node_id, request.address, lease)
         return d.JoinResponse(
-            node_id=node_id, lease_ttl_s=self.lease_ttl_s, heartbeat_period_s=max(0.5, self.lease_ttl_s / 4),
+            node_id=node_id, lease_ttl_s=self.lease_ttl_s, heartbeat_period_s=self.heartbeat_period_s,
             subnet=subnet,
         )
 
@@ -190,26 +194,34 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     async def Reports(self, request_iterator: AsyncIterator[d.ReportsRequest], context: grpc.aio.ServicerContext[d.ReportsRequest, d.ReportsAck]) -> AsyncIterator[d.ReportsAck]:  # noqa: E501
         """issue 6 (throughput): an agent session's status reports and heartbeats on one stream. A heartbeat is
-        answered in turn (one that fails ends the stream: NOT_FOUND or UNAVAILABLE); each batch is committed in
-        a task of its own (with the other reports in flight, Orchestrator.on_statuses), so a slow commit holds
-        up no heartbeat, and acknowledged when done, with the error if it failed. The agent sends one batch at
-        a time and sends again what is not acknowledged."""
+        answered in turn (one that fails ends the stream: NOT_FOUND or UNAVAILABLE). A batch is committed in a
+        task of its own (with the other reports in flight, Orchestrator.on_statuses), so a slow commit holds up
+        no heartbeat: one sent for an ack of its own is acknowledged when done, with the error if it failed; the
+        lazy_ack batches (issue 6, streams) are committed one after the other in the order sent and acknowledged
+        together by the committed_through of the next ack this stream sends (a heartbeat's answer, or one sent
+        for them alone when none went for ACK_DELAY heartbeat periods), one that fails ends the stream."""
         acks: asyncio.Queue[d.ReportsAck | tuple[grpc.StatusCode, str] | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read_reports(request_iterator, acks))
+        lazy = _LazyAcks(acks, ACK_DELAY * self.heartbeat_period_s)
+        reader = asyncio.create_task(self._read_reports(request_iterator, acks, lazy))
         try:
             while (ack := await acks.get()) is not None:
                 if isinstance(ack, tuple):
                     await context.abort(*ack)
                     return
+                lazy.stamp(ack)
                 yield ack
         finally:
             reader.cancel()
+            lazy.close()
 
     async def _read_reports(self, requests: AsyncIterator[d.ReportsRequest],
-                            acks: asyncio.Queue[d.ReportsAck | tuple[grpc.StatusCode, str] | None]) -> None:
+                            acks: asyncio.Queue[d.ReportsAck | tuple[grpc.StatusCode, str] | None],
+                            lazy: _LazyAcks) -> None:
         """Reports' side that reads: what to answer goes to `acks`, then None when the agent closed its side,
         or the status code and message to end the stream with."""
         commits: set[asyncio.Task[None]] = set()
+        in_order: asyncio.Queue[d.ReportsRequest | None] | None = None  # the lazy_ack batches, to commit in turn
+        committer: asyncio.Task[None] | None = None
 
         async def commit(request: d.ReportsRequest) -> None:
             ack = d.ReportsAck(seq=request.seq)
@@ -220,12 +232,30 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 ack.error = str(exc) or type(exc).__name__
             acks.put_nowait(ack)
 
+        async def commit_in_order(queue: asyncio.Queue[d.ReportsRequest | None]) -> None:
+            while (request := await queue.get()) is not None:
+                try:
+                    await self.orchestrator.on_statuses([(u.container_id, u.status) for u in request.updates])
+                except Exception as exc:  # noqa: BLE001 - nothing after it is committed: the agent sends it all again
+                    log.warning("status report of %s: %s", request.node_id, exc)
+                    acks.put_nowait(d.ReportsAck())  # what was committed before it
+                    acks.put_nowait((grpc.StatusCode.UNAVAILABLE,
+                                     f"the statuses were not recorded ({exc or type(exc).__name__}); send them again"))
+                    return
+                lazy.committed(request.seq)
+
         try:
             async for request in requests:
                 if request.updates:
-                    task = asyncio.create_task(commit(request))
-                    commits.add(task)
-                    task.add_done_callback(commits.discard)
+                    if request.lazy_ack:
+                        if in_order is None:
+                            in_order = asyncio.Queue()
+                            committer = asyncio.create_task(commit_in_order(in_order))
+                        in_order.put_nowait(request)
+                    else:
+                        task = asyncio.create_task(commit(request))
+                        commits.add(task)
+                        task.add_done_callback(commits.discard)
                 if request.heartbeat:
                     try:
                         ttl = await self._keep_alive(request.node_id)
@@ -238,13 +268,20 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                     acks.put_nowait(d.ReportsAck(seq=request.seq, lease_ttl_s=ttl))
                 elif not request.updates:
                     acks.put_nowait(d.ReportsAck(seq=request.seq))
-            await asyncio.gather(*commits)  # the agent closed its side: answer what it sent
+            # the agent closed its side: answer what it sent
+            if in_order is not None and committer is not None:
+                in_order.put_nowait(None)
+                await committer
+                acks.put_nowait(d.ReportsAck())
+            await asyncio.gather(*commits)
             acks.put_nowait(None)
         except Exception as exc:  # noqa: BLE001 - the stream broke under the reader: end it with the reason
             acks.put_nowait((grpc.StatusCode.INTERNAL, f"reading status reports: {exc}"))
         finally:
             for task in commits:
                 task.cancel()
+            if committer is not None:
+                committer.cancel()
 
     async def Peers(self, request: d.PeersRequest, context: grpc.aio.ServicerContext[d.PeersRequest, d.PeersMessage]) -> AsyncIterator[d.PeersMessage]:  # noqa: E501
         """issue 5: the overlay's peers for an agent (controller.peer_feed, issue 6: from the cache)."""
@@ -276,6 +313,38 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         except StoreError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         raise AssertionError
+
+
+class _LazyAcks:
+    """issue 6 (streams): a Reports stream's acknowledgement of its lazy_ack batches: the highest seq committed
+    in order goes in every ack the stream sends (`stamp`); committed and not sent for `delay_s`, it gets an ack
+    of its own."""
+
+    def __init__(self, acks: asyncio.Queue[d.ReportsAck | tuple[grpc.StatusCode, str] | None], delay_s: float) -> None:
+        self._acks = acks
+        self._delay_s = delay_s
+        self._committed = 0  # every lazy batch with a seq up to this one is recorded
+        self._sent = 0  # the committed_through sent last
+        self._timer: asyncio.TimerHandle | None = None
+
+    def committed(self, seq: int) -> None:
+        self._committed = seq
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        if self._committed > self._sent:
+            self._acks.put_nowait(d.ReportsAck())
+
+    def stamp(self, ack: d.ReportsAck) -> None:
+        ack.committed_through = self._sent = self._committed
+        self.close()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _incremental(event: AssignmentEvent) -> d.AssignmentsMessage:

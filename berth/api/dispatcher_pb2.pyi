@@ -523,11 +523,18 @@ class ReportsRequest(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     UPDATES_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    LAZY_ACK_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     seq: _builtins.int
     """the ReportsAck with this seq answers it; increasing within a stream"""
     heartbeat: _builtins.bool
     """keep the node's lease alive"""
+    lazy_ack: _builtins.bool
+    """issue 6 (streams, 20-29): acknowledge this batch later, cumulatively (ReportsAck.committed_through), not
+    by an ack with its seq. The controller commits a stream's lazy batches in the order sent; one it fails to
+    record ends the stream (UNAVAILABLE) with nothing after it committed: the agent sends again, on its next
+    session, every batch not covered by a committed_through.
+    """
     @_builtins.property
     def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContainerStatusUpdate]: ...
     def __init__(
@@ -537,10 +544,11 @@ class ReportsRequest(_message.Message):
         seq: _builtins.int = ...,
         updates: _abc.Iterable[Global___ContainerStatusUpdate] | None = ...,
         heartbeat: _builtins.bool = ...,
+        lazy_ack: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "node_id", b"node_id", "seq", b"seq", "updates", b"updates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "lazy_ack", b"lazy_ack", "node_id", b"node_id", "seq", b"seq", "updates", b"updates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,21 +563,27 @@ class ReportsAck(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     LEASE_TTL_S_FIELD_NUMBER: _builtins.int
+    COMMITTED_THROUGH_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     error: _builtins.str
     """"": done; otherwise the batch was not recorded (send it again) and why"""
     lease_ttl_s: _builtins.int
     """for a heartbeat: the lease's remaining TTL"""
+    committed_through: _builtins.int
+    """issue 6 (streams, 20-29): every lazy_ack batch of this stream with a seq up to this one is recorded. Set
+    in every ack (a heartbeat's answer carries it at no extra message); an ack with seq 0 carries only this.
+    """
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         error: _builtins.str = ...,
         lease_ttl_s: _builtins.int = ...,
+        committed_through: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease_ttl_s", b"lease_ttl_s", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_through", b"committed_through", "error", b"error", "lease_ttl_s", b"lease_ttl_s", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -286,3 +286,192 @@ async def _caller_gone(url: str) -> None:
 
 def test_a_queued_report_whose_caller_is_gone_is_not_written(etcd_url: str) -> None:
     asyncio.run(_caller_gone(etcd_url))
+
+
+# ---- issue 6 (streams): lazy acknowledgements ---------------------------------------------------------------
+
+
+def _status(cid: str, state: int, seq: int) -> d.StatusReport:
+    status = t.ContainerStatus(state=state, generation=1, seq=seq)  # type: ignore[arg-type]
+    return d.StatusReport(node_id="n1", updates=[d.ContainerStatusUpdate(container_id=cid, status=status)])
+
+
+async def _lazy_acks(url: str) -> None:
+    async with _controller(url) as ctl:
+        await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
+        cids = [await _container(ctl) for _ in range(3)]
+        stream = ReportStream(ctl.stub, "n1")
+        try:
+            acked = [await stream.deliver(_status(cid, t.STATE_RUNNING, 1)) for cid in cids]
+            for cid in cids:  # each written batch is committed without waiting for an ack of the one before
+                await until(lambda cid=cid: ctl.orchestrator.cache is not None
+                            and (held := ctl.orchestrator.cache.statuses.get(cid)) is not None
+                            and held[0].state == t.STATE_RUNNING, "the status committed")
+            assert not any(a.done() for a in acked)  # no ack of their own (the controller's backstop is 1 h off)
+            assert stream.unacknowledged == 3
+            assert await stream.heartbeat(timeout=10) > 0  # its answer acknowledges all three
+            assert all(a.done() and a.exception() is None for a in acked)
+            assert stream.unacknowledged == 0
+        finally:
+            await stream.close()
+
+
+def test_one_heartbeat_answer_acknowledges_every_lazy_batch_committed(etcd_url: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controller.dispatcher.ACK_DELAY", 3600 / 2.5)  # no ack of their own during the test
+    asyncio.run(_lazy_acks(etcd_url))
+
+
+async def _backstop(url: str) -> None:
+    async with _controller(url) as ctl:
+        cid = await _container(ctl)
+        stream = ReportStream(ctl.stub, "n1")
+        try:
+            acked = await stream.deliver(_status(cid, t.STATE_RUNNING, 1))
+            await asyncio.wait_for(acked, 20)  # no heartbeat: the controller's own ack after ACK_DELAY periods
+            assert (await ctl.store.get_status(cid))[0].state == t.STATE_RUNNING
+        finally:
+            await stream.close()
+
+
+def test_lazy_batches_without_heartbeats_get_an_ack_of_their_own(etcd_url: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controller.dispatcher.ACK_DELAY", 0.02 / 2.5)
+    asyncio.run(_backstop(etcd_url))
+
+
+async def _in_order(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with _controller(url) as ctl:
+        cid = await _container(ctl)
+        started: list[int] = []
+        release = asyncio.Event()
+        on_statuses = ctl.orchestrator.on_statuses
+
+        async def slow_first(updates: list[tuple[str, t.ContainerStatus]]) -> None:
+            started.append(updates[0][1].state)
+            if len(started) == 1:
+                await release.wait()
+            await on_statuses(updates)
+
+        monkeypatch.setattr(ctl.orchestrator, "on_statuses", slow_first)
+        await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
+        stream = ReportStream(ctl.stub, "n1")
+        try:
+            first = await stream.deliver(_status(cid, t.STATE_RUNNING, 1))
+            second = await stream.deliver(_status(cid, t.STATE_EXITED, 2))
+            await until(lambda: started, "the first batch at the controller")
+            assert await stream.heartbeat(timeout=10) > 0  # the stream goes on while the first is committed
+            assert started == [t.STATE_RUNNING]  # the second waits for the first
+            assert not first.done() and not second.done()
+            release.set()
+            await until(lambda: ctl.orchestrator.cache is not None
+                        and ctl.orchestrator.cache.statuses[cid][0].state == t.STATE_EXITED, "EXITED committed")
+            deadline = time.monotonic() + 20
+            while not (first.done() and second.done()):  # a heartbeat's answer acknowledges them once committed
+                assert time.monotonic() < deadline, "both batches acknowledged"
+                await stream.heartbeat(timeout=10)
+            assert started == [t.STATE_RUNNING, t.STATE_EXITED]
+        finally:
+            await stream.close()
+
+
+def test_lazy_batches_of_a_stream_are_committed_in_the_order_sent(etcd_url: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controller.dispatcher.ACK_DELAY", 3600 / 2.5)
+    asyncio.run(_in_order(etcd_url, monkeypatch))
+
+
+async def _failed_lazy(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with _controller(url) as ctl:
+        failing, after = await _container(ctl), await _container(ctl)
+        before, _ = await ctl.store.get_status(after)
+        put_statuses = ctl.store.put_statuses
+        failures: list[object] = []
+
+        async def fails_once(items: list[tuple[str, t.ContainerStatus, int, int | None]]) -> int:
+            if not failures:
+                failures.append(items)
+                raise RuntimeError("etcd said no")
+            return await put_statuses(items)
+
+        monkeypatch.setattr(ctl.store, "put_statuses", fails_once)
+        stream = ReportStream(ctl.stub, "n1")
+        try:
+            first = await stream.deliver(_status(failing, t.STATE_RUNNING, 1))
+            second = await stream.deliver(_status(after, t.STATE_RUNNING, 2))
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await stream.closed
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "send them again" in (ended.value.details() or "")
+            for acked in (first, second):  # neither is acknowledged: the agent sends both again
+                with pytest.raises(ConnectionError):
+                    await acked
+            assert (await ctl.store.get_status(after))[0] == before  # nothing after it committed
+        finally:
+            await stream.close()
+
+
+def test_a_lazy_batch_that_fails_ends_the_stream_and_nothing_after_it_is_committed(
+        etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_failed_lazy(etcd_url, monkeypatch))
+
+
+async def _resend(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    reporter = Reporter()
+    streams: list[ReportStream] = []
+
+    async def deliver(report: d.StatusReport) -> asyncio.Future[None]:
+        return await streams[-1].deliver(report)
+
+    task = asyncio.create_task(reporter.run(deliver, lambda: "n1"))
+    try:
+        async with _controller(url) as first, _controller(url) as second:
+            running_only, exits = await _container(first), await _container(first)
+            for cid in (running_only, exits):
+                await until(lambda cid=cid: second.orchestrator.cache is not None
+                            and second.orchestrator.cache.container(cid), "the container in the second cache")
+            received: list[list[tuple[str, int]]] = []
+            on_statuses = second.orchestrator.on_statuses
+
+            async def recorded(updates: list[tuple[str, t.ContainerStatus]]) -> None:
+                received.append([(c, s.state) for c, s in updates])
+                await on_statuses(updates)
+
+            monkeypatch.setattr(second.orchestrator, "on_statuses", recorded)
+            streams.append(ReportStream(first.stub, "n1"))
+            reporter.report(running_only, t.ContainerStatus(state=t.STATE_RUNNING, generation=1, seq=1))
+            reporter.report(exits, t.ContainerStatus(state=t.STATE_RUNNING, generation=1, seq=2))
+            reporter.report(exits, t.ContainerStatus(state=t.STATE_EXITED, generation=1, seq=3, exit_code=3))
+            # committed by the first controller, never acknowledged (no heartbeat, no backstop within the test)
+            await until(lambda: first.orchestrator.cache is not None
+                        and first.orchestrator.cache.statuses[exits][0].state == t.STATE_EXITED, "EXITED committed")
+            assert streams[0].unacknowledged == 2 and len(reporter._unacked) == 2
+            await first.server.stop(0)  # the stream breaks with both batches unacknowledged
+            await until(streams[0].closed.done, "the broken stream")
+            await until(lambda: not reporter._unacked, "the unacknowledged batches put back")
+            await second.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
+            streams.append(ReportStream(second.stub, "n1"))  # the session's next controller
+            reporter.flush()
+            # both sent again, in the order first sent (the RUNNING ahead of the EXITED that followed it)
+            await until(lambda: len(received) == 2, "both batches at the second controller")
+            assert sorted(received[0]) == sorted([(running_only, t.STATE_RUNNING), (exits, t.STATE_RUNNING)])
+            assert received[1] == [(exits, t.STATE_EXITED)]
+            await until(lambda: second.orchestrator.cache is not None
+                        and second.orchestrator.cache.statuses[exits][0].state == t.STATE_EXITED, "EXITED there")
+            deadline = time.monotonic() + 20
+            while reporter._unacked:  # a heartbeat's answer acknowledges them once committed
+                assert time.monotonic() < deadline, "both batches acknowledged"
+                await streams[1].heartbeat(timeout=10)
+            status, _ = await second.store.get_status(exits)
+            assert (status.state, status.exit_code) == (t.STATE_EXITED, 3)  # never back to RUNNING
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for stream in streams:
+            await stream.close()
+
+
+def test_unacknowledged_batches_are_sent_again_after_a_broken_stream_in_order(
+        etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controller.dispatcher.ACK_DELAY", 3600 / 2.5)
+    asyncio.run(_resend(etcd_url, monkeypatch))
