@@ -35,6 +35,10 @@ MOVABLE_POLICIES = ("always", "on-failure", "unless-stopped")
 BATCH = 32  # containers per placement transaction: 2 operations each, under etcd's 128
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops; the controller's --max-txn-ops when etcd allows more
 SWEEP_GAP_S = 0.1
+# bytes of statuses in one group commit of reports: etcd refuses a request over its --max-request-bytes (1.5 MiB
+# by default) whole; REPORT_OVERHEAD_BYTES counts each put's key and its two compares
+REPORT_TXN_BYTES = 1 << 20
+REPORT_OVERHEAD_BYTES = 160
 
 
 def movable(spec: t.ContainerSpec) -> bool:
@@ -601,7 +605,8 @@ class Orchestrator:
                 if len(in_flight) >= 4:  # a few commits at once: etcd folds them into one disk write
                     _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                batch, self._reports = self._reports[:self.max_txn_ops], self._reports[self.max_txn_ops:]
+                cut = _reports_that_fit(self._reports, self.max_txn_ops)
+                batch, self._reports = self._reports[:cut], self._reports[cut:]
                 # issue 6: a report whose caller is gone (its agent's Reports stream ended) is not written: the
                 # agent sends it again, maybe to another controller, and a late write here could undo a newer one
                 batch = [report for report in batch if not report[4].cancelled()]
@@ -658,6 +663,19 @@ class Orchestrator:
             await self.remove(cid)
         except StoreError as exc:
             log.warning("removing %s (--rm): %s", cid[:12], exc)
+
+
+def _reports_that_fit(reports: list[tuple[str, t.ContainerStatus, int, int, asyncio.Future[None]]], most: int) -> int:
+    """How many of the queued reports go in the next group commit: at most `most` (etcd's --max-txn-ops), and
+    not more bytes than one etcd request takes (REPORT_TXN_BYTES, under its --max-request-bytes): a status with
+    a health check's log is up to ~20 KiB, and a transaction over the limit is refused whole (at least one goes,
+    whatever its size)."""
+    size = 0
+    for i, (cid, status, *_) in enumerate(reports[:most]):
+        size += status.ByteSize() + len(cid) + REPORT_OVERHEAD_BYTES
+        if size > REPORT_TXN_BYTES and i:
+            return i
+    return min(len(reports), most)
 
 
 def _stale(status: t.ContainerStatus, c: t.Container) -> bool:
