@@ -18,14 +18,6 @@ from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
 
 
-def assignment_of(c: t.Container) -> t.Assignment:
-    """The container's run as its own node must run it."""
-    return t.Assignment(
-        container_id=c.id, spec=c.spec, desired_state=c.desired_state, generation=c.generation,
-        stop_timeout_s=c.stop_timeout_s,
-    )
-
-
 def nodes_of(c: t.Container) -> tuple[str, ...]:
     """The nodes with an assignment of this container: its own node first, then those holding a stopped copy."""
     stale = tuple(n for n in c.stale_nodes if n and n != c.node_id)
@@ -34,24 +26,21 @@ def nodes_of(c: t.Container) -> tuple[str, ...]:
 
 def assignment_for(c: t.Container, node_id: str) -> t.Assignment | None:
     """The container's assignment on one node, None when the node has none of it."""
-    if not node_id:
-        return None
-    if node_id == c.node_id:
-        return assignment_of(c)
-    if node_id not in c.stale_nodes:
-        return None
-    a = assignment_of(c)
-    a.desired_state = t.DESIRED_STOPPED
-    a.generation = 0
-    return a
+    a = t.Assignment()
+    return a if _write(a, c, node_id) else None
 
 
 def fill(change: d.AssignmentChange, c: t.Container, node_id: str) -> bool:
     """Fill an AssignmentChange's assignment from the container (without building a second message); False when
     the node has none of it (the change is a removal)."""
+    return _write(change.assignment, c, node_id)
+
+
+def _write(a: t.Assignment, c: t.Container, node_id: str) -> bool:
+    """The one rule: the container's run on its own node, a stopped copy with generation 0 on a node it was
+    moved off; False (a left as it was) on any other node."""
     if not node_id or (node_id != c.node_id and node_id not in c.stale_nodes):
         return False
-    a = change.assignment
     a.container_id = c.id
     a.spec.CopyFrom(c.spec)
     a.stop_timeout_s = c.stop_timeout_s
