@@ -13,15 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aetcd
+import grpc.aio
 import pytest
 
+from berth import rpc
+from berth.api import control_pb2_grpc
+from berth.api import types_pb2 as t
 from berthctl.dev import etcd
+from controller.api import ControlAPI
 from controller.cache import ClusterCache
+from controller.metrics import ControllerMetrics
+from controller.orchestrator import Orchestrator
 from controller.store import PREFIX, Store
 from tests.conftest import SLOT
 from tests.support import etcd_keys, wait_for
 
-__all__ = ["HOST", "Controller", "cache_on", "etcd_keys", "store_on", "until", "wait_for", "wipe_etcd"]
+__all__ = ["HOST", "Controller", "api_on", "cache_on", "etcd_keys", "store_on", "until", "wait_for", "wipe_etcd"]
 
 HOST = f"127.0.{SLOT}.77"
 
@@ -75,6 +82,38 @@ async def cache_on(url: str) -> AsyncIterator[tuple[Store, ClusterCache, aetcd.C
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
+
+
+@asynccontextmanager
+async def api_on(url: str, memory_bytes: int = 1 << 30, nano_cpus: int = 10**9) -> AsyncIterator[
+        tuple[Store, ClusterCache, ControllerMetrics, grpc.aio.Channel]]:
+    """cache_on's store and cache, the Control API served over real gRPC as on the leader (Runs created placed in
+    groups, waiting on the cache), one host n1 of that capacity in etcd, alive under a lease, that no agent
+    serves (its containers are placed and wait for a report the test writes, or never comes), and a channel to
+    the server; everything stopped on the way out."""
+    async with cache_on(url) as (store, cache, _):
+        metrics = ControllerMetrics()
+        orchestrator = Orchestrator(store, metrics)
+        orchestrator.cache = cache
+        orchestrator.kick = asyncio.Event()
+        api = ControlAPI(store, orchestrator, metrics)
+        lease = await store.grant_lease(60)
+        try:
+            await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
+                                        capacity=t.Resources(memory_bytes=memory_bytes, nano_cpus=nano_cpus)))
+            await until(lambda: "n1" in cache.alive and "n1" in cache.nodes, "the host in the cache")
+            server = rpc.aio_server()
+            control_pb2_grpc.add_ControlServicer_to_server(api, server)
+            port = rpc.bind(server, f"{HOST}:0")
+            await server.start()
+            channel = rpc.aio_channel(f"{HOST}:{port}")
+            try:
+                yield store, cache, metrics, channel
+            finally:
+                await channel.close()
+                await server.stop(None)
+        finally:
+            await store.revoke_lease(lease)
 
 
 @dataclass(frozen=True)

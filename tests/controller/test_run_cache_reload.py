@@ -9,31 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
-from berth import rpc
 from berth.api import control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
-from controller.api import ControlAPI
-from controller.metrics import ControllerMetrics
-from controller.orchestrator import Orchestrator
-from tests.controller.conftest import HOST, cache_on, until
+from tests.controller.conftest import api_on, until
 
 
 async def _reloaded_while_waiting(url: str) -> None:
-    async with cache_on(url) as (store, cache, _):
-        metrics = ControllerMetrics()
-        orchestrator = Orchestrator(store, metrics)
-        orchestrator.cache = cache
-        orchestrator.kick = asyncio.Event()  # as on the leader: Runs created placed, waiting on the cache
-        api = ControlAPI(store, orchestrator, metrics)
-        lease = await store.grant_lease(60)
-        await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
-                                    capacity=t.Resources(memory_bytes=1 << 30, nano_cpus=10**9)))
-        await until(lambda: "n1" in cache.alive and "n1" in cache.nodes, "the host in the cache")
-        server = rpc.aio_server()
-        control_pb2_grpc.add_ControlServicer_to_server(api, server)
-        port = rpc.bind(server, f"{HOST}:0")
-        await server.start()
-        channel = rpc.aio_channel(f"{HOST}:{port}")
+    async with api_on(url) as (store, cache, _, channel):
         follower: asyncio.Task[None] | None = None
         try:
             call = control_pb2_grpc.ControlStub(channel).Run(
@@ -62,9 +44,6 @@ async def _reloaded_while_waiting(url: str) -> None:
             if follower is not None:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
-            await channel.close()
-            await server.stop(None)
-            await store.revoke_lease(lease)
 
 
 def test_a_run_waiting_when_the_cache_reloads_is_answered_when_its_container_runs(etcd_url: str) -> None:

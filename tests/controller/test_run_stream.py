@@ -11,13 +11,9 @@ import secrets
 import grpc
 import grpc.aio
 
-from berth import rpc
 from berth.api import control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
-from controller.api import ControlAPI
-from controller.metrics import ControllerMetrics
-from controller.orchestrator import Orchestrator
-from tests.controller.conftest import HOST, cache_on, until
+from tests.controller.conftest import api_on, until
 
 
 def _stream_tasks() -> list[asyncio.Task[object]]:
@@ -25,49 +21,30 @@ def _stream_tasks() -> list[asyncio.Task[object]]:
 
 
 async def _cancelled_mid_stream(url: str) -> None:
-    async with cache_on(url) as (store, cache, _):
-        metrics = ControllerMetrics()
-        orchestrator = Orchestrator(store, metrics)
-        orchestrator.cache = cache
-        orchestrator.kick = asyncio.Event()  # as on the leader: Run calls are admitted in groups
-        api = ControlAPI(store, orchestrator, metrics)
-        lease = await store.grant_lease(60)
-        await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
-                                    capacity=t.Resources(memory_bytes=1 << 40, nano_cpus=10**12)))
-        await until(lambda: "n1" in cache.alive and "n1" in cache.nodes, "the host in the cache")
-        server = rpc.aio_server()
-        control_pb2_grpc.add_ControlServicer_to_server(api, server)
-        port = rpc.bind(server, f"{HOST}:0")
-        await server.start()
-        channel = rpc.aio_channel(f"{HOST}:{port}")
-        try:
-            call = control_pb2_grpc.ControlStub(channel).RunStream()
-            for i in range(20):
-                await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(name=f"s{i}", image="busybox")))
-            await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(name="bad name", image="busybox")))
-            refused = await asyncio.wait_for(call.read(), 20)  # the others wait for their host: this comes first
-            assert isinstance(refused, control_pb2.RunStreamEvent)
-            assert refused.index == 20 and refused.WhichOneof("result") == "error"
-            assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-            assert refused.error.message.startswith("invalid name 'bad name'")
-            await until(lambda: sum(1 for v in cache.containers.values() if v.container.node_id == "n1") == 20,
-                        "each request's container placed")
-            await until(lambda: cache.waiters() == 20, "each request waiting for its host's report")
-            assert len(_stream_tasks()) == 21  # one per request and the stream's reader
-            assert metrics.registry.get_sample_value("berth_run_stream_requests") == 20
-            assert metrics.registry.get_sample_value("berth_run_waiters") == 20
+    async with api_on(url, memory_bytes=1 << 40, nano_cpus=10**12) as (store, cache, metrics, channel):
+        call = control_pb2_grpc.ControlStub(channel).RunStream()
+        for i in range(20):
+            await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(name=f"s{i}", image="busybox")))
+        await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(name="bad name", image="busybox")))
+        refused = await asyncio.wait_for(call.read(), 20)  # the others wait for their host: this comes first
+        assert isinstance(refused, control_pb2.RunStreamEvent)
+        assert refused.index == 20 and refused.WhichOneof("result") == "error"
+        assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert refused.error.message.startswith("invalid name 'bad name'")
+        await until(lambda: sum(1 for v in cache.containers.values() if v.container.node_id == "n1") == 20,
+                    "each request's container placed")
+        await until(lambda: cache.waiters() == 20, "each request waiting for its host's report")
+        assert len(_stream_tasks()) == 21  # one per request and the stream's reader
+        assert metrics.registry.get_sample_value("berth_run_stream_requests") == 20
+        assert metrics.registry.get_sample_value("berth_run_waiters") == 20
 
-            call.cancel()  # the caller goes away
-            await until(lambda: cache.waiters() == 0, "the requests' status waiters to be closed")
-            await until(lambda: not _stream_tasks(), "the stream's tasks to end")
-            assert metrics.registry.get_sample_value("berth_run_stream_requests") == 0
-            stored = await store.list_containers()
-            assert sorted(v.container.spec.name for v in stored) == sorted(f"s{i}" for i in range(20))
-            assert all(v.container.node_id == "n1" for v in stored)
-        finally:
-            await channel.close()
-            await server.stop(None)
-            await store.revoke_lease(lease)
+        call.cancel()  # the caller goes away
+        await until(lambda: cache.waiters() == 0, "the requests' status waiters to be closed")
+        await until(lambda: not _stream_tasks(), "the stream's tasks to end")
+        assert metrics.registry.get_sample_value("berth_run_stream_requests") == 0
+        stored = await store.list_containers()
+        assert sorted(v.container.spec.name for v in stored) == sorted(f"s{i}" for i in range(20))
+        assert all(v.container.node_id == "n1" for v in stored)
 
 
 def test_a_caller_gone_mid_stream_leaves_no_waiter_or_task(etcd_url: str) -> None:
@@ -77,49 +54,30 @@ def test_a_caller_gone_mid_stream_leaves_no_waiter_or_task(etcd_url: str) -> Non
 async def _in_order_of_decision(url: str) -> None:
     """Requests on one stream are served at once: one waiting for its host does not hold up the next one's
     reply (here a container no host fits, answered pending), and the stream ends once each is answered."""
-    async with cache_on(url) as (store, cache, _):
-        metrics = ControllerMetrics()
-        orchestrator = Orchestrator(store, metrics)
-        orchestrator.cache = cache
-        orchestrator.kick = asyncio.Event()
-        api = ControlAPI(store, orchestrator, metrics)
-        lease = await store.grant_lease(60)
-        await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
-                                    capacity=t.Resources(memory_bytes=1 << 30, nano_cpus=10**9)))
-        await until(lambda: "n1" in cache.alive, "the host in the cache")
-        server = rpc.aio_server()
-        control_pb2_grpc.add_ControlServicer_to_server(api, server)
-        port = rpc.bind(server, f"{HOST}:0")
-        await server.start()
-        channel = rpc.aio_channel(f"{HOST}:{port}")
+    async with api_on(url) as (store, cache, _, channel):
         waiting = f"w{secrets.token_hex(3)}"
-        try:
-            call = control_pb2_grpc.ControlStub(channel).RunStream()
-            await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(name=waiting, image="busybox")))
-            await until(lambda: cache.waiters() == 1, "the first request waiting for its host")
-            await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(
-                name="huge", image="busybox", memory_bytes=1 << 40)))
-            await call.done_writing()
-            reply = await asyncio.wait_for(call.read(), 20)
-            assert isinstance(reply, control_pb2.RunStreamEvent)
-            assert reply.index == 1 and reply.started.spec.name == "huge"
-            assert reply.started.status.state == t.STATE_PENDING
-            assert "insufficient memory" in reply.started.pending_reason
-            # the first is answered once its host reports it running; then the stream ends
-            placed = (await store.get_container(await store.resolve(waiting))).container
-            assert await store.put_status(placed.id, t.ContainerStatus(state=t.STATE_RUNNING, generation=1),
-                                          (await store.get_container(placed.id)).mod_revision,
-                                          (await store.held_status(placed.id))[1])
-            reply = await asyncio.wait_for(call.read(), 20)
-            assert isinstance(reply, control_pb2.RunStreamEvent)
-            assert (reply.index, reply.started.spec.name, reply.started.status.state) == (0, waiting, t.STATE_RUNNING)
-            assert await asyncio.wait_for(call.read(), 20) is grpc.aio.EOF
-            assert await call.code() == grpc.StatusCode.OK
-            assert cache.waiters() == 0
-        finally:
-            await channel.close()
-            await server.stop(None)
-            await store.revoke_lease(lease)
+        call = control_pb2_grpc.ControlStub(channel).RunStream()
+        await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(name=waiting, image="busybox")))
+        await until(lambda: cache.waiters() == 1, "the first request waiting for its host")
+        await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(
+            name="huge", image="busybox", memory_bytes=1 << 40)))
+        await call.done_writing()
+        reply = await asyncio.wait_for(call.read(), 20)
+        assert isinstance(reply, control_pb2.RunStreamEvent)
+        assert reply.index == 1 and reply.started.spec.name == "huge"
+        assert reply.started.status.state == t.STATE_PENDING
+        assert "insufficient memory" in reply.started.pending_reason
+        # the first is answered once its host reports it running; then the stream ends
+        placed = (await store.get_container(await store.resolve(waiting))).container
+        assert await store.put_status(placed.id, t.ContainerStatus(state=t.STATE_RUNNING, generation=1),
+                                      (await store.get_container(placed.id)).mod_revision,
+                                      (await store.held_status(placed.id))[1])
+        reply = await asyncio.wait_for(call.read(), 20)
+        assert isinstance(reply, control_pb2.RunStreamEvent)
+        assert (reply.index, reply.started.spec.name, reply.started.status.state) == (0, waiting, t.STATE_RUNNING)
+        assert await asyncio.wait_for(call.read(), 20) is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+        assert cache.waiters() == 0
 
 
 def test_requests_are_answered_as_they_are_decided(etcd_url: str) -> None:
