@@ -17,18 +17,22 @@ import grpc.aio
 import pytest
 
 from berth import rpc
-from berth.api import control_pb2_grpc
+from berth.api import control_pb2_grpc, dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
 from berthctl.dev import etcd
 from controller.api import ControlAPI
 from controller.cache import ClusterCache
+from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import PREFIX, Store
 from tests.conftest import SLOT
 from tests.support import etcd_keys, wait_for
 
-__all__ = ["HOST", "Controller", "api_on", "cache_on", "etcd_keys", "store_on", "until", "wait_for", "wipe_etcd"]
+__all__ = [
+    "HOST", "Controller", "api_on", "cache_on", "dispatcher_on", "etcd_keys", "served", "store_on", "until", "wait_for",
+    "wipe_etcd",
+]
 
 HOST = f"127.0.{SLOT}.77"
 
@@ -102,18 +106,38 @@ async def api_on(url: str, memory_bytes: int = 1 << 30, nano_cpus: int = 10**9) 
             await store.put_node(t.Node(id="n1", name="n1", lease_id=lease,
                                         capacity=t.Resources(memory_bytes=memory_bytes, nano_cpus=nano_cpus)))
             await until(lambda: "n1" in cache.alive and "n1" in cache.nodes, "the host in the cache")
-            server = rpc.aio_server()
-            control_pb2_grpc.add_ControlServicer_to_server(api, server)
-            port = rpc.bind(server, f"{HOST}:0")
-            await server.start()
-            channel = rpc.aio_channel(f"{HOST}:{port}")
-            try:
-                yield store, cache, metrics, channel
-            finally:
-                await channel.close()
-                await server.stop(None)
+            async with served(lambda server: control_pb2_grpc.add_ControlServicer_to_server(api, server)) as (_, ch):
+                yield store, cache, metrics, ch
         finally:
             await store.revoke_lease(lease)
+
+
+@asynccontextmanager
+async def served(add: Callable[[grpc.aio.Server], None]) -> AsyncIterator[tuple[grpc.aio.Server, grpc.aio.Channel]]:
+    """A gRPC server on loopback serving what `add` puts on it, started, and a channel to it; both stopped on the
+    way out."""
+    server = rpc.aio_server()
+    add(server)
+    port = rpc.bind(server, f"{HOST}:0")
+    await server.start()
+    channel = rpc.aio_channel(f"{HOST}:{port}")
+    try:
+        yield server, channel
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+@asynccontextmanager
+async def dispatcher_on(
+    store: Store, orchestrator: Orchestrator, metrics: ControllerMetrics | None = None, lease_ttl_s: int = 5,
+) -> AsyncIterator[tuple[grpc.aio.Server, dispatcher_pb2_grpc.DispatcherStub]]:
+    """A controller's Dispatcher over the store and orchestrator (with the orchestrator's cache, if it has one),
+    served (above), and a stub to it."""
+    dispatcher = Dispatcher(store, orchestrator, ControllerMetrics() if metrics is None else metrics, lease_ttl_s)
+    async with served(lambda server: dispatcher_pb2_grpc.add_DispatcherServicer_to_server(dispatcher, server)) as (
+            server, channel):
+        yield server, dispatcher_pb2_grpc.DispatcherStub(channel)
 
 
 @dataclass(frozen=True)

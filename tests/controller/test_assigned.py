@@ -7,20 +7,18 @@ container runs again with its new generation; keys an older controller wrote are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 
 import grpc.aio
 
-from berth import rpc
 from berth.api import dispatcher_pb2 as d
-from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
-from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import ASSIGNMENTS, Store, Versioned, assignment_key
-from tests.controller.conftest import HOST, cache_on, store_on
+from controller.store import ASSIGNMENTS, Versioned, assignment_key
+from tests.controller.conftest import cache_on, dispatcher_on, store_on
 
 Held = dict[str, tuple[int, int]]  # container id -> (desired state, generation) as an agent holds them
 
@@ -52,15 +50,6 @@ async def _until_held(stream: AsyncIterator[d.AssignmentsMessage], held: Held, w
     return revision
 
 
-async def _serve(store: Store, orchestrator: Orchestrator) -> tuple[grpc.aio.Server, int]:
-    server = rpc.aio_server()
-    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(
-        Dispatcher(store, orchestrator, ControllerMetrics(), 5), server)
-    port = rpc.bind(server, f"{HOST}:0")
-    await server.start()
-    return server, port
-
-
 def _container(node_id: str) -> t.Container:
     cid = secrets.token_hex(32)
     return t.Container(id=cid, spec=t.ContainerSpec(name=f"c{cid[:8]}", image="busybox", restart_policy="always"),
@@ -68,12 +57,11 @@ def _container(node_id: str) -> t.Container:
 
 
 async def _reconnects(url: str) -> None:
-    async with cache_on(url) as (store, cache, _):
+    async with cache_on(url) as (store, cache, _), contextlib.AsyncExitStack() as servers:
         cached = Orchestrator(store, ControllerMetrics())
         cached.cache = cache
-        servers = [await _serve(store, cached), await _serve(store, Orchestrator(store, ControllerMetrics()))]
-        channels = [rpc.aio_channel(f"{HOST}:{port}") for _, port in servers]
-        stubs = [dispatcher_pb2_grpc.DispatcherStub(ch) for ch in channels]
+        stubs = [(await servers.enter_async_context(dispatcher_on(store, orchestrator)))[1]
+                 for orchestrator in (cached, Orchestrator(store, ControllerMetrics()))]
         calls: list[grpc.aio.UnaryStreamCall[d.AssignmentsRequest, d.AssignmentsMessage]] = []
         try:
             move, gone, stay = (_container("n1") for _ in range(3))
@@ -129,10 +117,6 @@ async def _reconnects(url: str) -> None:
         finally:
             for call in calls:
                 call.cancel()
-            for ch in channels:
-                await ch.close()
-            for server, _ in servers:
-                await server.stop(0)
 
 
 def test_an_agent_reconnecting_after_its_containers_moved_or_went_gets_the_right_set(etcd_url: str) -> None:

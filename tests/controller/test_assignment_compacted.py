@@ -12,14 +12,11 @@ import grpc
 import grpc.aio
 import pytest
 
-from berth import rpc
 from berth.api import dispatcher_pb2 as d
-from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
-from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from tests.controller.conftest import HOST, store_on
+from tests.controller.conftest import dispatcher_on, store_on
 
 
 def _on(node_id: str) -> t.Container:
@@ -29,35 +26,25 @@ def _on(node_id: str) -> t.Container:
 
 
 async def _resume_compacted(url: str) -> None:
-    async with store_on(url) as (store, client):
-        server = rpc.aio_server()
-        dispatcher_pb2_grpc.add_DispatcherServicer_to_server(
-            Dispatcher(store, Orchestrator(store, ControllerMetrics()), ControllerMetrics(), 5), server)
-        port = rpc.bind(server, f"{HOST}:0")
-        await server.start()
-        channel = rpc.aio_channel(f"{HOST}:{port}")
-        try:
-            stub = dispatcher_pb2_grpc.DispatcherStub(channel)
-            first = _on("n1")
-            await store.create_container(first)
-            taken = await store.revision()  # the revision the agent took before it went away
-            later = _on("n1")
-            await store.create_container(later)  # placed on its node while it was away
-            await store.create_container(_on("n2"))  # and more, so that the compaction passes the resume point
-            assert await store.revision() > taken + 1
-            await client.compact(await store.revision())
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                async with asyncio.timeout(20):
-                    async for msg in stub.Assignments(d.AssignmentsRequest(node_id="n1", after_revision=taken)):
-                        raise AssertionError(f"resumed past a compacted revision: {msg}")
-            assert err.value.code() == grpc.StatusCode.ABORTED, err.value
+    async with store_on(url) as (store, client), dispatcher_on(store, Orchestrator(store, ControllerMetrics())) as (
+            _, stub):
+        first = _on("n1")
+        await store.create_container(first)
+        taken = await store.revision()  # the revision the agent took before it went away
+        later = _on("n1")
+        await store.create_container(later)  # placed on its node while it was away
+        await store.create_container(_on("n2"))  # and more, so that the compaction passes the resume point
+        assert await store.revision() > taken + 1
+        await client.compact(await store.revision())
+        with pytest.raises(grpc.aio.AioRpcError) as err:
             async with asyncio.timeout(20):
-                msg = await anext(aiter(stub.Assignments(d.AssignmentsRequest(node_id="n1"))))
-            assert msg.kind == d.AssignmentsMessage.COMPLETE
-            assert {c.container_id for c in msg.changes} == {first.id, later.id}
-        finally:
-            await channel.close()
-            await server.stop(0)
+                async for msg in stub.Assignments(d.AssignmentsRequest(node_id="n1", after_revision=taken)):
+                    raise AssertionError(f"resumed past a compacted revision: {msg}")
+        assert err.value.code() == grpc.StatusCode.ABORTED, err.value
+        async with asyncio.timeout(20):
+            msg = await anext(aiter(stub.Assignments(d.AssignmentsRequest(node_id="n1"))))
+        assert msg.kind == d.AssignmentsMessage.COMPLETE
+        assert {c.container_id for c in msg.changes} == {first.id, later.id}
 
 
 def test_resuming_from_a_compacted_revision_without_a_cache_starts_over_with_the_complete_set(

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import asyncio
 
-import aetcd
 import pytest
 
-from berth import rpc
 from berth.api import dispatcher_pb2 as d
-from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
 from controller import dispatcher as dispatcher_module
 from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import PREFIX, Store, container_key
-from tests.controller.conftest import HOST, cache_on, until
+from controller.store import container_key
+from tests.controller.conftest import cache_on, dispatcher_on, store_on, until
 
 
 def _placed(cid: str, node_id: str = "n1") -> bytes:
@@ -68,19 +65,8 @@ def test_a_stream_resumed_after_a_message_cut_inside_a_revision_gets_the_rest(et
 
 async def _resume_mid_revision_from_etcd(url: str) -> None:
     """The same without a cluster cache (the stream follows an etcd watch of its own, a message a change)."""
-    store = Store(url)
-    await store.connect()
-    server = rpc.aio_server()
-    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(
-        Dispatcher(store, Orchestrator(store, ControllerMetrics()), ControllerMetrics(), 5), server)
-    port = rpc.bind(server, f"{HOST}:0")
-    await server.start()
-    channel = rpc.aio_channel(f"{HOST}:{port}")
-    stub = dispatcher_pb2_grpc.DispatcherStub(channel)
-    host, etcd_port = url.split("//", 1)[1].rsplit(":", 1)
-    client = aetcd.Client(host=host, port=int(etcd_port))
-    await client.connect()
-    try:
+    async with store_on(url) as (store, client), dispatcher_on(store, Orchestrator(store, ControllerMetrics())) as (
+            _, stub):
         start = await store.revision()
         call = stub.Assignments(d.AssignmentsRequest(node_id="n1", after_revision=start))
         cids = ["c0", "c1", "c2"]
@@ -103,12 +89,6 @@ async def _resume_mid_revision_from_etcd(url: str) -> None:
                                  "that did not hold all of it") from None
         finally:
             resumed.cancel()
-    finally:
-        await client.delete_prefix(PREFIX)
-        await client.close()
-        await channel.close()
-        await server.stop(0)
-        await store.close()
 
 
 def test_a_stream_from_etcd_resumed_inside_a_revision_gets_the_rest(etcd_url: str) -> None:

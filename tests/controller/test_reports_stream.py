@@ -19,7 +19,6 @@ import pytest
 
 from agent.reports import ReportStream
 from agent.worker import Reporter
-from berth import rpc
 from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 from berth.api import types_pb2 as t
@@ -27,7 +26,7 @@ from controller.dispatcher import Dispatcher
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import Store
-from tests.controller.conftest import HOST, cache_on, until
+from tests.controller.conftest import cache_on, dispatcher_on, until
 
 
 @dataclass
@@ -45,17 +44,8 @@ async def _controller(url: str) -> AsyncIterator[Serving]:
     async with cache_on(url) as (store, cache, _):
         orchestrator = Orchestrator(store, ControllerMetrics())
         orchestrator.cache = cache
-        server = rpc.aio_server()
-        dispatcher_pb2_grpc.add_DispatcherServicer_to_server(Dispatcher(store, orchestrator, ControllerMetrics(), 10),
-                                                             server)
-        port = rpc.bind(server, f"{HOST}:0")
-        await server.start()
-        channel = rpc.aio_channel(f"{HOST}:{port}")
-        try:
-            yield Serving(store, orchestrator, server, dispatcher_pb2_grpc.DispatcherStub(channel))
-        finally:
-            await channel.close()
-            await server.stop(0)
+        async with dispatcher_on(store, orchestrator, lease_ttl_s=10) as (server, stub):
+            yield Serving(store, orchestrator, server, stub)
 
 
 async def _container(serving: Serving) -> str:
