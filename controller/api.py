@@ -72,7 +72,10 @@ class StatusTracker:
         return cls(await store.open_status_watch(cid), cid, None)
 
     @classmethod
-    def after(cls, store: Store, cid: str, revision: int, current: t.ContainerStatus) -> StatusTracker:
+    async def from_now(cls, store: Store, cid: str) -> StatusTracker:
+        """A tracker holding the status as it is now and following every change after it (read at one
+        revision: nothing in between is missed)."""
+        current, revision = await store.get_status(cid)
         return cls(store.watch_status(cid, revision), cid, current)
 
     async def _follow(self, events: AsyncIterator[StatusEvent]) -> None:
@@ -304,8 +307,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
     async def _wait(self, cid: str, generation: int, states: Iterable[int], timeout_s: float) -> t.ContainerStatus:
         """Wait until the container's status for this generation is in one of the states. Raises NotFound
         when the container is removed first, TimeoutError after timeout_s."""
-        status, revision = await self.store.get_status(cid)
-        tracker = StatusTracker.after(self.store, cid, revision, status)
+        tracker = await StatusTracker.from_now(self.store, cid)
         try:
             return await tracker.wait(generation, states, timeout_s)
         finally:
@@ -452,8 +454,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                     # The cache's watch failed (it drops its copy and loads it again, failing its waiters): the
                     # container was created and may run; follow its status on etcd instead of failing the call.
                     tracker.close()
-                    current, revision = await self.store.get_status(c.id)
-                    tracker = StatusTracker.after(self.store, c.id, revision, current)
+                    tracker = await StatusTracker.from_now(self.store, c.id)
                     if attached is not None:
                         attached = attached._replace(tracker=tracker)
                     status = await tracker.wait(1, begun, timeout_s=3600)
