@@ -9,6 +9,7 @@ import os
 import platform
 import signal
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,8 @@ async def serve(args: argparse.Namespace) -> None:
         capacity=t.Resources(memory_bytes=memory, nano_cpus=cpus), platform=platform_name(),
     )
     fingerprint.fill(join)  # issue 6: capacity, platform, kernel, host name, labels
-    async def on_peers(msg: d.PeersMessage) -> None:
-        await network.set_peers([Peer(p.address, p.subnet) for p in msg.peers])
+    async def on_peers(peers: Collection[d.NetworkPeer]) -> None:
+        await network.set_peers([Peer(p.address, p.subnet) for p in peers])
 
     async def on_names(msg: d.NamesMessage) -> None:
         dns.apply(names, msg)

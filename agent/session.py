@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection
 from typing import TypeVar
 
 import grpc
@@ -36,11 +36,11 @@ class Session:
         self, controllers: list[str], join: d.JoinRequest, worker: Worker, reporter: Reporter,
         metrics: AgentMetrics,
         on_join: Callable[[d.JoinResponse], Awaitable[None]] | None = None,
-        on_peers: Callable[[d.PeersMessage], Awaitable[None]] | None = None,
+        on_peers: Callable[[Collection[d.NetworkPeer]], Awaitable[None]] | None = None,
         on_names: Callable[[d.NamesMessage], Awaitable[None]] | None = None,
     ) -> None:
         self.on_names = on_names  # issue 5 (names): the containers' DNS records, from the Names stream
-        self.on_peers = on_peers  # issue 5: the overlay's peers, from the controller's Peers stream
+        self.on_peers = on_peers  # issue 5: the overlay's whole peer set, kept from the controller's Peers stream
         self.on_join = on_join  # issue 5: set up the host's container network before any assignment
         if not controllers:
             raise ValueError("no controller address given")
@@ -139,9 +139,21 @@ class Session:
                                               timeout=10)
 
     async def _peers(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub) -> None:
-        """issue 5: follow the Peers stream for the session's life (an older controller: no overlay)."""
-        assert self.on_peers is not None
-        await _follow(lambda: stub.Peers(d.PeersRequest(node_id=self.node_id)), self.on_peers, "peers",
+        """issue 5: follow the Peers stream for the session's life (an older controller: no overlay). issue 6:
+        the stream sends the changes after its first (whole) set; on_peers gets the whole set kept here."""
+        on_peers = self.on_peers
+        assert on_peers is not None
+        known: dict[str, d.NetworkPeer] = {}
+
+        async def apply(msg: d.PeersMessage) -> None:
+            if not msg.delta:  # a whole set: every (re)connection's first, and all from an older controller
+                known.clear()
+            for node_id in msg.removed:
+                known.pop(node_id, None)
+            known.update((p.node_id, p) for p in msg.peers)
+            await on_peers(known.values())
+
+        await _follow(lambda: stub.Peers(d.PeersRequest(node_id=self.node_id, deltas=True)), apply, "peers",
                       "applying the overlay's peers")
 
     async def _names(self, stub: dispatcher_pb2_grpc.DispatcherAsyncStub) -> None:

@@ -286,7 +286,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
     async def Peers(self, request: d.PeersRequest, context: grpc.aio.ServicerContext[d.PeersRequest, d.PeersMessage]) -> AsyncIterator[d.PeersMessage]:  # noqa: E501
         """issue 5: the overlay's peers for an agent (controller.peer_feed, issue 6: from the cache)."""
         try:
-            async for msg in self.peer_feed.subscribe():  # issue 6: from the cache, one etcd watch for all
+            async for msg in self.peer_feed.subscribe(request.deltas):  # issue 6: from the cache, one watch for all
                 yield msg
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

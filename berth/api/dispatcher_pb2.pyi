@@ -310,15 +310,21 @@ class PeersRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_ID_FIELD_NUMBER: _builtins.int
+    DELTAS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    deltas: _builtins.bool
+    """issue 6 (lead): the agent applies deltas: after the first message (the whole set) each message carries
+    only what changed. Agents that do not ask get the whole set every time.
+    """
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
+        deltas: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,21 +332,31 @@ Global___PeersRequest: _TypeAlias = PeersRequest  # noqa: Y015
 
 @_typing.final
 class PeersMessage(_message.Message):
-    """issue 5: the whole set; anything not in it is no longer a peer."""
+    """issue 5: the whole set; anything not in it is no longer a peer.
+    issue 6 (lead): with `delta`, `peers` are the peers added or changed and `removed` the node ids no longer
+    peers; everything else is as in the set the agent holds.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PEERS_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    delta: _builtins.bool
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___NetworkPeer]: ...
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         peers: _abc.Iterable[Global___NetworkPeer] | None = ...,
+        delta: _builtins.bool = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "peers", b"peers", "removed", b"removed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,8 +6,10 @@ reads etcd."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -93,3 +95,78 @@ async def _feed(url: str) -> None:
 
 def test_peer_sets_from_the_cache(etcd_url: str) -> None:
     asyncio.run(_feed(etcd_url))
+
+
+def apply(held: dict[str, tuple[str, str]], msg: d.PeersMessage) -> dict[str, tuple[str, str]]:
+    """What an agent holds after a message (agent.session's rule)."""
+    out = dict(held) if msg.delta else {}
+    for node_id in msg.removed:
+        out.pop(node_id, None)
+    out.update((p.node_id, (p.address, p.subnet)) for p in msg.peers)
+    return out
+
+
+async def _deltas(url: str) -> None:
+    store = Store(url)
+    await store.connect()
+    cache = ClusterCache(store)
+    await store.put_node(node("h1", "192.0.2.1", "10.88.1.0/24"))
+    follower = asyncio.create_task(cache.run())
+    streams = []
+    try:
+        await asyncio.wait_for(cache.wait_ready(), 10)
+        feed = PeerFeed(store, lambda: cache)
+        fast, slow, whole = feed.subscribe(deltas=True), feed.subscribe(deltas=True), feed.subscribe()
+        streams = [fast, slow, whole]
+        held = {}
+        for s in streams:
+            first = await asyncio.wait_for(anext(s), 10)
+            assert not first.delta and peer_set(first) == [("h1", "192.0.2.1", "10.88.1.0/24")]
+            held[s] = apply({}, first)
+
+        async def step(s: AsyncIterator[d.PeersMessage]) -> d.PeersMessage:
+            msg = await asyncio.wait_for(anext(s), 10)
+            held[s] = apply(held[s], msg)
+            return msg
+
+        # A host joins: the delta streams get that host alone, the other the whole set.
+        await store.put_node(node("h2", "192.0.2.2", "10.88.2.0/24"))
+        msg = await step(fast)
+        assert msg.delta and peer_set(msg) == [("h2", "192.0.2.2", "10.88.2.0/24")] and not msg.removed
+        msg = await step(whole)
+        assert not msg.delta and len(msg.peers) == 2
+        # It moves, then another host leaves: one change each.
+        await store.put_node(node("h2", "192.0.2.22", "10.88.2.0/24"))
+        msg = await step(fast)
+        assert msg.delta and peer_set(msg) == [("h2", "192.0.2.22", "10.88.2.0/24")]
+        await store.delete_node("h1")
+        msg = await step(fast)
+        assert msg.delta and not msg.peers and list(msg.removed) == ["h1"]
+        await step(whole)
+        # The stream that read nothing meanwhile gets every change it missed in one delta.
+        msg = await step(slow)
+        assert msg.delta and peer_set(msg) == [("h2", "192.0.2.22", "10.88.2.0/24")] and list(msg.removed) == ["h1"]
+        want = {"h2": ("192.0.2.22", "10.88.2.0/24")}
+        assert held[fast] == held[slow] == held[whole] == want
+
+        # A stream further behind than the feed remembers gets the whole set again.
+        assert feed._shared is not None
+        feed._shared.history = collections.deque(feed._shared.history, maxlen=2)
+        for i in range(3, 6):
+            await store.put_node(node(f"h{i}", f"192.0.2.{i}", f"10.88.{i}.0/24"))
+            await step(fast)
+        msg = await step(slow)
+        assert not msg.delta and len(msg.peers) == 4
+        want |= {f"h{i}": (f"192.0.2.{i}", f"10.88.{i}.0/24") for i in range(3, 6)}
+        assert held[fast] == held[slow] == want
+    finally:
+        for s in streams:
+            await s.aclose()
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await wipe_etcd(url)
+        await store.close()
+
+
+def test_agents_that_ask_get_the_changes_after_the_first_set(etcd_url: str) -> None:
+    asyncio.run(_deltas(etcd_url))
