@@ -7,6 +7,7 @@ Disruptive: never the session cluster. The tests run in file order and share the
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -161,3 +162,50 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def etcd_prefix(info: ClusterInfo, prefix: str) -> dict[str, str]:
+    """Every key under prefix and its value (protobuf values decoded loosely: enough to find an id in)."""
+    out = json.loads(subprocess.run(
+        ["etcdctl", f"--endpoints={info.etcd}", "get", "--prefix", "-w", "json", prefix],
+        capture_output=True, text=True, check=True, env={**os.environ, "ETCDCTL_API": "3"},
+    ).stdout)
+    return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode(errors="replace")
+            for kv in out.get("kvs", [])}
+
+
+def test_node_rm_refuses_a_live_host_and_removes_a_dead_one(ha: ClusterInfo) -> None:
+    """Last in the file: host3 is gone afterwards."""
+    wait_for(lambda: all(n["state"] == "ready" for n in nodes(ha).values()), 90, "all hosts ready")
+    out = ctl(ha, "node", "rm", "host3")
+    assert out.returncode != 0 and "is up: drain it and stop its agent first, or use --force" in out.stderr
+    assert "host3" in nodes(ha)
+    out = ctl(ha, "node", "rm", "no-such-host")
+    assert out.returncode != 0 and "no-such-host" in out.stderr
+    ok(ha, "run", "-d", "--name", "left", "--constraint", "node.name==host3", "busybox", "sleep", "3600")
+    assert running_on(ha, "left", "host3")
+    host3 = nodes(ha)["host3"]
+    subnets = {k: v for k, v in etcd_prefix(ha, "/berth/subnets/").items() if v == host3["id"]}
+    assert len(subnets) == 1, "host3's container subnet claim"
+
+    agent = ha.process("agent-host3")
+    assert agent is not None
+    os.kill(agent.pid, signal.SIGKILL)
+    wait_for(lambda: nodes(ha)["host3"]["state"] == "down", 60, "host3 down")
+    ok(ha, "node", "rm", "host3")
+    assert "host3" not in nodes(ha)
+    out = ctl(ha, "node", "inspect", "host3")
+    assert out.returncode != 0 and "host3" in out.stderr
+    # Its container is shown lost (not running for ever); the subnet stays marked as a removed node's while
+    # the container holds an address in it (a new host gets it once nothing names host3: controller.network);
+    # nothing else of the host or the container stays in etcd.
+    assert containers(ha)["left"]["state"] == "lost"
+    (key,) = subnets
+    assert etcd_prefix(ha, key)[key] == "removed/" + host3["id"]
+    ok(ha, "rm", "-f", "left")
+    assert "left" not in containers(ha)
+    assert [k for k, v in etcd_prefix(ha, "/berth/").items() if host3["id"] in k + v] == [key]
+    # The other hosts carry on.
+    ok(ha, "run", "-d", "--name", "after-rm", "busybox", "sleep", "3600")
+    assert running_on(ha, "after-rm")["node"] in ("host1", "host2")  # type: ignore[index]
+    ok(ha, "rm", "-f", "after-rm")
