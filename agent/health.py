@@ -8,7 +8,8 @@ its probe. The probe's results are reported as the last status sent with a new `
 
 A check is one more process in the container: the exec helper (agent.runtime.exec, a short-lived process
 that joins the container's namespaces and cgroup), with the container's user, environment and working
-directory, its output captured (4 KiB kept) and killed when it runs past the timeout. Health is not kept
+directory, its output captured (4 KiB kept) and killed when it runs past the timeout. A container that gives
+no check runs its image's HEALTHCHECK (`["NONE"]`, from `--no-healthcheck`, runs none). Health is not kept
 across an agent restart: an adopted container starts again from `starting` (Docker keeps it).
 """
 
@@ -21,22 +22,37 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
+from agent.images.store import ImageConfig
 from agent.runtime.exec import ExecError
 from agent.runtime.linux import LinuxExecutor
-from agent.worker import Reporter
+from agent.worker import Images, Reporter
 from berth import healthcheck
 from berth.api import types_pb2 as t
 
 log = logging.getLogger(__name__)
 
 
+def image_check(config: ImageConfig) -> t.HealthCheck:
+    """An image's HEALTHCHECK as a container's check (none: an empty one); one berth cannot run (a Test that
+    is not CMD, CMD-SHELL or NONE) is left out, with a warning, as if the image had none."""
+    check = t.HealthCheck(test=config.health_test, interval_s=config.health_interval_s,
+                          timeout_s=config.health_timeout_s, retries=config.health_retries,
+                          start_period_s=config.health_start_period_s)
+    problem = healthcheck.validate(check) if check.test else None
+    if problem is not None:
+        log.warning("the image's HEALTHCHECK %s is not run: %s", list(config.health_test), problem)
+        return t.HealthCheck()
+    return check
+
+
 class HealthReporter(Reporter):
     """A Reporter that also runs health checks; with no executor (hollow agents) it is a plain Reporter."""
 
     def __init__(self, executor: LinuxExecutor | None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, images: Images | None = None) -> None:
         super().__init__()
         self.executor = executor
+        self.images = images  # the host's images: a container that gives no check runs its image's HEALTHCHECK
         self.assignments: Mapping[str, t.Assignment] = {}  # the worker's, set once it exists
         self._sleep = sleep
         self._probes: dict[str, tuple[int, asyncio.Task[None]]] = {}  # cid -> (started_at_ns, probe)
@@ -62,10 +78,17 @@ class HealthReporter(Reporter):
         super().forget(cid)
 
     def _check(self, cid: str) -> t.HealthCheck | None:
+        """The container's check: its own, else its image's (Docker's HEALTHCHECK; `--no-healthcheck` gives
+        ["NONE"], which turns the image's off); None when it has none."""
         a = self.assignments.get(cid)
-        if self.executor is None or a is None or not healthcheck.enabled(a.spec.healthcheck):
+        if self.executor is None or a is None:
             return None
-        return a.spec.healthcheck
+        check = a.spec.healthcheck
+        if not check.test and self.images is not None:
+            image = self.images.get(a.spec.image)
+            if image is not None:
+                check = image_check(image.config)
+        return check if healthcheck.enabled(check) else None
 
     def _stop(self, cid: str) -> None:
         probe = self._probes.pop(cid, None)

@@ -111,7 +111,7 @@ async def serve(args: argparse.Namespace) -> None:
         executor = LinuxExecutor(state_dir, args.cgroup_parent, allow_privileged=args.allow_privileged)
     metrics = AgentMetrics()
     # issue 6: the reporter also runs health checks (not on hollow agents, which start nothing)
-    reporter = HealthReporter(executor if isinstance(executor, LinuxExecutor) else None)
+    reporter = HealthReporter(executor if isinstance(executor, LinuxExecutor) else None, images=images)
     network = HostNetwork(state_dir)
     worker = Worker(executor, images, reporter, metrics, state_dir, network=network)
     reporter.assignments = worker.assignments

@@ -34,8 +34,8 @@ def fill_spec(args: argparse.Namespace, spec: types_pb2.ContainerSpec) -> None:
     if args.no_healthcheck:
         if given:
             raise CLIError("--no-healthcheck conflicts with the other --health-* flags; give one or the other")
-        spec.ClearField("healthcheck")
-        hc.test.append("NONE")
+        spec.ClearField("healthcheck")  # detaches hc: the NONE goes into the spec's new (empty) check
+        spec.healthcheck.test.append("NONE")
         return
     try:
         if args.health_cmd is not None:

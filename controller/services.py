@@ -134,9 +134,10 @@ class ServiceReconciler:
 
         checked = healthcheck.enabled(svc.spec.template.healthcheck)
 
-        def stable(c: t.Container) -> bool:  # issue 6: and healthy, when it has a health check
+        def stable(c: t.Container) -> bool:  # issue 6: and healthy, when it has a health check (its own, or
+            # its image's HEALTHCHECK, which only the agent knows: then its statuses carry a health)
             return (c.status.state == t.STATE_RUNNING and started(c) + monitor <= now
-                    and (not checked or c.status.health.status == "healthy"))
+                    and (c.status.health.status == "healthy" or not (checked or c.status.health.status)))
 
         updating = svc.update_state in UPDATING
         new = [c for c in tasks if c.slot in by_slot and c.service_version == svc.version]

@@ -62,6 +62,29 @@ class ImageConfig:
     env: tuple[str, ...] = ()  # "K=V"
     workdir: str = ""
     user: str = ""
+    # issue 6: the image's HEALTHCHECK (Docker's config.Healthcheck), run when the container gives none:
+    # ("CMD-SHELL", "...") or ("CMD", ...) or ("NONE",); durations in seconds, 0 for the default
+    health_test: tuple[str, ...] = ()
+    health_interval_s: float = 0.0
+    health_timeout_s: float = 0.0
+    health_start_period_s: float = 0.0
+    health_retries: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """As an image record keeps it (read back by `from_record`)."""
+        return {"entrypoint": list(self.entrypoint), "cmd": list(self.cmd), "env": list(self.env),
+                "workdir": self.workdir, "user": self.user,
+                "healthcheck": {"test": list(self.health_test), "interval_s": self.health_interval_s,
+                                "timeout_s": self.health_timeout_s, "start_period_s": self.health_start_period_s,
+                                "retries": self.health_retries}}
+
+    @classmethod
+    def from_record(cls, config: Mapping[str, Any]) -> ImageConfig:
+        hc = config.get("healthcheck") or {}  # none in records written before issue 6's image checks
+        return cls(entrypoint=tuple(config["entrypoint"]), cmd=tuple(config["cmd"]), env=tuple(config["env"]),
+                   workdir=config["workdir"], user=config["user"], health_test=tuple(hc.get("test", ())),
+                   health_interval_s=float(hc.get("interval_s", 0.0)), health_timeout_s=float(hc.get("timeout_s", 0.0)),
+                   health_start_period_s=float(hc.get("start_period_s", 0.0)), health_retries=int(hc.get("retries", 0)))
 
 
 @dataclass(frozen=True)
@@ -86,12 +109,23 @@ def _image_config(config: Mapping[str, Any]) -> ImageConfig:
     inner = config.get("config") or {}
     if not isinstance(inner, dict):
         raise RegistryError("image config has a malformed 'config' section")
+    hc = inner.get("Healthcheck") or {}
+    if not isinstance(hc, dict):
+        raise RegistryError("image config has a malformed 'Healthcheck' section")
+    try:
+        durations = {k: int(hc.get(k) or 0) / 1e9 for k in ("Interval", "Timeout", "StartPeriod")}  # Go ns
+        retries = int(hc.get("Retries") or 0)
+    except (TypeError, ValueError):
+        raise RegistryError(f"image config has a malformed Healthcheck: {hc!r}") from None
     return ImageConfig(
         entrypoint=_strings(inner.get("Entrypoint"), "Entrypoint"),
         cmd=_strings(inner.get("Cmd"), "Cmd"),
         env=_strings(inner.get("Env"), "Env"),
         workdir=str(inner.get("WorkingDir") or ""),
         user=str(inner.get("User") or ""),
+        health_test=_strings(hc.get("Test"), "Healthcheck.Test"),
+        health_interval_s=durations["Interval"], health_timeout_s=durations["Timeout"],
+        health_start_period_s=durations["StartPeriod"], health_retries=retries,
     )
 
 
@@ -207,13 +241,7 @@ class ImageStore:
         path = self._record_path(reference)
         try:
             record = json.loads(path.read_bytes())
-            config = ImageConfig(
-                entrypoint=tuple(record["config"]["entrypoint"]),
-                cmd=tuple(record["config"]["cmd"]),
-                env=tuple(record["config"]["env"]),
-                workdir=record["config"]["workdir"],
-                user=record["config"]["user"],
-            )
+            config = ImageConfig.from_record(record["config"])
             image = Image(
                 reference=record["reference"],
                 digest=record["digest"],
@@ -332,13 +360,7 @@ class ImageStore:
             "manifest": manifest.digest,
             "config_digest": manifest.config.digest,
             "diff_ids": diff_ids,
-            "config": {
-                "entrypoint": list(image_config.entrypoint),
-                "cmd": list(image_config.cmd),
-                "env": list(image_config.env),
-                "workdir": image_config.workdir,
-                "user": image_config.user,
-            },
+            "config": image_config.record(),
         }
         pinned = str(ref.with_digest(resolved.digest))
         for reference in {image.reference, pinned}:
@@ -602,10 +624,7 @@ class ImageStore:
         record = {
             "reference": str(ref), "digest": manifest_digest, "created_ns": time.time_ns(),
             "manifest": manifest_digest, "config_digest": config_digest, "diff_ids": diff_ids,
-            "config": {
-                "entrypoint": list(image_config.entrypoint), "cmd": list(image_config.cmd),
-                "env": list(image_config.env), "workdir": image_config.workdir, "user": image_config.user,
-            },
+            "config": image_config.record(),
         }
         for name in {str(ref), pinned}:
             await asyncio.to_thread(self._put_record, {**record, "reference": name})

@@ -6,12 +6,15 @@ spec whose check fails is rolled back, and a task that turns unhealthy later is 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from berthctl.dev.cluster import ClusterInfo
+from berthctl.dev.seed import PATH_ENV, busybox_entries, push_layout, tar_layer, write_image
 from tests.conftest import RunBerthctl
 from tests.support import wait_for
 
@@ -118,3 +121,54 @@ def test_rolling_update_to_a_failing_health_check_is_rolled_back(
         assert {t["slot"] for t in healed} == {t["slot"] for t in after}
     finally:
         berthctl("service", "rm", "hsvc")
+
+
+def push_image_with_check(cluster: ClusterInfo, tmp_path: Path, tag: str, shell_check: str) -> str:
+    """busybox with a HEALTHCHECK CMD <shell_check> every 500ms, 2 retries, pushed to the cluster's registry."""
+    layout = tmp_path / f"hcimage-{tag}"
+    write_image(layout, tag, [tar_layer(busybox_entries())], {
+        "Cmd": ["sh"], "Env": [PATH_ENV],
+        "Healthcheck": {"Test": ["CMD-SHELL", shell_check], "Interval": 500_000_000, "Retries": 2}})
+    push_layout(layout, tag, cluster.registry, "library/hcimage")
+    return f"hcimage:{tag}"
+
+
+def test_the_images_healthcheck_runs_unless_the_container_says_otherwise(
+        cluster: ClusterInfo, berthctl: RunBerthctl, names: Callable[[str], str], tmp_path: Path) -> None:
+    image = push_image_with_check(cluster, tmp_path, "file", "cat /tmp/ok")
+    off, own, imaged = names("img-off"), names("img-own"), names("img")
+    ok(berthctl, "run", "-d", "--name", off, "--no-healthcheck", image, "sleep", "3600")
+    ok(berthctl, "run", "-d", "--name", own, "--health-cmd", "cat /tmp/other", "--health-interval", "500ms",
+       "--health-retries", "1", image, "sh", "-c", "echo x > /tmp/ok; exec sleep 3600")
+    ok(berthctl, "run", "-d", "--name", imaged, image, "sh", "-c", "echo fine > /tmp/ok; exec sleep 3600")
+    # The image's check runs in the container (it reads the container's own file) and makes it healthy.
+    h = wait_for(lambda: (h := health(berthctl, imaged))["status"] == "healthy" and h, 60, "healthy by the image")
+    assert h["log"][-1]["output"] == "fine\n"
+    assert "(healthy)" in next(line for line in ok(berthctl, "ps").splitlines() if line.endswith(imaged))
+    # The container's own check replaces the image's; --no-healthcheck runs none (it started first, so it
+    # would have had checks by now).
+    h = wait_for(lambda: (h := health(berthctl, own))["status"] == "unhealthy" and h, 60, "unhealthy by its own")
+    assert "/tmp/other" in h["log"][-1]["output"]
+    assert health(berthctl, off) == {} and inspect(berthctl, off)["status"]["state"] == "STATE_RUNNING"
+
+
+def test_a_rolling_update_to_an_image_whose_healthcheck_fails_is_rolled_back(
+        cluster: ClusterInfo, berthctl: RunBerthctl, tmp_path: Path) -> None:
+    good = push_image_with_check(cluster, tmp_path, "good", "true")
+    bad = push_image_with_check(cluster, tmp_path, "bad", "exit 3")
+    try:
+        ok(berthctl, "service", "create", "--name", "himg", "--replicas", "1", "--update-monitor", "1",
+           "--update-failure-action", "rollback", good, "sleep", "3600")
+        wait_for(lambda: [t["health"] for t in json.loads(ok(berthctl, "service", "ps", "-o", "json", "himg"))]
+                 == ["healthy"], 60, "the replica healthy by its image's check")
+        # Running is not enough while the image's check has not passed: the update waits, the new task turns
+        # unhealthy, and the update is rolled back.
+        out = berthctl("service", "update", "--image", bad, "himg", timeout=180)
+        assert out.returncode == 1, out.stdout + out.stderr
+        # (the failures in a row seen when the controller acted: the image's retries are the agent's to know)
+        assert re.search(r"update rolled back: task himg\.1\.\w+ unhealthy after \d failed health checks: exit "
+                         r"code 3$", out.stderr), out.stderr
+        svc = json.loads(ok(berthctl, "service", "inspect", "himg"))[0]
+        assert svc["update_state"] == "rolled_back" and svc["spec"]["template"]["image"] == good
+    finally:
+        berthctl("service", "rm", "himg")
