@@ -1,15 +1,18 @@
 """The overlay's peers from the cluster cache (controller.peer_feed, issue 6) on a real etcd: every stream gets
 the whole set, then a new set after each change of a node's address or subnet (and none for other changes),
 all without an etcd watch of their own; the cache stopping ends every stream; without a cache a stream
-reads etcd."""
+reads etcd. Streams that ask for deltas get the changes after the first set, merged when they fell behind, the
+whole set when they fell behind more than the feed remembers."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -35,22 +38,46 @@ def node(name: str, address: str, subnet: str = "") -> t.Node:
     return t.Node(id=name, name=name, address=address, subnet=subnet)
 
 
-async def _feed(url: str) -> None:
+@dataclass
+class Fed:
+    """A store with node h1, a cache following it, and the streams a test opened (closed at the end)."""
+
+    store: Store
+    cache: ClusterCache
+    follower: asyncio.Task[None]
+    streams: list[AsyncGenerator[d.PeersMessage, None]] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def fed(url: str) -> AsyncIterator[Fed]:
     store = Store(url)
     await store.connect()
     cache = ClusterCache(store)
     await store.put_node(node("h1", "192.0.2.1", "10.88.1.0/24"))  # before the cache loads: in its first set
-    follower = asyncio.create_task(cache.run())
-    streams = []
+    f = Fed(store, cache, asyncio.create_task(cache.run()))
     try:
         await asyncio.wait_for(cache.wait_ready(), 10)
+        yield f
+    finally:
+        for s in f.streams:
+            await s.aclose()
+        f.follower.cancel()
+        await asyncio.gather(f.follower, return_exceptions=True)
+        await wipe_etcd(url)
+        await store.close()
+
+
+async def _feed(url: str) -> None:
+    async with fed(url) as f:
+        store, cache, follower = f.store, f.cache, f.follower
         deadline = time.monotonic() + 10
         while etcd_watchers(url) < 1:  # the cache's own watch
             assert time.monotonic() < deadline, "the cache's etcd watch never came"
             await asyncio.sleep(0.02)
         watchers = etcd_watchers(url)
         feed = PeerFeed(store, lambda: cache)
-        streams = [feed.subscribe() for _ in range(3)]
+        streams = f.streams
+        streams += [feed.subscribe() for _ in range(3)]
         for s in streams:
             assert peer_set(await asyncio.wait_for(anext(s), 10)) == [("h1", "192.0.2.1", "10.88.1.0/24")]
 
@@ -84,13 +111,6 @@ async def _feed(url: str) -> None:
         alone = PeerFeed(store, lambda: None).subscribe()
         assert peer_set(await asyncio.wait_for(anext(alone), 10)) == [("h2", "192.0.2.22", "10.88.2.0/24")]
         await alone.aclose()
-    finally:
-        for s in streams:
-            await s.aclose()
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await wipe_etcd(url)
-        await store.close()
 
 
 def test_peer_sets_from_the_cache(etcd_url: str) -> None:
@@ -107,17 +127,12 @@ def apply(held: dict[str, tuple[str, str]], msg: d.PeersMessage) -> dict[str, tu
 
 
 async def _deltas(url: str) -> None:
-    store = Store(url)
-    await store.connect()
-    cache = ClusterCache(store)
-    await store.put_node(node("h1", "192.0.2.1", "10.88.1.0/24"))
-    follower = asyncio.create_task(cache.run())
-    streams = []
-    try:
-        await asyncio.wait_for(cache.wait_ready(), 10)
+    async with fed(url) as f:
+        store, cache = f.store, f.cache
         feed = PeerFeed(store, lambda: cache)
         fast, slow, whole = feed.subscribe(deltas=True), feed.subscribe(deltas=True), feed.subscribe()
-        streams = [fast, slow, whole]
+        streams = f.streams
+        streams += [fast, slow, whole]
         held = {}
         for s in streams:
             first = await asyncio.wait_for(anext(s), 10)
@@ -159,13 +174,6 @@ async def _deltas(url: str) -> None:
         assert not msg.delta and len(msg.peers) == 4
         want |= {f"h{i}": (f"192.0.2.{i}", f"10.88.{i}.0/24") for i in range(3, 6)}
         assert held[fast] == held[slow] == want
-    finally:
-        for s in streams:
-            await s.aclose()
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await wipe_etcd(url)
-        await store.close()
 
 
 def test_agents_that_ask_get_the_changes_after_the_first_set(etcd_url: str) -> None:
