@@ -11,7 +11,8 @@ latency (p50, p99) and the controller's peak resident memory. Prints one last li
             "controller_peak_mib": ...}
 
     sudo .venv/bin/python bench/schedule.py [--containers 10000] [--agents 1000] [--processes 4]
-                                            [--submit stream|unary] [--streams 4] [--concurrency 200]
+                                            [--submit stream|unary] [--streams 4] [--batch 64]
+                                            [--concurrency 200]
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def etcd_counts(url: str) -> dict[str, float]:
 
 async def bench(controller: str, etcd: str, containers: int, agents: int, processes: int, concurrency: int,
                 hollow_procs: list[subprocess.Popen[bytes]], pids: dict[str, list[int]], submit: str = "stream",
-                streams: int = 4) -> tuple[float, list[float]]:
+                streams: int = 4, batch: int = 64) -> tuple[float, list[float]]:
     channel = rpc.aio_channel(controller)
     stub = control_pb2_grpc.ControlStub(channel)
     deadline = time.monotonic() + 600
@@ -141,8 +142,8 @@ async def bench(controller: str, etcd: str, containers: int, agents: int, proces
             latencies.append(await run_one(stub, spec))
 
     async def streamer(in_flight: int) -> None:
-        """One RunStream with up to in_flight requests unanswered; a request's latency is from its write to
-        its reply."""
+        """One RunStream with up to in_flight requests unanswered, sent in batches of up to `batch` (as many as
+        there is room for when the writer wakes); a request's latency is from its write to its reply."""
         call = stub.RunStream(timeout=600)  # type: ignore[call-arg]  # the read/write API: no request iterator
         room = asyncio.Semaphore(in_flight)
         sent: list[float] = []
@@ -150,26 +151,36 @@ async def bench(controller: str, etcd: str, containers: int, agents: int, proces
         async def write() -> None:
             while True:
                 await room.acquire()
-                if (spec := next_spec()) is None:
+                specs: list[t.ContainerSpec] = []
+                while (spec := next_spec()) is not None:
+                    specs.append(spec)
+                    if len(specs) == batch or room.locked():
+                        break
+                    await room.acquire()  # free: does not wait
+                if not specs:
                     break
-                sent.append(time.perf_counter())
-                await call.write(control_pb2.RunRequest(spec=spec))
+                now = time.perf_counter()
+                sent.extend(now for _ in specs)
+                await call.write(control_pb2.RunBatch(requests=[control_pb2.RunRequest(spec=s) for s in specs]))
             await call.done_writing()
 
         writer = asyncio.create_task(write())
         try:
-            while (reply := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-                assert isinstance(reply, control_pb2.RunStreamEvent)
-                if reply.WhichOneof("result") != "started" or reply.started.status.state != t.STATE_RUNNING:
-                    raise RuntimeError(f"request {reply.index}: {reply}")
-                latencies.append((time.perf_counter() - sent[reply.index]) * 1000)
-                room.release()
+            while (message := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                assert isinstance(message, control_pb2.RunStreamEvents)
+                now = time.perf_counter()
+                for reply in message.events:
+                    if reply.WhichOneof("result") != "started" or reply.started.status.state != t.STATE_RUNNING:
+                        raise RuntimeError(f"request {reply.index}: {reply}")
+                    latencies.append((now - sent[reply.index]) * 1000)
+                    room.release()
             await writer
         finally:
             writer.cancel()
 
     print(f"submitting through {'RunStream' if submit == 'stream' else 'Run'}: "
-          + (f"{streams} streams, " if submit == "stream" else "") + f"{concurrency} in flight", file=sys.stderr)
+          + (f"{streams} streams, up to {batch} requests a message, " if submit == "stream" else "")
+          + f"{concurrency} in flight", file=sys.stderr)
     before, etcd_before = cpu_shares(pids), etcd_counts(etcd)
     t0 = time.perf_counter()
     if submit == "stream":
@@ -207,6 +218,8 @@ def main() -> None:
     parser.add_argument("--submit", choices=("stream", "unary"), default="stream",
                         help="stream: through RunStream (the default, issue 6); unary: one Run call per container")
     parser.add_argument("--streams", type=int, default=4, help="RunStream calls that share --concurrency")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="requests a RunStream message carries at most (1: a message each, as before session 5)")
     parser.add_argument("--sample", type=int, default=10, help="controller --sample")
     parser.add_argument("--lease-ttl", type=int, default=30,
                         help="controller --lease-ttl: heartbeats come every TTL/4 from each agent, so the default "
@@ -247,7 +260,7 @@ def main() -> None:
                 "client": [os.getpid()]}
         elapsed, latencies = asyncio.run(
             bench(controller, info.etcd, args.containers, args.agents, args.processes, args.concurrency, hollow, pids,
-                  args.submit, args.streams))
+                  args.submit, args.streams, args.batch))
         result = {
             "containers": args.containers, "agents": args.agents,
             "per_second": round(args.containers / elapsed, 1),

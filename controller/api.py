@@ -222,6 +222,7 @@ class _Refuse:
 
 _REFUSE: Ctx = cast(Ctx, _Refuse())
 RUN_STREAM_IN_FLIGHT = 1024  # requests of one RunStream served at once; it reads no more until one is answered
+RUN_STREAM_REPLIES = 256  # replies of one RunStream sent in one message at most
 
 
 class _Attached(NamedTuple):
@@ -351,12 +352,16 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             attached.tracker.close()
             attached.pump.cancel()
 
-    async def RunStream(self, request_iterator: AsyncIterator[control_pb2.RunRequest], context: Ctx
-                        ) -> AsyncIterator[control_pb2.RunStreamEvent]:
+    async def RunStream(self, request_iterator: AsyncIterator[control_pb2.RunBatch], context: Ctx
+                        ) -> AsyncIterator[control_pb2.RunStreamEvents]:
         """issue 6: Run for each request of the stream, all at once (up to RUN_STREAM_IN_FLIGHT), each answered
         as soon as it is decided, tagged with its index; a refused request is answered with its error alone.
-        When the caller goes away, every request still in flight is cancelled (its waiter closed)."""
-        replies: asyncio.Queue[control_pb2.RunStreamEvent | BaseException | None] = asyncio.Queue()
+        Every reply decided by the time the stream sends goes in one message (session 5: a gRPC message costs
+        more than its contents). When the caller goes away, every request still in flight is cancelled (its
+        waiter closed)."""
+        ready: list[control_pb2.RunStreamEvent] = []  # decided, not sent yet
+        wake = asyncio.Event()
+        ended: list[BaseException | None] = []  # the reader's end: None when every request was answered
         in_flight: set[asyncio.Task[None]] = set()
         room = asyncio.Semaphore(RUN_STREAM_IN_FLIGHT)
 
@@ -374,31 +379,40 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 reply.error.code, reply.error.message = grpc.StatusCode.INTERNAL.value[0], f"internal error: {exc}"
             finally:
                 room.release()
-            replies.put_nowait(reply)
+            ready.append(reply)
+            wake.set()
 
         async def read() -> None:
             index = 0
             try:
-                async for request in request_iterator:
-                    await room.acquire()
-                    task = asyncio.create_task(serve(index, request))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                    index += 1
+                async for batch in request_iterator:
+                    for request in batch.requests:
+                        await room.acquire()
+                        task = asyncio.create_task(serve(index, request))
+                        in_flight.add(task)
+                        task.add_done_callback(in_flight.discard)
+                        index += 1
                 while in_flight:  # the caller sent its last request: the stream ends once each is answered
                     await asyncio.wait(list(in_flight))
             except Exception as exc:  # noqa: BLE001 - ends the stream with it
-                replies.put_nowait(exc)
-                return
-            replies.put_nowait(None)
+                ended.append(exc)
+            else:
+                ended.append(None)
+            wake.set()
 
         reader = asyncio.create_task(read())
         self._run_streams.append(in_flight)
         try:
-            while (reply := await replies.get()) is not None:
-                if isinstance(reply, BaseException):
-                    raise reply
-                yield reply
+            while True:
+                await wake.wait()
+                wake.clear()
+                while ready:  # every reply decided by now, RUN_STREAM_REPLIES to a message
+                    batch, ready[:RUN_STREAM_REPLIES] = ready[:RUN_STREAM_REPLIES], []
+                    yield control_pb2.RunStreamEvents(events=batch)
+                if ended:
+                    if ended[0] is not None:
+                        raise ended[0]
+                    return
         finally:
             self._run_streams.remove(in_flight)
             reader.cancel()

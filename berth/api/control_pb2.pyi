@@ -728,3 +728,49 @@ class RunStreamError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunStreamError: _TypeAlias = RunStreamError  # noqa: Y015
+
+@_typing.final
+class RunBatch(_message.Message):
+    """issue 6 (session 5): requests of a RunStream sent in one message; the first request of the stream has
+    index 0, and each request the index after the one before it, whatever message it came in.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___RunRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunBatch: _TypeAlias = RunBatch  # noqa: Y015
+
+@_typing.final
+class RunStreamEvents(_message.Message):
+    """issue 6 (session 5): replies of a RunStream sent in one message (any order, each with its index)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunStreamEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___RunStreamEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunStreamEvents: _TypeAlias = RunStreamEvents  # noqa: Y015

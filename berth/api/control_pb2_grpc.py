@@ -243,8 +243,8 @@ class ControlStub:
                 _registered_method=True)
         self.RunStream = channel.stream_stream(
                 '/berth.api.Control/RunStream',
-                request_serializer=berth_dot_api_dot_control__pb2.RunRequest.SerializeToString,
-                response_deserializer=berth_dot_api_dot_control__pb2.RunStreamEvent.FromString,
+                request_serializer=berth_dot_api_dot_control__pb2.RunBatch.SerializeToString,
+                response_deserializer=berth_dot_api_dot_control__pb2.RunStreamEvents.FromString,
                 _registered_method=True)
 
 
@@ -516,6 +516,9 @@ class ControlServicer:
         the request's index on the stream, as soon as it is decided: the container as Run's `started` event
         gives it (running, exited, or pending with its reason), or that request's error. A bad request ends
         neither the stream nor the others, and leaves nothing stored. The replies come in any order.
+        Requests come in batches and replies in batches (session 5): a message costs more than its contents
+        here, so a client sends what it has in one message and the server sends every reply decided at once in
+        one; indexes count requests, not messages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -731,8 +734,8 @@ def add_ControlServicer_to_server(servicer, server):
             ),
             'RunStream': grpc.stream_stream_rpc_method_handler(
                     servicer.RunStream,
-                    request_deserializer=berth_dot_api_dot_control__pb2.RunRequest.FromString,
-                    response_serializer=berth_dot_api_dot_control__pb2.RunStreamEvent.SerializeToString,
+                    request_deserializer=berth_dot_api_dot_control__pb2.RunBatch.FromString,
+                    response_serializer=berth_dot_api_dot_control__pb2.RunStreamEvents.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1867,8 +1870,8 @@ class Control:
             request_iterator,
             target,
             '/berth.api.Control/RunStream',
-            berth_dot_api_dot_control__pb2.RunRequest.SerializeToString,
-            berth_dot_api_dot_control__pb2.RunStreamEvent.FromString,
+            berth_dot_api_dot_control__pb2.RunBatch.SerializeToString,
+            berth_dot_api_dot_control__pb2.RunStreamEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,12 +89,15 @@ class ControlStub:
     NetworkList: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkListRequest, _control_pb2.NetworkListResponse]
     NetworkInspect: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]
     NetworkRemove: _grpc.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]
-    RunStream: _grpc.StreamStreamMultiCallable[_control_pb2.RunRequest, _control_pb2.RunStreamEvent]
+    RunStream: _grpc.StreamStreamMultiCallable[_control_pb2.RunBatch, _control_pb2.RunStreamEvents]
     """issue 6: pipelined submission. Each request is one container to run (as Run, without attach); the
     requests of a stream are served at once, not one after another, and each gets one reply, tagged with
     the request's index on the stream, as soon as it is decided: the container as Run's `started` event
     gives it (running, exited, or pending with its reason), or that request's error. A bad request ends
     neither the stream nor the others, and leaves nothing stored. The replies come in any order.
+    Requests come in batches and replies in batches (session 5): a message costs more than its contents
+    here, so a client sends what it has in one message and the server sends every reply decided at once in
+    one; indexes count requests, not messages.
     """
 
 @_typing.type_check_only
@@ -156,12 +159,15 @@ class ControlAsyncStub(ControlStub):
     NetworkList: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkListRequest, _control_pb2.NetworkListResponse]  # type: ignore[assignment]
     NetworkInspect: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]  # type: ignore[assignment]
     NetworkRemove: _aio.UnaryUnaryMultiCallable[_control_pb2.NetworkRef, _types_pb2.Network]  # type: ignore[assignment]
-    RunStream: _aio.StreamStreamMultiCallable[_control_pb2.RunRequest, _control_pb2.RunStreamEvent]  # type: ignore[assignment]
+    RunStream: _aio.StreamStreamMultiCallable[_control_pb2.RunBatch, _control_pb2.RunStreamEvents]  # type: ignore[assignment]
     """issue 6: pipelined submission. Each request is one container to run (as Run, without attach); the
     requests of a stream are served at once, not one after another, and each gets one reply, tagged with
     the request's index on the stream, as soon as it is decided: the container as Run's `started` event
     gives it (running, exited, or pending with its reason), or that request's error. A bad request ends
     neither the stream nor the others, and leaves nothing stored. The replies come in any order.
+    Requests come in batches and replies in batches (session 5): a message costs more than its contents
+    here, so a client sends what it has in one message and the server sends every reply decided at once in
+    one; indexes count requests, not messages.
     """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
@@ -470,14 +476,17 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def RunStream(
         self,
-        request_iterator: _MaybeAsyncIterator[_control_pb2.RunRequest],
+        request_iterator: _MaybeAsyncIterator[_control_pb2.RunBatch],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_control_pb2.RunStreamEvent], _abc.AsyncIterator[_control_pb2.RunStreamEvent]]:
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.RunStreamEvents], _abc.AsyncIterator[_control_pb2.RunStreamEvents]]:
         """issue 6: pipelined submission. Each request is one container to run (as Run, without attach); the
         requests of a stream are served at once, not one after another, and each gets one reply, tagged with
         the request's index on the stream, as soon as it is decided: the container as Run's `started` event
         gives it (running, exited, or pending with its reason), or that request's error. A bad request ends
         neither the stream nor the others, and leaves nothing stored. The replies come in any order.
+        Requests come in batches and replies in batches (session 5): a message costs more than its contents
+        here, so a client sends what it has in one message and the server sends every reply decided at once in
+        one; indexes count requests, not messages.
         """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

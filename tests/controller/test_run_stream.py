@@ -1,7 +1,8 @@
 """RunStream (issue 6) served by a real gRPC server over a real etcd and cluster cache, with one host in etcd that
 no agent serves: its containers are placed and then wait for a status that never comes. A caller that goes
 away mid-stream leaves no request of it being served: no status waiter left on the cache, no task of the
-stream left running, and the stream's gauge back at 0. A request refused meanwhile is answered alone."""
+stream left running, and the stream's gauge back at 0. A request refused meanwhile is answered alone. Requests
+come in batches (indexes count requests across messages); replies decided together share a message."""
 
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ from berth.api import types_pb2 as t
 from tests.controller.conftest import api_on, until
 
 
+def batch(*specs: t.ContainerSpec) -> control_pb2.RunBatch:
+    return control_pb2.RunBatch(requests=[control_pb2.RunRequest(spec=s) for s in specs])
+
+
+async def one_reply(call: object) -> control_pb2.RunStreamEvent:
+    """The next message of the stream, which must hold one reply."""
+    message = await asyncio.wait_for(call.read(), 20)  # type: ignore[attr-defined]
+    assert isinstance(message, control_pb2.RunStreamEvents)
+    (reply,) = message.events
+    return reply
+
+
 def _stream_tasks() -> list[asyncio.Task[object]]:
     return [task for task in asyncio.all_tasks() if "RunStream" in task.get_coro().__qualname__]  # type: ignore[union-attr]
 
@@ -23,11 +36,12 @@ def _stream_tasks() -> list[asyncio.Task[object]]:
 async def _cancelled_mid_stream(url: str) -> None:
     async with api_on(url, memory_bytes=1 << 40, nano_cpus=10**12) as (store, cache, metrics, channel):
         call = control_pb2_grpc.ControlStub(channel).RunStream()
-        for i in range(20):
-            await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(name=f"s{i}", image="busybox")))
-        await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(name="bad name", image="busybox")))
-        refused = await asyncio.wait_for(call.read(), 20)  # the others wait for their host: this comes first
-        assert isinstance(refused, control_pb2.RunStreamEvent)
+        await call.write(control_pb2.RunBatch(requests=[
+            control_pb2.RunRequest(spec=t.ContainerSpec(name=f"s{i}", image="busybox")) for i in range(20)]))
+        await call.write(batch(t.ContainerSpec(name="bad name", image="busybox")))
+        message = await asyncio.wait_for(call.read(), 20)  # the others wait for their host: this comes first
+        assert isinstance(message, control_pb2.RunStreamEvents)
+        (refused,) = message.events
         assert refused.index == 20 and refused.WhichOneof("result") == "error"
         assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert refused.error.message.startswith("invalid name 'bad name'")
@@ -57,13 +71,11 @@ async def _in_order_of_decision(url: str) -> None:
     async with api_on(url) as (store, cache, _, channel):
         waiting = f"w{secrets.token_hex(3)}"
         call = control_pb2_grpc.ControlStub(channel).RunStream()
-        await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(name=waiting, image="busybox")))
+        await call.write(batch(t.ContainerSpec(name=waiting, image="busybox")))
         await until(lambda: cache.waiters() == 1, "the first request waiting for its host")
-        await call.write(control_pb2.RunRequest(spec=t.ContainerSpec(
-            name="huge", image="busybox", memory_bytes=1 << 40)))
+        await call.write(batch(t.ContainerSpec(name="huge", image="busybox", memory_bytes=1 << 40)))
         await call.done_writing()
-        reply = await asyncio.wait_for(call.read(), 20)
-        assert isinstance(reply, control_pb2.RunStreamEvent)
+        reply = await one_reply(call)
         assert reply.index == 1 and reply.started.spec.name == "huge"
         assert reply.started.status.state == t.STATE_PENDING
         assert "insufficient memory" in reply.started.pending_reason
@@ -72,8 +84,7 @@ async def _in_order_of_decision(url: str) -> None:
         assert await store.put_status(placed.id, t.ContainerStatus(state=t.STATE_RUNNING, generation=1),
                                       (await store.get_container(placed.id)).mod_revision,
                                       (await store.held_status(placed.id))[1])
-        reply = await asyncio.wait_for(call.read(), 20)
-        assert isinstance(reply, control_pb2.RunStreamEvent)
+        reply = await one_reply(call)
         assert (reply.index, reply.started.spec.name, reply.started.status.state) == (0, waiting, t.STATE_RUNNING)
         assert await asyncio.wait_for(call.read(), 20) is grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK
@@ -82,3 +93,30 @@ async def _in_order_of_decision(url: str) -> None:
 
 def test_requests_are_answered_as_they_are_decided(etcd_url: str) -> None:
     asyncio.run(_in_order_of_decision(etcd_url))
+
+
+async def _decided_together(url: str) -> None:
+    """Replies decided at the same moment go in one message: five requests waiting for their host, whose
+    statuses come in one etcd transaction (as a group commit of reports writes them), are answered together."""
+    async with api_on(url) as (store, cache, _, channel):
+        names = [f"t{i}-{secrets.token_hex(2)}" for i in range(5)]
+        call = control_pb2_grpc.ControlStub(channel).RunStream()
+        await call.write(batch(*(t.ContainerSpec(name=n, image="busybox") for n in names)))
+        await until(lambda: cache.waiters() == 5, "the five waiting for their host")
+        items = []
+        for n in names:
+            got = await store.get_container(await store.resolve(n))
+            items.append((got.container.id, t.ContainerStatus(state=t.STATE_RUNNING, generation=1),
+                          got.mod_revision, 0))
+        assert await store.put_statuses(items)
+        message = await asyncio.wait_for(call.read(), 20)
+        assert isinstance(message, control_pb2.RunStreamEvents)
+        assert sorted(e.index for e in message.events) == [0, 1, 2, 3, 4]
+        assert {e.started.spec.name for e in message.events} == set(names)
+        assert all(e.started.status.state == t.STATE_RUNNING for e in message.events)
+        await call.done_writing()
+        assert await asyncio.wait_for(call.read(), 20) is grpc.aio.EOF
+
+
+def test_replies_decided_together_share_a_message(etcd_url: str) -> None:
+    asyncio.run(_decided_together(etcd_url))

@@ -1,4 +1,5 @@
-"""RunStream (issue 6) on the real 3-host dev cluster: one stream of good and bad requests. The good ones run
+"""RunStream (issue 6) on the real 3-host dev cluster: one stream of good and bad requests, in two batches
+(indexes count requests across them). The good ones run
 on the agents; each bad one (an invalid spec, a name in use before or twice on the stream, a network that does
 not exist, attach, an image that does not exist) gets its own error, ends neither the stream nor the others,
 and leaves nothing behind (no etcd key, cgroup or state dir)."""
@@ -40,8 +41,10 @@ def test_good_and_bad_requests_on_one_stream(
         control_pb2.RunRequest(spec=_spec("rs-twin")),
         control_pb2.RunRequest(spec=_spec("rs-twin")),
     ]
+    batches = [control_pb2.RunBatch(requests=requests[:4]), control_pb2.RunBatch(requests=requests[4:])]
     with grpc.insecure_channel(cluster.controller) as channel:
-        replies = list(control_pb2_grpc.ControlStub(channel).RunStream(iter(requests), timeout=120))
+        messages = list(control_pb2_grpc.ControlStub(channel).RunStream(iter(batches), timeout=120))
+    replies = [r for m in messages for r in m.events]
     assert sorted(r.index for r in replies) == list(range(len(requests)))  # one reply each, the stream not ended
     by_index = {r.index: r for r in replies}
     for i in (0, 3, 7):
