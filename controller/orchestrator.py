@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from berth.api import types_pb2 as t
 from controller import scheduler
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TERMINAL = (t.STATE_EXITED, t.STATE_FAILED)
+W = TypeVar("W")
 
 
 # Restart policies under which a container is moved off a dead host (issue 6).
@@ -39,6 +40,10 @@ SWEEP_GAP_S = 0.1
 # by default) whole; REPORT_OVERHEAD_BYTES counts each put's key and its two compares
 REPORT_TXN_BYTES = 1 << 20
 REPORT_OVERHEAD_BYTES = 160
+# bytes of containers in one placement transaction, for the same reason: a spec can be large (environment, labels,
+# command), and a transaction over the limit was refused whole at every sweep (session 4's "Known left")
+PLACE_TXN_BYTES = 1 << 20
+PLACE_OVERHEAD_BYTES = 320  # per container: its keys, compares and a status
 
 
 def movable(spec: t.ContainerSpec) -> bool:
@@ -277,8 +282,8 @@ class Orchestrator:
                 writes.append((v, new, t.ContainerStatus(state=t.STATE_ASSIGNED, generation=new.generation)))
             placed = 0
             retry: list[str] = []
-            per = max(1, self.max_txn_ops // 2)  # container, status
-            batches = [writes[start:start + per] for start in range(0, len(writes), per)]
+            per = max(1, self.max_txn_ops // 2)  # container, status; and not over etcd's request size
+            batches = _cut(writes, per, lambda w: w[1].ByteSize() + w[2].ByteSize())
             # Committed together: etcd folds concurrent transactions into one disk write.
             results = await asyncio.gather(*(self.store.update_containers(b) for b in batches))
             for batch, committed in zip(batches, results, strict=True):
@@ -522,7 +527,7 @@ class Orchestrator:
             # 2 puts each (name, container: its assignment, its status implied), up to 3 compares (name, id, an
             # open user network): etcd bounds each list by --max-txn-ops
             per = max(1, self.max_txn_ops // 3)
-            chunks = [items[i:i + per] for i in range(0, len(items), per)]
+            chunks = _cut(items, per, lambda c: c.ByteSize())  # and not over etcd's request size
             revisions = await asyncio.gather(*(self.store.create_placed(chunk) for chunk in chunks),
                                              return_exceptions=True)
             now = self.clock()
@@ -676,6 +681,25 @@ def _reports_that_fit(reports: list[tuple[str, t.ContainerStatus, int, int, asyn
         if size > REPORT_TXN_BYTES and i:
             return i
     return min(len(reports), most)
+
+
+def _cut(items: list[W], most: int, size: Callable[[W], int]) -> list[list[W]]:
+    """Placement writes in transactions of at most `most` items (etcd's --max-txn-ops over the operations per
+    item) and at most PLACE_TXN_BYTES (under its --max-request-bytes, which refuses a bigger request whole; at
+    least one item in each, whatever its size), in order."""
+    chunks: list[list[W]] = []
+    chunk: list[W] = []
+    used = 0
+    for item in items:
+        bytes_ = size(item) + PLACE_OVERHEAD_BYTES
+        if chunk and (len(chunk) >= most or used + bytes_ > PLACE_TXN_BYTES):
+            chunks.append(chunk)
+            chunk, used = [], 0
+        chunk.append(item)
+        used += bytes_
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def _stale(status: t.ContainerStatus, c: t.Container) -> bool:
