@@ -30,7 +30,7 @@ from controller.network_api import NetworksAPI
 from controller.orchestrator import TERMINAL, Orchestrator
 from controller.scheduler import STRATEGIES, Constraint
 from controller.services import ServicesAPI
-from controller.store import NameInUse, NotFound, StatusEvent, Store, StoreError, Unavailable
+from controller.store import NameInUse, NotFound, StatusEvent, Store, StoreError, Unavailable, implied_status
 
 log = logging.getLogger(__name__)
 
@@ -545,6 +545,8 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         try:
             c = await self.orchestrator.set_desired(cid, t.DESIRED_STOPPED, stop_timeout_s=timeout)
             status, _ = await self.store.get_status(cid)
+            if not status.state:  # no status key before its first report (issue 6): its agent may be starting it
+                status = implied_status(c)
             if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
                 tracker.seed(status)
                 await tracker.wait(c.generation, TERMINAL, timeout_s=timeout + 30)
