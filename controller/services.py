@@ -287,6 +287,7 @@ class ServicesAPI:
             problem = validate_service(request.spec)
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await self.check_network(request.spec.template, context)  # type: ignore[attr-defined]  # as CreateService
         try:
             svc, rev = await self.store.get_service(request.ref)
             if request.rollback:
@@ -307,7 +308,7 @@ class ServicesAPI:
                     svc.version = svc.last_version
                     svc.update_state, svc.update_message = "updating", ""
                 svc.spec.CopyFrom(request.spec)
-            await self.store.put_service(svc, rev)
+            await self.store.put_service(svc, rev, network_open=True)  # not onto a network being removed
         except StoreError as exc:
             await _abort(context, exc)
         self._kick()

@@ -107,10 +107,10 @@ class NotFound(StoreError):
 
 class NetworkClosed(NotFound):
     """A container (or service) created on a user network that does not exist or is being removed: nothing
-    was created."""
+    was created (or a service updated onto one: nothing was changed)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"network {name!r} does not exist or is being removed, so nothing was created; "
+    def __init__(self, name: str, nothing_was: str = "created") -> None:
+        super().__init__(f"network {name!r} does not exist or is being removed, so nothing was {nothing_was}; "
                          f"see `berthctl network ls`, or create it with `berthctl network create {name}`")
         self.name = name
 
@@ -653,12 +653,22 @@ class Store:
     async def list_services(self) -> list[tuple[t.Service, int]]:
         return [(_parse(t.Service, kv.value), int(kv.mod_revision)) for kv in await self._get_prefix(SERVICES)]
 
-    async def put_service(self, svc: t.Service, mod_revision: int) -> None:
-        """Write a service back if unchanged since read (else Conflict)."""
+    async def put_service(self, svc: t.Service, mod_revision: int, network_open: bool = False) -> None:
+        """Write a service back if unchanged since read (else Conflict). With `network_open` (a user's update: its
+        template may name another network), only while the user network it names is open, as create_service
+        compares (else NetworkClosed: nothing changed)."""
         tx = self._tx
         key = SERVICES + svc.id.encode()
-        ok, _ = await self._txn([tx.mod(key) == mod_revision], [tx.put(key, svc.SerializeToString())], [])
+        network = svc.spec.template.network
+        compares = [tx.mod(key) == mod_revision]
+        checked = network_open and user_network(network)
+        if checked:
+            compares.append(tx.value(network_open_key(network)) == OPEN)
+        ok, responses = await self._txn(compares, [tx.put(key, svc.SerializeToString())],
+                                        [tx.get(network_open_key(network))] if checked else [])
         if not ok:
+            if checked and not (responses and responses[0] and responses[0][0][0] == OPEN):
+                raise NetworkClosed(network, "changed")
             raise Conflict(f"service {svc.spec.name} changed concurrently; try again")
 
     async def delete_service(self, svc: t.Service) -> None:
