@@ -442,7 +442,11 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             )
             # The status watch goes in before the container exists, so every status of this run is seen, at
             # once, even when an --rm container is deleted right after its exit.
-            tracker = await StatusTracker.before_changes(self.store, c.id, self.orchestrator.cache)
+            try:
+                tracker = await StatusTracker.before_changes(self.store, c.id, self.orchestrator.cache)
+            except StoreError as exc:  # etcd failed before anything was written: the caller may just retry
+                raise RunRefused(grpc.StatusCode.UNAVAILABLE,
+                                 f"nothing was created, etcd failed ({exc}); try again") from None
             try:
                 if not c.spec.name:
                     c.spec.name = await self._free_name()
