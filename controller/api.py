@@ -5,7 +5,9 @@ calls, and translates store errors into gRPC status codes with messages meant fo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import re
 import secrets
 import time
@@ -223,6 +225,84 @@ class _Refuse:
 _REFUSE: Ctx = cast(Ctx, _Refuse())
 RUN_STREAM_IN_FLIGHT = 1024  # requests of one RunStream served at once; it reads no more until one is answered
 RUN_STREAM_REPLIES = 256  # replies of one RunStream sent in one message at most
+RUN_BEGUN = (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED)  # a Run is answered once its container is in one
+RUN_WAIT_S = 3600  # how long a Run waits for its container to begin
+
+
+class _Ids:
+    """New container ids (64 hex digits from os.urandom), cut from 8 KiB read at a time: one getrandom call
+    per 256 containers instead of one each (session 5)."""
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = os.urandom(32 * 256), 0
+        at, self._at = self._at, self._at + 32
+        return self._pool[at:at + 32].hex()
+
+
+class _StreamServing:
+    """One RunStream's requests being served (session 5): the replies decided and not sent yet, and how many
+    requests are open. A message's requests are admitted together by one task; each then waits on the cache
+    with a callback (StatusWaiter.then), no task, future or timer each. A request the fast way does not
+    take (attach, no cache, volumes, a network, no name) is served alone by Run's own code in a task."""
+
+    def __init__(self) -> None:
+        self.ready: list[control_pb2.RunStreamEvent] = []  # decided, not sent yet
+        self.wake = asyncio.Event()
+        self.room = asyncio.Semaphore(RUN_STREAM_IN_FLIGHT)
+        self.open = 0  # requests read and not answered
+        self.tasks: set[asyncio.Task[None]] = set()
+        # by index: placed, waiting to begin, until a deadline (loop time)
+        self.waiting: dict[int, tuple[t.Container, StatusWaiter, float]] = {}
+        self.to_close: list[StatusWaiter] = []  # waiters done (closed by the sender, not from the cache's watch)
+        self.sweeper: asyncio.TimerHandle | None = None
+
+    def answer(self, reply: control_pb2.RunStreamEvent) -> None:
+        self.ready.append(reply)
+        self.open -= 1
+        self.room.release()
+        self.wake.set()
+
+    def refuse(self, index: int, exc: RunRefused) -> None:
+        reply = control_pb2.RunStreamEvent(index=index)
+        reply.error.code, reply.error.message = exc.code.value[0], exc.message
+        self.answer(reply)
+
+    def spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def sweep_later(self, expire: Callable[[_StreamServing, int, BaseException], None]) -> None:
+        """Expire the requests waiting past their deadline (RUN_WAIT_S), checked once a minute while any wait."""
+        if self.sweeper is None and self.waiting:
+            self.sweeper = asyncio.get_running_loop().call_later(60, self._sweep, expire)
+
+    def _sweep(self, expire: Callable[[_StreamServing, int, BaseException], None]) -> None:
+        self.sweeper = None
+        now = asyncio.get_running_loop().time()
+        for index in [i for i, (_, _, deadline) in self.waiting.items() if deadline <= now]:
+            expire(self, index, TimeoutError(f"not begun after {RUN_WAIT_S} s"))
+        self.sweep_later(expire)
+
+    def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        for _, waiter, _ in self.waiting.values():
+            waiter.close()
+        self.waiting.clear()
+        self.close_done()
+
+    def close_done(self) -> None:
+        to_close, self.to_close = self.to_close, []
+        for waiter in to_close:
+            waiter.close()
 
 
 class _Attached(NamedTuple):
@@ -247,9 +327,11 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         self.metrics = metrics
         self.links = AgentLinks()
         self.clock = clock
-        self._run_streams: list[set[asyncio.Task[None]]] = []  # each open RunStream's requests in flight (issue 6)
+        self._run_streams: list[_StreamServing] = []  # each open RunStream's requests in flight (issue 6)
+        self._ids = _Ids()
+        self._counted: dict[tuple[str, grpc.StatusCode], Any] = {}  # api_requests' children, looked up once
         Gauge("berth_run_stream_requests", "Requests of open RunStream calls being served",
-              registry=metrics.registry).set_function(lambda: sum(len(s) for s in self._run_streams))
+              registry=metrics.registry).set_function(lambda: sum(s.open for s in self._run_streams))
         Gauge("berth_run_waiters", "Status waiters open on the cluster cache (Run and RunStream requests waiting)",
               registry=metrics.registry).set_function(
                   lambda: self.orchestrator.cache.waiters() if self.orchestrator.cache is not None else 0)
@@ -326,7 +408,10 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             yield entry
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
-        self.metrics.api_requests.labels(method=method, code=code.name).inc()
+        counter = self._counted.get((method, code))
+        if counter is None:
+            counter = self._counted[method, code] = self.metrics.api_requests.labels(method=method, code=code.name)
+        counter.inc()
 
     # ---- RPCs -------------------------------------------------------------------------------------
 
@@ -357,67 +442,196 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         """issue 6: Run for each request of the stream, all at once (up to RUN_STREAM_IN_FLIGHT), each answered
         as soon as it is decided, tagged with its index; a refused request is answered with its error alone.
         Every reply decided by the time the stream sends goes in one message (session 5: a gRPC message costs
-        more than its contents). When the caller goes away, every request still in flight is cancelled (its
-        waiter closed)."""
-        ready: list[control_pb2.RunStreamEvent] = []  # decided, not sent yet
-        wake = asyncio.Event()
-        ended: list[BaseException | None] = []  # the reader's end: None when every request was answered
-        in_flight: set[asyncio.Task[None]] = set()
-        room = asyncio.Semaphore(RUN_STREAM_IN_FLIGHT)
-
-        async def serve(index: int, request: control_pb2.RunRequest) -> None:
-            reply = control_pb2.RunStreamEvent(index=index)
-            try:
-                if request.attach:
-                    raise RunRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                     "attach is not served on RunStream: run that container with Run (berthctl run)")
-                await self._start(request.spec, reply.started, "RunStream")
-            except RunRefused as exc:
-                reply.error.code, reply.error.message = exc.code.value[0], exc.message
-            except Exception as exc:
-                log.exception("RunStream request %d", index)
-                reply.error.code, reply.error.message = grpc.StatusCode.INTERNAL.value[0], f"internal error: {exc}"
-            finally:
-                room.release()
-            ready.append(reply)
-            wake.set()
+        more than its contents). A message's requests are admitted together (_admit_batch). When the caller
+        goes away, every request still in flight is dropped (its waiter closed, its task cancelled)."""
+        serving = _StreamServing()
+        ended: list[BaseException | None] = []  # the reader's end: None when the caller sent its last request
 
         async def read() -> None:
             index = 0
             try:
                 async for batch in request_iterator:
+                    group: list[tuple[int, control_pb2.RunRequest]] = []
                     for request in batch.requests:
-                        await room.acquire()
-                        task = asyncio.create_task(serve(index, request))
-                        in_flight.add(task)
-                        task.add_done_callback(in_flight.discard)
+                        if serving.room.locked() and group:  # no room for more: serve what was read first
+                            serving.spawn(self._admit_batch(serving, group))
+                            group = []
+                        await serving.room.acquire()
+                        serving.open += 1
+                        group.append((index, request))
                         index += 1
-                while in_flight:  # the caller sent its last request: the stream ends once each is answered
-                    await asyncio.wait(list(in_flight))
+                    if group:
+                        serving.spawn(self._admit_batch(serving, group))
             except Exception as exc:  # noqa: BLE001 - ends the stream with it
                 ended.append(exc)
             else:
                 ended.append(None)
-            wake.set()
+            serving.wake.set()
 
         reader = asyncio.create_task(read())
-        self._run_streams.append(in_flight)
+        self._run_streams.append(serving)
         try:
             while True:
-                await wake.wait()
-                wake.clear()
+                await serving.wake.wait()
+                serving.wake.clear()
+                serving.close_done()
+                ready = serving.ready
                 while ready:  # every reply decided by now, RUN_STREAM_REPLIES to a message
                     batch, ready[:RUN_STREAM_REPLIES] = ready[:RUN_STREAM_REPLIES], []
                     yield control_pb2.RunStreamEvents(events=batch)
-                if ended:
+                if ended and (ended[0] is not None or not serving.open):  # each request answered: the end
                     if ended[0] is not None:
                         raise ended[0]
                     return
         finally:
-            self._run_streams.remove(in_flight)
+            self._run_streams.remove(serving)
             reader.cancel()
-            for task in list(in_flight):
-                task.cancel()
+            serving.close()
+
+    async def _admit_batch(self, serving: _StreamServing, group: list[tuple[int, control_pb2.RunRequest]]) -> None:
+        """RunStream's requests of one message (session 5): each checked, then created and placed together
+        (one admission batch), then each waits on the cache with a callback until its container begins. A
+        request this does not serve the fast way is served alone as Run serves it (_serve_alone)."""
+        cache = self.orchestrator.cache
+        fast: list[tuple[int, t.Container, StatusWaiter]] = []
+        handled: set[int] = set()  # answered, or handed to a task or to its waiter
+        now_ns = int(self.clock() * 1e9)
+        try:
+            for index, request in group:
+                spec = request.spec
+                handled.add(index)
+                if request.attach:
+                    self._refuse(serving, index, RunRefused(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "attach is not served on RunStream: run that container with Run (berthctl run)"))
+                    continue
+                waiter = None
+                if cache is not None and spec.name and not spec.volumes and not spec.network:
+                    problem = validate(spec)
+                    if problem:
+                        self._refuse(serving, index, RunRefused(grpc.StatusCode.INVALID_ARGUMENT, problem))
+                        continue
+                    c = t.Container(id=self._ids.next(), spec=spec, created_at_ns=now_ns,
+                                    desired_state=t.DESIRED_RUNNING, generation=1,
+                                    stop_timeout_s=DEFAULT_STOP_TIMEOUT_S)
+                    # before the container exists: every status of this run is seen
+                    waiter = cache.status_waiter(c.id)
+                if waiter is None:
+                    serving.spawn(self._serve_alone(serving, index, request))
+                    continue
+                handled.discard(index)
+                fast.append((index, c, waiter))
+            if not fast:
+                return
+            outcomes = await self.orchestrator.create_and_place_many([c for _, c, _ in fast])
+            deadline = asyncio.get_running_loop().time() + RUN_WAIT_S
+            for (index, c, waiter), placed in zip(fast, outcomes, strict=True):
+                handled.add(index)
+                if isinstance(placed, t.Container) and placed.node_id:
+                    serving.waiting[index] = (placed, waiter, deadline)
+                    waiter.then(1, RUN_BEGUN, functools.partial(self._begun, serving, index))
+                    continue
+                waiter.close()
+                reply = control_pb2.RunStreamEvent(index=index)
+                try:
+                    if isinstance(placed, StoreError):
+                        raise refusal(placed)
+                    if isinstance(placed, BaseException):
+                        raise placed
+                    # Nothing fits now: it stays pending, and the pending sweep places it when a host frees up.
+                    reply.started.CopyFrom(await self._view(c.id))
+                    self._count("RunStream", grpc.StatusCode.OK)
+                except RunRefused as exc:
+                    self._refuse(serving, index, exc)
+                    continue
+                except Exception as exc:
+                    log.exception("RunStream request %d", index)
+                    reply.error.code, reply.error.message = grpc.StatusCode.INTERNAL.value[0], f"internal error: {exc}"
+                serving.answer(reply)
+            serving.sweep_later(self._begun)
+        except Exception as exc:  # answered each request not answered yet: the stream goes on
+            log.exception("RunStream requests %d-%d", group[0][0], group[-1][0])
+            for index, _ in group:
+                if index not in handled:
+                    handled.add(index)
+                    serving.refuse(index, RunRefused(grpc.StatusCode.INTERNAL, f"internal error: {exc}"))
+        finally:  # cancelled (the caller gone) or failed before handing a waiter over: close it
+            for index, _, waiter in fast:
+                if index not in serving.waiting:
+                    waiter.close()
+
+    def _refuse(self, serving: _StreamServing, index: int, exc: RunRefused) -> None:
+        self._count("RunStream", exc.code)
+        serving.refuse(index, exc)
+
+    def _begun(self, serving: _StreamServing, index: int, outcome: t.ContainerStatus | BaseException) -> None:
+        """The callback of a RunStream request waiting on the cache: its container began (or it was removed, or
+        the cache's watch failed, or it waited too long). Called from the cache's watch: it answers, or hands
+        the rare slow cases to a task; its waiter is closed by the stream's sender."""
+        held = serving.waiting.pop(index, None)
+        if held is None:  # answered already
+            return
+        placed, waiter, _ = held
+        serving.to_close.append(waiter)
+        if isinstance(outcome, t.ContainerStatus) and outcome.state != t.STATE_FAILED:
+            reply = control_pb2.RunStreamEvent(index=index)
+            self._count("RunStream", grpc.StatusCode.OK)
+            self._decorate(placed, outcome, {}, out=reply.started).node_name = placed.node_id
+            serving.answer(reply)
+        elif isinstance(outcome, (NotFound, TimeoutError)):
+            self._refuse(serving, index, RunRefused(grpc.StatusCode.ABORTED, f"container {placed.id[:12]}: {outcome}"))
+        else:  # it failed to start (remove it), or the cache stopped following etcd (follow etcd instead)
+            serving.spawn(self._finish_alone(serving, index, placed, outcome))
+
+    async def _finish_alone(self, serving: _StreamServing, index: int, placed: t.Container,
+                            outcome: t.ContainerStatus | BaseException) -> None:
+        reply = control_pb2.RunStreamEvent(index=index)
+        try:
+            if not isinstance(outcome, t.ContainerStatus):
+                outcome = await self._follow_on_etcd(placed.id)
+            await self._finish(placed, outcome, reply.started)
+            self._count("RunStream", grpc.StatusCode.OK)
+        except RunRefused as exc:
+            self._count("RunStream", exc.code)
+            reply.error.code, reply.error.message = exc.code.value[0], exc.message
+        except Exception as exc:
+            log.exception("RunStream request %d", index)
+            reply.error.code, reply.error.message = grpc.StatusCode.INTERNAL.value[0], f"internal error: {exc}"
+        serving.answer(reply)
+
+    async def _serve_alone(self, serving: _StreamServing, index: int, request: control_pb2.RunRequest) -> None:
+        reply = control_pb2.RunStreamEvent(index=index)
+        try:
+            await self._start(request.spec, reply.started, "RunStream")
+        except RunRefused as exc:
+            reply.error.code, reply.error.message = exc.code.value[0], exc.message
+        except Exception as exc:
+            log.exception("RunStream request %d", index)
+            reply.error.code, reply.error.message = grpc.StatusCode.INTERNAL.value[0], f"internal error: {exc}"
+        serving.answer(reply)
+
+    async def _follow_on_etcd(self, cid: str) -> t.ContainerStatus:
+        """The status a Run waits for, followed on etcd (the cache's watch failed: it drops its copy and loads
+        it again, failing its waiters; the container was created and may run)."""
+        tracker = await StatusTracker.from_now(self.store, cid)
+        try:
+            return await tracker.wait(1, RUN_BEGUN, timeout_s=RUN_WAIT_S)
+        except (StoreError, TimeoutError) as exc:
+            raise RunRefused(grpc.StatusCode.ABORTED, f"container {cid[:12]}: {exc}") from None
+        finally:
+            tracker.close()
+
+    async def _finish(self, placed: t.Container, status: t.ContainerStatus, out: t.Container) -> None:
+        """The end of a Run whose container began: `out` filled with it as the user sees it, or, when it failed
+        to start, removed and RunRefused raised."""
+        if status.state == t.STATE_FAILED:
+            # It never ran: leave nothing behind, as `docker run` leaves no half-made container.
+            try:
+                await self.orchestrator.remove(placed.id)
+            except StoreError as exc:
+                raise refusal(exc) from None
+            raise RunRefused(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
+        self._decorate(placed, status, {}, out=out).node_name = placed.node_id
 
     async def _start(self, spec: t.ContainerSpec, out: t.Container, method: str, attach: bool = False
                      ) -> _Attached | None:
@@ -437,7 +651,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             await self.pin_to_volumes(spec, _REFUSE)  # issue 3b
             await self.check_network(spec, _REFUSE)  # issue 5: --network NAME exists
             c = t.Container(
-                id=secrets.token_hex(32), spec=spec, created_at_ns=int(self.clock() * 1e9),
+                id=self._ids.next(), spec=spec, created_at_ns=int(self.clock() * 1e9),
                 desired_state=t.DESIRED_RUNNING, generation=1, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S,
             )
             # The status watch goes in before the container exists, so every status of this run is seen, at
@@ -462,10 +676,10 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             if attach:
                 logs: asyncio.Queue[t.LogEntry | None] = asyncio.Queue()
                 attached = _Attached(c.id, tracker, logs, asyncio.create_task(self._pump_logs(placed, logs)))
-            begun = (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED)
+            begun = RUN_BEGUN
             try:
                 try:
-                    status = await tracker.wait(1, begun, timeout_s=3600)
+                    status = await tracker.wait(1, begun, timeout_s=RUN_WAIT_S)
                 except StoreError as exc:
                     if isinstance(exc, NotFound):
                         raise
@@ -475,22 +689,15 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                     tracker = await StatusTracker.from_now(self.store, c.id)
                     if attached is not None:
                         attached = attached._replace(tracker=tracker)
-                    status = await tracker.wait(1, begun, timeout_s=3600)
+                    status = await tracker.wait(1, begun, timeout_s=RUN_WAIT_S)
             except (StoreError, TimeoutError) as exc:
                 raise RunRefused(grpc.StatusCode.ABORTED, f"container {c.id[:12]}: {exc}") from None
-            if status.state == t.STATE_FAILED:
-                # It never ran: leave nothing behind, as `docker run` leaves no half-made container.
-                try:
-                    await self.orchestrator.remove(c.id)
-                except StoreError as exc:
-                    raise refusal(exc) from None
-                raise RunRefused(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
+            await self._finish(placed, status, out)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("run %s: placed on %s in %.1f ms, %s %.1f ms later", c.id[:12], placed.node_id,
                           (placed_at - began) * 1000, t.ContainerState.Name(status.state),
                           (time.perf_counter() - placed_at) * 1000)
             self._count(method, grpc.StatusCode.OK)
-            self._decorate(placed, status, {}, out=out).node_name = placed.node_id
             handed = attached  # the caller closes it
             return handed
         except RunRefused as exc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, TypeVar
 
 from berth.api import types_pb2 as t
@@ -67,7 +67,7 @@ class StatusWaiter:
     when the status it waits for comes (or the container's removal, or a failure of the watch), with no task,
     queue or condition of its own."""
 
-    __slots__ = ("_cache", "_future", "_generation", "_states", "cid", "error", "gone", "history")
+    __slots__ = ("_cache", "_future", "_generation", "_states", "_then", "cid", "error", "gone", "history")
 
     def __init__(self, cache: ClusterCache, cid: str) -> None:
         self.cid = cid
@@ -78,6 +78,7 @@ class StatusWaiter:
         self._future: asyncio.Future[t.ContainerStatus] | None = None
         self._generation = 0
         self._states: frozenset[int] = frozenset()
+        self._then: Callable[[t.ContainerStatus | StoreError], None] | None = None
 
     def seed(self, status: t.ContainerStatus) -> None:
         """Add a status read directly (it is no older than the events already seen)."""
@@ -103,8 +104,27 @@ class StatusWaiter:
             expiry.cancel()
             self._future = None
 
+    def then(self, generation: int, states: Iterable[int],
+             callback: Callable[[t.ContainerStatus | StoreError], None]) -> None:
+        """Call `callback` once with the first status seen of this generation (or later) in one of the states,
+        or with NotFound when the container is removed first, or the watch's StoreError (session 5: what
+        RunStream's requests wait with, no future, task or timer each). It may be called before this returns,
+        else from the cache's watch: it must not close this waiter there (close it later)."""
+        wanted = frozenset(states)
+        for status in self.history:
+            if status.generation >= generation and status.state in wanted:
+                callback(status)
+                return
+        if self.gone:
+            callback(NotFound(f"container {self.cid[:12]} was removed"))
+        elif self.error is not None:
+            callback(self.error)
+        else:
+            self._then, self._generation, self._states = callback, generation, wanted
+
     def close(self) -> None:
         """Stop following (idempotent)."""
+        self._then = None
         self._cache._drop_waiter(self)
 
     def _add(self, status: t.ContainerStatus | None) -> None:
@@ -112,6 +132,15 @@ class StatusWaiter:
             self.gone = True
         else:
             self.history.append(status)
+        then = self._then
+        if then is not None:
+            if status is not None and status.generation >= self._generation and status.state in self._states:
+                self._then = None
+                then(status)
+            elif self.gone:
+                self._then = None
+                then(NotFound(f"container {self.cid[:12]} was removed"))
+            return
         future = self._future
         if future is None or future.done():
             return
@@ -122,6 +151,9 @@ class StatusWaiter:
 
     def _fail(self, exc: StoreError) -> None:
         self.error = exc
+        then, self._then = self._then, None
+        if then is not None:
+            then(exc)
         if self._future is not None and not self._future.done():
             self._future.set_exception(exc)
 

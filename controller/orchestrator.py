@@ -483,6 +483,26 @@ class Orchestrator:
         self._admit_wake.set()
         return await future
 
+    async def create_and_place_many(self, cs: list[t.Container]) -> list[t.Container | BaseException]:
+        """create_and_place for several containers at once (a RunStream message's requests, session 5): on the
+        leader with its cache loaded they join the admission batch together, with no task each; each outcome
+        is the container as stored or its error (NameInUse, StoreError)."""
+        if self.kick is None or self._cached() is None:
+            return await asyncio.gather(*(self.create_and_place(c) for c in cs), return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[t.Container]] = [loop.create_future() for _ in cs]
+        self._admissions.extend(zip(cs, futures, strict=True))
+        if self._admitter is None or self._admitter.done():
+            self._admitter = asyncio.create_task(self._admit_loop())
+        self._admit_wake.set()
+        out: list[t.Container | BaseException] = []
+        for future in futures:  # decided in one batch: all done once the first is
+            try:
+                out.append(await future)
+            except Exception as exc:  # noqa: BLE001 - that container's outcome
+                out.append(exc)
+        return out
+
     async def _admit_loop(self) -> None:
         while True:
             await self._admit_wake.wait()

@@ -29,8 +29,12 @@ async def one_reply(call: object) -> control_pb2.RunStreamEvent:
     return reply
 
 
+_SERVING = ("RunStream", "_admit_batch", "_serve_alone", "_finish_alone")  # the tasks a RunStream may run
+
+
 def _stream_tasks() -> list[asyncio.Task[object]]:
-    return [task for task in asyncio.all_tasks() if "RunStream" in task.get_coro().__qualname__]  # type: ignore[union-attr]
+    return [task for task in asyncio.all_tasks()
+            if any(name in task.get_coro().__qualname__ for name in _SERVING)]  # type: ignore[union-attr]
 
 
 async def _cancelled_mid_stream(url: str) -> None:
@@ -48,7 +52,8 @@ async def _cancelled_mid_stream(url: str) -> None:
         await until(lambda: sum(1 for v in cache.containers.values() if v.container.node_id == "n1") == 20,
                     "each request's container placed")
         await until(lambda: cache.waiters() == 20, "each request waiting for its host's report")
-        assert len(_stream_tasks()) == 21  # one per request and the stream's reader
+        # session 5: no task per request (they wait on the cache with a callback): the stream's reader alone
+        await until(lambda: len(_stream_tasks()) == 1, "the message's admission task to end")
         assert metrics.registry.get_sample_value("berth_run_stream_requests") == 20
         assert metrics.registry.get_sample_value("berth_run_waiters") == 20
 
@@ -120,3 +125,51 @@ async def _decided_together(url: str) -> None:
 
 def test_replies_decided_together_share_a_message(etcd_url: str) -> None:
     asyncio.run(_decided_together(etcd_url))
+
+
+async def _waiting_when_things_change(url: str) -> None:
+    """Requests waiting on the cache (session 5: with a callback each, no task) when their container is removed
+    are answered ABORTED, and when the cache's watch fails (it drops its copy and loads it again) follow their
+    container on etcd and are answered once it runs; the others of the message are not disturbed."""
+    async with api_on(url) as (store, cache, _, channel):
+        follower: asyncio.Task[None] | None = None
+        names = [f"r{i}-{secrets.token_hex(2)}" for i in range(3)]
+        try:
+            call = control_pb2_grpc.ControlStub(channel).RunStream()
+            await call.write(batch(*(t.ContainerSpec(name=n, image="busybox") for n in names)))
+            await until(lambda: cache.waiters() == 3, "the three waiting for their host")
+            cids = [await store.resolve(n) for n in names]
+
+            await store.delete_container(await store.get_container(cids[0]))  # removed before its host reports it
+            reply = await one_reply(call)
+            assert reply.index == 0 and reply.WhichOneof("result") == "error"
+            assert reply.error.code == grpc.StatusCode.ABORTED.value[0]
+            assert reply.error.message == f"container {cids[0][:12]}: container {cids[0][:12]} was removed"
+            await until(lambda: cache.waiters() == 2, "its waiter closed")
+
+            running = [task for task in asyncio.all_tasks()
+                       if task.get_coro().__qualname__ == "ClusterCache.run"]  # type: ignore[union-attr]
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            follower = asyncio.create_task(cache.run())
+            await asyncio.wait_for(cache.wait_ready(), 10)
+
+            for i in (1, 2):  # their host reports them running
+                v = await store.get_container(cids[i])
+                assert await store.put_status(cids[i], t.ContainerStatus(state=t.STATE_RUNNING, generation=1),
+                                              v.mod_revision, 0)
+                reply = await one_reply(call)
+                assert (reply.index, reply.started.id, reply.started.status.state) == (i, cids[i], t.STATE_RUNNING)
+            await call.done_writing()
+            assert await asyncio.wait_for(call.read(), 20) is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            await until(lambda: not _stream_tasks(), "the stream's tasks to end")
+        finally:
+            if follower is not None:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
+
+
+def test_requests_waiting_are_answered_when_removed_or_the_cache_reloads(etcd_url: str) -> None:
+    asyncio.run(_waiting_when_things_change(etcd_url))
