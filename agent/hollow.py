@@ -77,6 +77,7 @@ async def run_many(controllers: list[str], count: int, prefix: str, state_dir: P
     each session also follows the Peers and Names streams (their messages dropped), as a real agent's does."""
     from agent.images.registry import RegistryConfig
     from agent.images.store import ImageStore
+    from agent.main import freeze_gc
     from agent.metrics import AgentMetrics
     from agent.session import Session
     from agent.worker import Reporter, Worker
@@ -110,6 +111,7 @@ async def run_many(controllers: list[str], count: int, prefix: str, state_dir: P
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(30):
                     await asyncio.gather(*(s.joined.wait() for s in sessions[-JOIN_WAVE:]))
+    freeze_gc()  # issue 6 (throughput): the agents' state, out of later collections
     await asyncio.gather(*tasks)
 
 
@@ -127,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--streams", action="store_true", help="follow the Peers and Names streams too")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
+    from agent.main import tune_gc
+
+    tune_gc()  # issue 6 (throughput): as a real agent's
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="berth-hollow-"))

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import time
 
+from agent.wake import LoopRef
 from berth.api import dispatcher_pb2 as d
 from berth.api import dispatcher_pb2_grpc
 
@@ -42,7 +43,8 @@ class ReportStream:
         self._lazy: dict[int, asyncio.Future[None]] = {}  # issue 6 (streams): lazy_ack batches written, in seq order
         self.stall_s = STALL_S
         self._failure: BaseException | None = None
-        self.closed = asyncio.create_task(self._read())
+        self._loop = LoopRef()  # issue 6 (throughput): a future per batch without a getpid(2) each
+        self.closed = self._loop.create_task(self._read())
 
     async def send(self, report: d.StatusReport) -> None:
         """Deliver a batch of statuses: returns once the controller has recorded them. It waits as long as the
@@ -60,7 +62,7 @@ class ReportStream:
             raise ConnectionError(f"reports stream broken: {self._failure}")
         self._seq += 1
         seq = self._seq
-        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acked: asyncio.Future[None] = self._loop.create_future()
         self._lazy[seq] = acked
         self._batches[seq] = time.monotonic()
         try:
@@ -104,7 +106,7 @@ class ReportStream:
             raise ConnectionError(f"reports stream broken: {self._failure}")
         self._seq += 1
         request.seq = seq = self._seq
-        answer: asyncio.Future[d.ReportsAck] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[d.ReportsAck] = self._loop.create_future()
         self._waiting[seq] = answer
         if timeout is None:
             self._batches[seq] = time.monotonic()

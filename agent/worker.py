@@ -33,6 +33,7 @@ from agent.network.ipam import Port
 from agent.report_order import ReportOrder
 from agent.restart import RestartPolicy, RestartPolicyError, RestartTracker
 from agent.run_record import RunRecord
+from agent.wake import LoopRef, Wake
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
 
@@ -60,7 +61,7 @@ class Reporter:
         self.order = order
         self._pending: dict[str, t.ContainerStatus] = {}
         self._after: dict[str, t.ContainerStatus] = {}  # what follows a pending RUNNING, for the next batch
-        self._wake = asyncio.Event()
+        self._wake = Wake()  # issue 6 (throughput): an asyncio.Event without a getpid(2) per wait
         self.sent: dict[str, t.ContainerStatus] = {}
         # issue 6 (streams): batches written and not acknowledged yet, in the order sent
         self._unacked: dict[int, dict[str, t.ContainerStatus]] = {}
@@ -235,7 +236,8 @@ class Worker:
         if reporter.order is None:  # issue 6 (order): statuses numbered across this host's agent restarts
             reporter.order = ReportOrder(state_dir)
         self._started = self._record.started  # read here, changed through self._record
-        self._wake: dict[str, asyncio.Event] = {}
+        self._loop = LoopRef()  # issue 6 (throughput): tasks and wakes without a getpid(2) each
+        self._wake: dict[str, Wake] = {}
         self._actors: dict[str, asyncio.Task[None]] = {}
         self._synced = False
         self._changed = asyncio.Event()
@@ -307,12 +309,12 @@ class Worker:
     def _poke(self, cid: str) -> None:
         event = self._wake.get(cid)
         if event is None:
-            event = self._wake[cid] = asyncio.Event()
-            self._actors[cid] = asyncio.create_task(self._actor(cid, event))
+            event = self._wake[cid] = Wake(self._loop)
+            self._actors[cid] = self._loop.create_task(self._actor(cid, event))
         event.set()
         self._changed.set()
 
-    async def _actor(self, cid: str, wake: asyncio.Event) -> None:
+    async def _actor(self, cid: str, wake: Wake) -> None:
         try:
             while True:
                 await wake.wait()
