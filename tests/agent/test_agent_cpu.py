@@ -67,10 +67,12 @@ def test_starting_containers_does_not_look_up_the_loop_for_each(tmp_path: Path, 
         await all_running
         during = loop_lookups[0] - before
         sender.cancel()
+        actors = len(w._actors)
         for task in list(w._actors.values()):
             task.cancel()
+        w._record.close()  # the worker's record file (no Worker.close: an agent's worker lives as long as it)
         assert sorted(running) == sorted(cid(i) for i in range(n))
-        return during, len(w._actors)
+        return during, actors
 
     during, actors = run(body())
     assert actors == n, "each running container keeps its actor, waiting for a change"
