@@ -373,6 +373,11 @@ class Worker:
             self._on_exit(stopped)
             if self.network is not None:
                 await self.network.quiesce(cid)  # issue 5: its address unanswered until it starts again
+        elif a.generation > self._started.get(cid, 0):
+            # This run was stopped before this agent started it: say so (as it was left: its last run's exit, or
+            # never started), else nothing reports on this run and a `stop` waiting for its end waits for ever.
+            self.reporter.report(cid, self._status_of(info, a.generation) if info is not None else t.ContainerStatus(
+                state=t.STATE_CREATED, generation=a.generation, message="stopped before it started"))
         return False
 
     async def _start(self, cid: str, a: t.Assignment) -> None:

@@ -759,8 +759,8 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             if not status.state:  # no status key before its first report (issue 6): its agent may be starting it
                 status = implied_status(c)
             if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
-                tracker.seed(status)
-                await tracker.wait(c.generation, TERMINAL, timeout_s=timeout + 30)
+                tracker.seed(status)  # its agent says created when it had not started this run (stopped first)
+                await tracker.wait(c.generation, (*TERMINAL, t.STATE_CREATED), timeout_s=timeout + 30)
             return await self._view(cid)
         except StoreError as exc:
             await _abort(context, exc)
