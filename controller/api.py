@@ -613,13 +613,15 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
     async def _follow_on_etcd(self, cid: str) -> t.ContainerStatus:
         """The status a Run waits for, followed on etcd (the cache's watch failed: it drops its copy and loads
         it again, failing its waiters; the container was created and may run)."""
-        tracker = await StatusTracker.from_now(self.store, cid)
-        try:
+        tracker: StatusTracker | None = None
+        try:  # etcd may be what failed: its read as its watch, ABORTED as Run answers then (not INTERNAL)
+            tracker = await StatusTracker.from_now(self.store, cid)
             return await tracker.wait(1, RUN_BEGUN, timeout_s=RUN_WAIT_S)
         except (StoreError, TimeoutError) as exc:
             raise RunRefused(grpc.StatusCode.ABORTED, f"container {cid[:12]}: {exc}") from None
         finally:
-            tracker.close()
+            if tracker is not None:
+                tracker.close()
 
     async def _finish(self, placed: t.Container, status: t.ContainerStatus, out: t.Container) -> None:
         """The end of a Run whose container began: `out` filled with it as the user sees it, or, when it failed

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,24 +22,36 @@ from berthctl.dev import etcd
 from controller.api import ControlAPI
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import Store
+from controller.store import Store, StoreError
 from tests.conftest import SLOT
-from tests.controller.conftest import served
+from tests.controller.conftest import api_on, served, until
 
 HOST = f"127.0.{SLOT}.78"  # its own etcd, stopped by the test
+OTHER_HOST = f"127.0.{SLOT}.79"
 
 
 @pytest.fixture
 def own_etcd(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    yield from _etcd_at(HOST, tmp_path)
+
+
+def _etcd_at(host: str, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     log = tmp_path / "etcd.log"
-    proc = etcd.start(HOST, tmp_path / "data", log, dict(os.environ))
+    proc = etcd.start(host, tmp_path / "data", log, dict(os.environ))
     try:
-        etcd.wait_healthy(etcd.client_url(HOST), proc, log)
-        yield etcd.client_url(HOST), proc
+        etcd.wait_healthy(etcd.client_url(host), proc, log)
+        yield etcd.client_url(host), proc
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+@pytest.fixture
+def other_etcd(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """As own_etcd, on an address of its own: gRPC shares a connection to one address across clients, and one
+    to an etcd stopped by an earlier test refuses at once until its reconnection back-off ends."""
+    yield from _etcd_at(OTHER_HOST, tmp_path)
 
 
 def _refused(code: int, message: str) -> None:
@@ -79,3 +92,60 @@ async def _runs_while_etcd_is_down(url: str, proc: subprocess.Popen[bytes]) -> N
 def test_a_run_when_etcd_is_down_is_refused_unavailable(own_etcd: tuple[str, subprocess.Popen[bytes]]
                                                         ) -> None:
     asyncio.run(_runs_while_etcd_is_down(*own_etcd))
+
+
+async def _waiting_when_etcd_goes(url: str, proc: subprocess.Popen[bytes], restart: Callable[[], None]) -> None:
+    """A RunStream request waiting for its container to begin when etcd goes down (its cluster cache's watch
+    fails, the request follows its container on etcd, which fails too) is answered ABORTED naming its container,
+    as Run answers then; it was answered INTERNAL ('internal error: ...'), as for a bug (session 5's rewrite)."""
+    async with api_on(url) as (store, cache, _, channel):
+        try:
+            call = control_pb2_grpc.ControlStub(channel).RunStream()
+            await call.write(control_pb2.RunBatch(requests=[
+                control_pb2.RunRequest(spec=t.ContainerSpec(name="waits", image="busybox"))]))
+            await until(lambda: cache.waiters() == 1 and cache.containers, "the request waiting for its host")
+            [cid] = cache.containers
+            proc.terminate()
+            proc.wait(timeout=10)
+            running = [task for task in asyncio.all_tasks()  # its watch fails now (made certain)
+                       if task.get_coro().__qualname__ == "ClusterCache.run"]  # type: ignore[union-attr]
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            message = await asyncio.wait_for(call.read(), 60)
+            assert isinstance(message, control_pb2.RunStreamEvents), message
+            [reply] = message.events
+            assert reply.WhichOneof("result") == "error", reply
+            assert reply.error.code == grpc.StatusCode.ABORTED.value[0], (reply.error.code, reply.error.message)
+            assert reply.error.message.startswith(f"container {cid[:12]}: "), reply.error.message
+            assert "\n" not in reply.error.message
+            call.cancel()
+        finally:
+            restart()  # for the clean-up's writes, once the store reaches it again
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await store.revision()
+                    break
+                except StoreError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+
+
+def test_a_run_stream_request_waiting_when_etcd_goes_is_aborted(
+        other_etcd: tuple[str, subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    url, proc = other_etcd
+    restarted: list[subprocess.Popen[bytes]] = []
+
+    def restart() -> None:
+        if proc.poll() is not None and not restarted:
+            restarted.append(etcd.start(OTHER_HOST, tmp_path / "data", tmp_path / "etcd2.log", dict(os.environ)))
+            etcd.wait_healthy(url, restarted[0], tmp_path / "etcd2.log")
+
+    try:
+        asyncio.run(_waiting_when_etcd_goes(url, proc, restart))
+    finally:
+        for again in restarted:
+            again.terminate()
+            again.wait(timeout=10)
