@@ -30,8 +30,8 @@ from tests.conftest import SLOT
 from tests.support import etcd_keys, wait_for
 
 __all__ = [
-    "HOST", "Controller", "api_on", "cache_on", "dispatcher_on", "etcd_keys", "served", "store_on", "until", "wait_for",
-    "wipe_etcd",
+    "HOST", "Controller", "api_on", "cache_on", "dispatcher_on", "etcd_keys", "fail_cache_watch", "served", "store_on",
+    "until", "wait_for", "wipe_etcd",
 ]
 
 HOST = f"127.0.{SLOT}.77"
@@ -55,6 +55,16 @@ async def until(condition: Callable[[], object], what: str, timeout: float = 20.
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def fail_cache_watch() -> None:
+    """Fail the cluster cache's watch as an etcd failure does (cache_on's follower, ClusterCache.run, cancelled:
+    it drops its copy and fails its waiters and followers). Start `cache.run()` again to load it again."""
+    running = [task for task in asyncio.all_tasks()
+               if task.get_coro().__qualname__ == "ClusterCache.run"]  # type: ignore[union-attr]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
 
 
 @asynccontextmanager

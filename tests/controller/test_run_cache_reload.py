@@ -11,7 +11,7 @@ import asyncio
 
 from berth.api import control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
-from tests.controller.conftest import api_on, until
+from tests.controller.conftest import api_on, fail_cache_watch, until
 
 
 async def _reloaded_while_waiting(url: str) -> None:
@@ -25,11 +25,7 @@ async def _reloaded_while_waiting(url: str) -> None:
             [cid] = list(cache.containers)
 
             # The cache's watch fails: it drops its copy (its waiters fail) and loads it again, as cache.run does.
-            running = [task for task in asyncio.all_tasks()
-                       if task.get_coro().__qualname__ == "ClusterCache.run"]  # type: ignore[union-attr]
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            await fail_cache_watch()
             follower = asyncio.create_task(cache.run())
             await asyncio.wait_for(cache.wait_ready(), 10)
 

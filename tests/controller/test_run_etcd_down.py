@@ -24,7 +24,7 @@ from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import Store, StoreError
 from tests.conftest import SLOT
-from tests.controller.conftest import api_on, served, until
+from tests.controller.conftest import api_on, fail_cache_watch, served, until
 
 HOST = f"127.0.{SLOT}.78"  # its own etcd, stopped by the test
 OTHER_HOST = f"127.0.{SLOT}.79"
@@ -107,11 +107,7 @@ async def _waiting_when_etcd_goes(url: str, proc: subprocess.Popen[bytes], resta
             [cid] = cache.containers
             proc.terminate()
             proc.wait(timeout=10)
-            running = [task for task in asyncio.all_tasks()  # its watch fails now (made certain)
-                       if task.get_coro().__qualname__ == "ClusterCache.run"]  # type: ignore[union-attr]
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            await fail_cache_watch()  # its watch fails now (made certain)
             message = await asyncio.wait_for(call.read(), 60)
             assert isinstance(message, control_pb2.RunStreamEvents), message
             [reply] = message.events

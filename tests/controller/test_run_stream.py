@@ -14,7 +14,7 @@ import grpc.aio
 
 from berth.api import control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
-from tests.controller.conftest import api_on, until
+from tests.controller.conftest import api_on, fail_cache_watch, until
 
 
 def batch(*specs: t.ContainerSpec) -> control_pb2.RunBatch:
@@ -147,11 +147,7 @@ async def _waiting_when_things_change(url: str) -> None:
             assert reply.error.message == f"container {cids[0][:12]}: container {cids[0][:12]} was removed"
             await until(lambda: cache.waiters() == 2, "its waiter closed")
 
-            running = [task for task in asyncio.all_tasks()
-                       if task.get_coro().__qualname__ == "ClusterCache.run"]  # type: ignore[union-attr]
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            await fail_cache_watch()
             follower = asyncio.create_task(cache.run())
             await asyncio.wait_for(cache.wait_ready(), 10)
 
