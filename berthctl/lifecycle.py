@@ -13,7 +13,9 @@ the generated API stay inside the commands, as in berthctl.main.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import decimal
 import re
 import sys
 import time
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from berth.api import types_pb2
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)$")
+_FRACTION = re.compile(r"(?<=:\d\d)\.(\d+)")  # an RFC 3339 time's fraction of a second
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -57,18 +61,23 @@ def parse_since(text: str, now_s: float) -> int:
     m = _DURATION.match(text)
     if m:
         return int((now_s - float(m.group(1)) * _UNIT_S[m.group(2)]) * 1e9)
+    # Exact to the nanosecond (a `logs --timestamps` stamp given back keeps its own line): no float of seconds
+    # (~240 ns apart today) and no datetime (microseconds) holds the fraction.
+    with contextlib.suppress(decimal.InvalidOperation):
+        seconds = decimal.Decimal(text)
+        if seconds.is_finite():
+            return int(seconds * 1_000_000_000)
+    fraction = _FRACTION.search(text)
     try:
-        return int(float(text) * 1e9)
-    except ValueError:
-        pass
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        when = dt.datetime.fromisoformat((text[:fraction.start()] + text[fraction.end():] if fraction else text)
+                                         .replace("Z", "+00:00"))
     except ValueError:
         raise CLIError(f"invalid --since {text!r}: give a time (2026-11-27T18:00:00Z), Unix seconds, "
                        "or a duration such as 10m") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1e9)
+    whole = (when - _EPOCH) // dt.timedelta(seconds=1)
+    return whole * 1_000_000_000 + (int(fraction.group(1)[:9].ljust(9, "0")) if fraction else 0)
 
 
 def timestamp_prefix(ns: int) -> bytes:
