@@ -59,8 +59,8 @@ class HealthReporter(Reporter):
         self._health: dict[str, t.Health] = {}
 
     def report(self, cid: str, status: t.ContainerStatus) -> None:
-        check = self._check(cid)
-        if status.state == t.STATE_RUNNING and check is not None:
+        check = self._check(cid) if status.state == t.STATE_RUNNING else None  # the image lookup only then
+        if check is not None:
             current = self._probes.get(cid)
             if current is None or current[0] != status.started_at_ns:
                 self._stop(cid)
