@@ -213,12 +213,18 @@ class Orchestrator:
         raise StoreError(f"container {cid[:12]} kept changing while being removed; try again")
 
     def decide(self, c: t.Container, hosts: list[scheduler.HostView]) -> scheduler.Decision:
+        return self._decide(c, hosts)[0]
+
+    def _decide(self, c: t.Container, hosts: list[scheduler.HostView]
+                ) -> tuple[scheduler.Decision, scheduler.Demand | None]:
+        """The decision and the container's demand (None when it does not parse), computed once (session 6)."""
+        spec = c.spec
         try:
-            demand = scheduler.Demand.of(c.spec)
+            demand = scheduler.Demand.of(spec)
         except ValueError as exc:
-            return scheduler.Decision(None, str(exc))
-        strategy = c.spec.placement_strategy or self.strategy  # per container (or service), else the cluster's
-        return scheduler.place(c.id, demand, hosts, strategy=strategy, sample=self.sample)
+            return scheduler.Decision(None, str(exc)), None
+        strategy = spec.placement_strategy or self.strategy  # per container (or service), else the cluster's
+        return scheduler.place(c.id, demand, hosts, strategy=strategy, sample=self.sample), demand
 
     async def place_pending(self, containers: list[Versioned] | None = None) -> int:
         """One sweep over containers that wait for a host: decided on one snapshot, committed in batched
@@ -270,12 +276,12 @@ class Orchestrator:
             writes: list[tuple[Versioned, t.Container, t.ContainerStatus]] = []
             unplaced: list[tuple[Versioned, str]] = []
             for v in pending:
-                decision = self.decide(v.container, hosts)
-                if decision.host is None:
+                decision, demand = self._decide(v.container, hosts)
+                if decision.host is None or demand is None:
                     unplaced.append((v, decision.reason))
                     continue
                 i = index[decision.host.id]
-                hosts[i] = scheduler.with_container(hosts[i], scheduler.Demand.of(v.container.spec))
+                hosts[i] = scheduler.with_container(hosts[i], demand)
                 new = t.Container()
                 new.CopyFrom(v.container)
                 _placed(new, decision.host.id)
@@ -522,7 +528,7 @@ class Orchestrator:
         so placed once), instead of created pending and written again by a placement (2 puts of the container
         and its status, and a compare, fewer per container). It has no status key until its agent's first
         report (issue 6): its status is what the container implies (store.implied_status)."""
-        items: list[t.Container] = []  # no status key: implied by the container until its first report
+        items: list[tuple[t.Container, bytes]] = []  # no status key: implied by the container until its first report
         alone: list[t.Container] = []
         names: set[str] = set()
         outcome: dict[str, t.Container] = {}
@@ -531,27 +537,29 @@ class Orchestrator:
             hosts = cache.hosts() if cache is not None else await self.hosts()
             index = cache.host_index() if cache is not None else {h.id: i for i, h in enumerate(hosts)}
             for c, _ in batch:
-                if c.spec.name in names:  # etcd refuses a transaction that puts one key twice: this one alone
+                name = c.spec.name
+                if name in names:  # etcd refuses a transaction that puts one key twice: this one alone
                     alone.append(c)
                     continue
-                names.add(c.spec.name)
-                decision = self.decide(c, hosts)
-                if decision.host is None:
+                names.add(name)
+                decision, demand = self._decide(c, hosts)
+                if decision.host is None or demand is None:
                     c.pending_reason = decision.reason
-                    items.append(c)
-                    continue
-                i = index[decision.host.id]
-                hosts[i] = scheduler.with_container(hosts[i], scheduler.Demand.of(c.spec))
-                _placed(c, decision.host.id)
-                items.append(c)
+                else:
+                    i = index[decision.host.id]
+                    hosts[i] = scheduler.with_container(hosts[i], demand)
+                    _placed(c, decision.host.id)
+                items.append((c, c.SerializeToString()))  # serialized once: its size and its value
             # 2 puts each (name, container: its assignment, its status implied), up to 3 compares (name, id, an
             # open user network): etcd bounds each list by --max-txn-ops
             per = max(1, self.max_txn_ops // 3)
-            chunks = _cut(items, per, lambda c: c.ByteSize())  # and not over etcd's request size
-            revisions = await asyncio.gather(*(self.store.create_placed(chunk) for chunk in chunks),
+            chunks = _cut(items, per, lambda item: len(item[1]))  # and not over etcd's request size
+            revisions = await asyncio.gather(*(self.store.create_placed([c for c, _ in chunk], [v for _, v in chunk])
+                                               for chunk in chunks),
                                              return_exceptions=True)
             now = self.clock()
-            for chunk, revision in zip(chunks, revisions, strict=True):
+            for written, revision in zip(chunks, revisions, strict=True):
+                chunk = [c for c, _ in written]
                 if isinstance(revision, BaseException) or not revision:
                     for c in chunk:  # a name in use (or etcd failed): one by one, to tell which
                         c.node_id = c.pending_reason = ""

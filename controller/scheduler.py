@@ -7,23 +7,32 @@ containers wins (spread, the default) or the fullest one (binpack); ties are bro
 id, so a decision can be replayed. With `sample`, only that many fitting hosts are looked at, from an offset
 given by the container id (Nomad's limit iterator), which keeps a decision cheap on a thousand hosts.
 
+A decision is on the controller's hot path (every Run, session 6): with the default filters the hosts are
+checked in one pass without a call per filter, the reasons are counted only when no host fits (a second pass
+over the same hosts, so the words are the same), and the hash that breaks ties is computed only for the hosts
+that tie; a host's view and a demand are named tuples (cheap to build: one per placement).
+
 Nothing here does I/O: controller.orchestrator reads the snapshot, calls `place` and commits the decision
 in one etcd transaction.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from berth.api import types_pb2 as t
 
+NO_PORTS: frozenset[tuple[str, int]] = frozenset()
 
-@dataclass(frozen=True)
-class HostView:
-    """What the scheduler knows of one host."""
+
+class HostView(NamedTuple):
+    """What the scheduler knows of one host (immutable; a named tuple rather than a frozen dataclass, as one is
+    built for every placement: session 6)."""
 
     id: str
     name: str
@@ -38,7 +47,7 @@ class HostView:
     platform: str = ""
     schedulable: bool = True  # availability active (not paused or drained)
     # issue 5: (protocol, host port) published by containers placed on the host.
-    ports: frozenset[tuple[str, int]] = frozenset()
+    ports: frozenset[tuple[str, int]] = NO_PORTS
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,7 @@ class Constraint:
     value: str
 
     @staticmethod
+    @functools.lru_cache(maxsize=1024)  # a spec's constraints are parsed for each of its containers (immutable)
     def parse(text: str) -> Constraint:
         for op, equal in (("==", True), ("!=", False)):
             if op in text:
@@ -82,17 +92,21 @@ class Constraint:
         return f"node.{self.field}{'==' if self.equal else '!='}{self.value}"
 
 
-@dataclass(frozen=True)
-class Demand:
+class Demand(NamedTuple):
+    """What one container asks of a host (immutable)."""
+
     memory_bytes: int
     nano_cpus: int
     constraints: tuple[Constraint, ...] = ()
-    ports: frozenset[tuple[str, int]] = frozenset()  # issue 5: fixed host ports asked for
+    ports: frozenset[tuple[str, int]] = NO_PORTS  # issue 5: fixed host ports asked for
 
     @staticmethod
     def of(spec: t.ContainerSpec) -> Demand:
-        return Demand(spec.memory_bytes, spec.nano_cpus, tuple(Constraint.parse(c) for c in spec.constraints),
-                      host_ports(spec))
+        """Raises ValueError for a constraint that does not parse."""
+        constraints = spec.constraints
+        return Demand(spec.memory_bytes, spec.nano_cpus,
+                      tuple(Constraint.parse(c) for c in constraints) if constraints else (),
+                      host_ports(spec) if spec.ports else NO_PORTS)
 
 
 # A filter returns None when the host fits, else the reason it does not (counted across hosts).
@@ -158,8 +172,7 @@ def ports_free(host: HostView, demand: Demand) -> str | None:
 FILTERS += (ports_free,)
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     host: HostView | None
     reason: str  # empty when placed
 
@@ -176,32 +189,79 @@ def place(container_id: str, demand: Demand, hosts: Sequence[HostView],
           filters: Iterable[Filter] = FILTERS, *, strategy: str = "spread", sample: int = 0) -> Decision:
     """Choose a host for one container, or say why none fits. With sample > 0, stop after that many
     fitting hosts, visited from an offset that the container id gives."""
-    chain = tuple(filters)
-    fits: list[HostView] = []
-    rejections: Counter[str] = Counter()
     n = len(hosts)
     start = int.from_bytes(hashlib.blake2s(container_id.encode(), digest_size=4).digest()) % n if sample and n else 0
-    for i in range(n):
-        host = hosts[(start + i) % n]
+    chain = FILTERS if filters is FILTERS else tuple(filters)
+    if chain is FILTERS:
+        fits = _fitting(demand, hosts, start, sample)
+    else:
+        fits = []
+        for i in range(n):
+            host = hosts[(start + i) % n]
+            if all(check(host, demand) is None for check in chain):
+                fits.append(host)
+                if sample and len(fits) >= sample:
+                    break
+    if not fits:  # every host was looked at: say why each does not fit
+        return Decision(None, explain(n, _rejections(demand, hosts, chain)))
+    return Decision(_best(container_id, fits, strategy), "")
+
+
+def _fitting(demand: Demand, hosts: Sequence[HostView], start: int, sample: int) -> list[HostView]:
+    """The hosts that pass every one of FILTERS (the same answers, in one pass and no call per filter), visited
+    from `start` round the list, at most `sample` of them (0: all)."""
+    memory, cpus, wanted, ports = demand
+    fits: list[HostView] = []
+    n = len(hosts)
+    i = start
+    for _ in range(n):
+        host = hosts[i]
+        i += 1
+        if i == n:
+            i = 0
+        _, _, ready, capacity, ncpus, used_memory, used_cpus, _, _, _, free, taken = host
+        if not (ready and free):
+            continue
+        if memory and used_memory + memory > capacity:
+            continue
+        if cpus and used_cpus + cpus > ncpus:
+            continue
+        if wanted and not all(c.holds(host) for c in wanted):
+            continue
+        if ports and not ports.isdisjoint(taken):
+            continue
+        fits.append(host)
+        if len(fits) == sample:
+            break
+    return fits
+
+
+def _rejections(demand: Demand, hosts: Sequence[HostView], chain: Sequence[Filter]) -> Counter[str]:
+    """Why each host does not fit: the first filter of the chain that refuses it, counted."""
+    rejections: Counter[str] = Counter()
+    for host in hosts:
         for check in chain:
             why = check(host, demand)
             if why is not None:
                 rejections[why] += 1
                 break
-        else:
-            fits.append(host)
-            if sample and len(fits) >= sample:
-                break
-    if not fits:
-        return Decision(None, explain(len(hosts), rejections))
+    return rejections
 
-    sign = -1 if strategy == "binpack" else 1
 
-    def score(host: HostView) -> tuple[int, int, bytes]:
-        return (sign * host.containers, sign * host.allocated_memory,
-                hashlib.blake2s((container_id + host.id).encode(), digest_size=8).digest())
-
-    return Decision(min(fits, key=score), "")
+def _best(container_id: str, fits: list[HostView], strategy: str) -> HostView:
+    """The fewest containers (then the least memory placed) for spread, the most for binpack; among hosts that
+    tie, the lowest hash of the container and host ids (the first of those in `fits` when hashes tie)."""
+    if len(fits) == 1:
+        return fits[0]
+    if strategy == "binpack":
+        keys = [(-h.containers, -h.allocated_memory) for h in fits]
+    else:
+        keys = [(h.containers, h.allocated_memory) for h in fits]
+    low = min(keys)
+    tied = [h for h, key in zip(fits, keys, strict=True) if key == low]
+    if len(tied) == 1:
+        return tied[0]
+    return min(tied, key=lambda h: hashlib.blake2s((container_id + h.id).encode(), digest_size=8).digest())
 
 
 def with_container(host: HostView, demand: Demand) -> HostView:
@@ -209,5 +269,6 @@ def with_container(host: HostView, demand: Demand) -> HostView:
     return HostView(
         host.id, host.name, host.ready, host.memory_bytes, host.nano_cpus,
         host.allocated_memory + demand.memory_bytes, host.allocated_cpus + demand.nano_cpus,
-        host.containers + 1, host.labels, host.platform, host.schedulable, host.ports | demand.ports,
+        host.containers + 1, host.labels, host.platform, host.schedulable,
+        host.ports | demand.ports if demand.ports else host.ports,
     )

@@ -921,21 +921,31 @@ class Store:
             closed.set()
             call.cancel()
 
-    async def create_placed(self, items: list[t.Container]) -> int:
+    async def create_placed(self, items: list[t.Container], values: list[bytes] | None = None) -> int:
         """Create several containers in one transaction, each with its name claimed (placed or not: its node's
         assignment is the container key, and it has no status key until its first report, implied_status;
         issue 6): all or none, only if none of the names and ids exist (and the user networks they are on are
-        open, as create_container checks). Returns the revision, 0 when a compare failed (a name in use, a
-        network closed: create them one by one to learn which)."""
-        compares = []
-        ops = []
-        for c in items:
-            name, key = name_key(c.spec.name), container_key(c.id)
-            compares += [_version_is(name, 0), _version_is(key, 0)]
-            if user_network(c.spec.network):  # as create_container: not on a network `network rm` has closed
-                compares.append(_value_is(network_open_key(c.spec.network), OPEN))
-            ops += [_put(name, c.id.encode()), _put(key, c.SerializeToString())]
-        return await self._raw_txn(compares, ops)
+        open, as create_container checks). `values`: the containers serialized, when the caller has them.
+        Returns the revision, 0 when a compare failed (a name in use, a network closed: create them one by one
+        to learn which)."""
+        # session 6: the request's messages are added in place (a third of the cost of building each message
+        # and copying it in), the same request as _raw_txn([_version_is(...), ...], [_put(...), ...]) would send
+        request = etcdrpc.TxnRequest()
+        compare, success = request.compare.add, request.success.add
+        for i, c in enumerate(items):
+            spec = c.spec
+            name, cid = name_key(spec.name), c.id
+            key = CONTAINERS + cid.encode()
+            compare(key=name, version=0)  # result EQUAL, target VERSION: the defaults
+            compare(key=key, version=0)
+            network = spec.network
+            if user_network(network):  # as create_container: not on a network `network rm` has closed
+                compare(key=network_open_key(network), target=etcdrpc.Compare.VALUE, value=OPEN)
+            put = success().request_put
+            put.key, put.value = name, cid.encode()
+            put = success().request_put
+            put.key, put.value = key, values[i] if values is not None else c.SerializeToString()
+        return await self._commit(request)
 
     async def put_statuses(self, items: list[tuple[str, t.ContainerStatus, int, int | None]]) -> int:
         """Record several agents' reports in one transaction, each only if its container is unchanged since
@@ -944,10 +954,18 @@ class Store:
         agent's stream broke while it was in etcd's hands, and the agent sent it again, and newer ones, to
         another controller) cannot overwrite a newer status of the same run. Returns the revision, 0 when a
         compare failed (record them one by one)."""
-        compares = [_mod_is(container_key(cid), mod) for cid, _, mod, _ in items]
-        compares += [_mod_is(status_key(cid), rev) for cid, _, _, rev in items if rev is not None]
-        ops = [_put(status_key(cid), status.SerializeToString()) for cid, status, _, _ in items]
-        return await self._raw_txn(compares, ops)
+        # the request's messages added in place, as create_placed does (session 6)
+        request = etcdrpc.TxnRequest()
+        compare, success, by_mod = request.compare.add, request.success.add, etcdrpc.Compare.MOD
+        for cid, _, mod, _ in items:
+            compare(key=CONTAINERS + cid.encode(), target=by_mod, mod_revision=mod)
+        for cid, _, _, rev in items:
+            if rev is not None:
+                compare(key=STATUS + cid.encode(), target=by_mod, mod_revision=rev)
+        for cid, status, _, _ in items:
+            put = success().request_put
+            put.key, put.value = STATUS + cid.encode(), status.SerializeToString()
+        return await self._commit(request)
 
     async def keep_alive(self, lease_id: int) -> int:
         """Like refresh_lease, over one LeaseKeepAlive stream shared by every call (a heartbeat costs a
@@ -968,7 +986,11 @@ class Store:
     async def _raw_txn(self, compares: list[Any], ops: list[Any]) -> int:
         """A transaction built straight from etcd's messages (aetcd's builders cost more than the write
         for a few hundred operations). The revision it committed at, 0 if a compare failed."""
-        reply = await self._rpc(self._client.kvstub.Txn, etcdrpc.TxnRequest(compare=compares, success=ops))
+        return await self._commit(etcdrpc.TxnRequest(compare=compares, success=ops))
+
+    async def _commit(self, request: Any) -> int:
+        """Send a transaction; the revision it committed at, 0 if a compare failed."""
+        reply = await self._rpc(self._client.kvstub.Txn, request)
         return int(reply.header.revision) if reply.succeeded else 0
 
 
