@@ -73,7 +73,8 @@ class Orchestrator:
         # when set and loaded; Run calls and status reports in flight are committed together.
         self.cache: ClusterCache | None = None
         self.max_txn_ops = MAX_TXN_OPS
-        self._admissions: list[tuple[t.Container, asyncio.Future[t.Container]]] = []
+        # Run calls waiting for the next admission batch: a call's containers and one future for their outcomes
+        self._admissions: list[tuple[list[t.Container], asyncio.Future[list[t.Container | BaseException]]]] = []
         self._admit_wake = asyncio.Event()
         self._admitter: asyncio.Task[None] | None = None
         # issue 6: reports queued for the group commit: (id, status, container's and status's mod_revision, caller)
@@ -482,12 +483,10 @@ class Orchestrator:
         if self.kick is None or self._cached() is None:
             await self.store.create_container(c)
             return await self.schedule(c.id)
-        future: asyncio.Future[t.Container] = asyncio.get_running_loop().create_future()
-        self._admissions.append((c, future))
-        if self._admitter is None or self._admitter.done():
-            self._admitter = asyncio.create_task(self._admit_loop())
-        self._admit_wake.set()
-        return await future
+        [outcome] = await self._admission([c])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def create_and_place_many(self, cs: list[t.Container]) -> list[t.Container | BaseException]:
         """create_and_place for several containers at once (a RunStream message's requests, session 5): on the
@@ -495,19 +494,20 @@ class Orchestrator:
         is the container as stored or its error (NameInUse, StoreError)."""
         if self.kick is None or self._cached() is None:
             return await asyncio.gather(*(self.create_and_place(c) for c in cs), return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[t.Container]] = [loop.create_future() for _ in cs]
-        self._admissions.extend(zip(cs, futures, strict=True))
+        try:
+            return await self._admission(cs)
+        except Exception as exc:  # noqa: BLE001 - the batch failed: each container's outcome
+            return [exc] * len(cs)
+
+    def _admission(self, cs: list[t.Container]) -> asyncio.Future[list[t.Container | BaseException]]:
+        """Queue a call's containers for the next admission batch: one future for all their outcomes, in order
+        (session 6: not one per container)."""
+        future: asyncio.Future[list[t.Container | BaseException]] = asyncio.get_running_loop().create_future()
+        self._admissions.append((cs, future))
         if self._admitter is None or self._admitter.done():
             self._admitter = asyncio.create_task(self._admit_loop())
         self._admit_wake.set()
-        out: list[t.Container | BaseException] = []
-        for future in futures:  # decided in one batch: all done once the first is
-            try:
-                out.append(await future)
-            except Exception as exc:  # noqa: BLE001 - that container's outcome
-                out.append(exc)
-        return out
+        return future
 
     async def _admit_loop(self) -> None:
         while True:
@@ -522,24 +522,23 @@ class Orchestrator:
                         if not future.done():
                             future.set_exception(exc)
 
-    async def _admit(self, batch: list[tuple[t.Container, asyncio.Future[t.Container]]]) -> None:
+    async def _admit(self, batch: list[tuple[list[t.Container], asyncio.Future[list[t.Container | BaseException]]]]
+                     ) -> None:
         """Create a batch of Run calls already placed: each decided on the cache's view of the hosts, then
         stored with its name in the transaction that creates it (a compare on each name and id: created once,
         so placed once), instead of created pending and written again by a placement (2 puts of the container
         and its status, and a compare, fewer per container). It has no status key until its agent's first
         report (issue 6): its status is what the container implies (store.implied_status)."""
         items: list[tuple[t.Container, bytes]] = []  # no status key: implied by the container until its first report
-        alone: list[t.Container] = []
         names: set[str] = set()
         outcome: dict[str, t.Container] = {}
         async with self._placing:  # this controller's decisions see each other's allocations
             cache = self._cached()
             hosts = cache.hosts() if cache is not None else await self.hosts()
             index = cache.host_index() if cache is not None else {h.id: i for i, h in enumerate(hosts)}
-            for c, _ in batch:
+            for c in (c for cs, _ in batch for c in cs):
                 name = c.spec.name
                 if name in names:  # etcd refuses a transaction that puts one key twice: this one alone
-                    alone.append(c)
                     continue
                 names.add(name)
                 decision, demand = self._decide(c, hosts)
@@ -563,7 +562,6 @@ class Orchestrator:
                 if isinstance(revision, BaseException) or not revision:
                     for c in chunk:  # a name in use (or etcd failed): one by one, to tell which
                         c.node_id = c.pending_reason = ""
-                        alone.append(c)
                     continue
                 for c in chunk:
                     outcome[c.id] = c
@@ -571,26 +569,26 @@ class Orchestrator:
                         self.metrics.scheduling_latency.observe(max(0.0, now - c.created_at_ns / 1e9))
                     if self.cache is not None:
                         self.cache.put_container(c, revision)
-        for c, future in batch:
+        for cs, future in batch:
             if future.done():
                 continue
-            if c.id in outcome:
-                future.set_result(outcome[c.id])
+            if all(c.id in outcome for c in cs):
+                future.set_result([outcome[c.id] for c in cs])
             else:
-                self._background(self._admit_alone(c, future))
+                self._background(self._admit_alone(cs, outcome, future))
 
-    async def _admit_alone(self, c: t.Container, future: asyncio.Future[t.Container]) -> None:
-        """One Run call of a batch that could not be created with it (a name in use, twice in the batch, or
-        etcd failed): created and placed alone, so that the error is its own."""
-        try:
+    async def _admit_alone(self, cs: list[t.Container], outcome: dict[str, t.Container],
+                           future: asyncio.Future[list[t.Container | BaseException]]) -> None:
+        """A call's containers that could not be created with their batch (a name in use, twice in the batch, or
+        etcd failed): each created and placed alone, so that the error is its own; the call's outcomes are
+        given once all are known (those of the batch as they were)."""
+        async def alone(c: t.Container) -> t.Container:
             await self.store.create_container(c)
-            result = await self.schedule(c.id)
-        except Exception as exc:  # noqa: BLE001 - handed to the Run call
-            if not future.done():
-                future.set_exception(exc)
-            return
+            return await self.schedule(c.id)
+
+        results = iter(await asyncio.gather(*(alone(c) for c in cs if c.id not in outcome), return_exceptions=True))
         if not future.done():
-            future.set_result(result)
+            future.set_result([outcome[c.id] if c.id in outcome else next(results) for c in cs])
 
     async def on_statuses(self, updates: list[tuple[str, t.ContainerStatus]]) -> None:
         """Record a report's statuses (as on_status). With the cache loaded, the generation is checked on the

@@ -170,7 +170,12 @@ def user_network(network: str) -> bool:
 def implied_status(c: t.Container) -> t.ContainerStatus:
     """The status of a container that has no status key (issue 6: created placed, no report yet): assigned
     when it has a node, pending otherwise, of its current run."""
-    return t.ContainerStatus(state=t.STATE_ASSIGNED if c.node_id else t.STATE_PENDING, generation=c.generation)
+    return t.ContainerStatus(state=implied_state(c), generation=c.generation)
+
+
+def implied_state(c: t.Container) -> t.ContainerState.ValueType:
+    """implied_status's state, without building the status (the metrics count it for every container)."""
+    return t.STATE_ASSIGNED if c.node_id else t.STATE_PENDING
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -900,6 +905,7 @@ class Store:
         request = etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
             key=prefix, range_end=_prefix_end(prefix), start_revision=after_revision + 1))
         closed = asyncio.Event()
+        put = etcdrpc.Event.PUT
 
         async def requests() -> AsyncIterator[Any]:
             yield request
@@ -913,7 +919,7 @@ class Store:
                 if reply.canceled:
                     raise StoreError(f"etcd cancelled a watch: {reply.cancel_reason or 'no reason given'}")
                 if reply.events:
-                    yield [(e.type == etcdrpc.Event.PUT, e.kv.key, e.kv.value, e.kv.mod_revision) for e in reply.events]
+                    yield [(e.type == put, (kv := e.kv).key, kv.value, kv.mod_revision) for e in reply.events]
             raise Unavailable("etcd ended a watch")
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"etcd is unreachable: {exc.details()}") from exc
