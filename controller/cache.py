@@ -218,6 +218,7 @@ class ClusterCache:
         self.statuses: dict[str, tuple[t.ContainerStatus, int]] = {}
         self.nodes: dict[str, tuple[t.Node, int]] = {}
         self.alive: set[str] = set()
+        self.drained: set[str] = set()  # session 6: the nodes drained, for the leader's heal (each sweep)
         self.pending: dict[str, None] = {}  # an ordered set: first come, first placed
         self.on_node: dict[str, set[str]] = {}
         # issue 6 (keys): the nodes each container has an assignment on (its node, its stale nodes) and the
@@ -550,6 +551,10 @@ class ClusterCache:
 
     def _put_node(self, node: t.Node, revision: int) -> None:
         self.nodes[node.id] = (node, revision)
+        if node.availability == t.AVAILABILITY_DRAIN:
+            self.drained.add(node.id)
+        else:
+            self.drained.discard(node.id)
         self._view(node.id)
 
     # ---- loading and following etcd ----------------------------------------------------------------
@@ -645,6 +650,7 @@ class ClusterCache:
                 self._put_node(node, mod)
             else:
                 self.nodes.pop(key[len(NODES):].decode(), None)
+                self.drained.discard(key[len(NODES):].decode())
                 self._view(key[len(NODES):].decode())
             for follower in self._node_followers:
                 follower.put_nowait(key[len(NODES):].decode())

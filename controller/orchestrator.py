@@ -755,11 +755,14 @@ def _placed(c: t.Container, node_id: str) -> None:
 
 def _cached_on_hosts(cache: ClusterCache) -> Iterator[tuple[Versioned, t.Node | None, bool]]:
     """The cache's containers of hosts that are not alive or are drained (the others are skipped whole), for
-    heal(); copies of the indexes are iterated, as moving a container changes them."""
-    for node_id, cids in list(cache.on_node.items()):
-        entry = cache.nodes.get(node_id)
+    heal(); copies of the indexes are iterated, as moving a container changes them. A host that is alive, known
+    and not drained is skipped on the cache's sets alone (session 6: every sweep looks at every host)."""
+    live, nodes, drained = cache.alive, cache.nodes, cache.drained
+    for node_id, cids in [(n, cids) for n, cids in cache.on_node.items()
+                          if n not in live or n in drained or n not in nodes]:
+        entry = nodes.get(node_id)
         node = entry[0] if entry is not None else None
-        alive = node_id in cache.alive
+        alive = node_id in live
         if node is not None and alive and node.availability != t.AVAILABILITY_DRAIN:
             continue
         for cid in list(cids):

@@ -28,3 +28,28 @@ def test_a_placement_seen_from_the_watch_first_is_not_indexed_again_by_its_reply
     moved.desired_state = t.DESIRED_STOPPED
     cache.put_container(moved, 6)
     assert (cache.hosts()[0].containers, cache.hosts()[0].allocated_memory) == (0, 0)
+
+
+def test_heal_looks_at_the_containers_of_hosts_down_drained_or_gone_only() -> None:
+    """The leader's heal skips a live, known, undrained host on the cache's sets alone (session 6): the drained
+    set follows the nodes' availability as they are put and removed."""
+    from controller.orchestrator import _cached_on_hosts
+    from controller.store import NODES
+
+    cache = ClusterCache(Store("http://127.0.0.1:1"))
+    for name in ("up", "down", "drained", "paused"):
+        cache._put_node(t.Node(id=name, name=name, availability=t.AVAILABILITY_DRAIN if name == "drained" else
+                               t.AVAILABILITY_PAUSE if name == "paused" else t.AVAILABILITY_ACTIVE), 1)
+    cache.alive.update({"up", "drained", "paused"})
+    for i, node_id in enumerate(("up", "down", "drained", "paused", "gone")):
+        cache.put_container(t.Container(id=f"c-{node_id}", node_id=node_id, desired_state=t.DESIRED_RUNNING), 2 + i)
+    assert cache.drained == {"drained"}
+    assert [(v.container.id, alive) for v, _, alive in _cached_on_hosts(cache)] == [
+        ("c-down", False), ("c-drained", True), ("c-gone", False)]
+    cache._put_node(t.Node(id="drained", name="drained", availability=t.AVAILABILITY_ACTIVE), 10)
+    cache._put_node(t.Node(id="up", name="up", availability=t.AVAILABILITY_DRAIN), 11)
+    assert cache.drained == {"up"}
+    assert [v.container.id for v, _, _ in _cached_on_hosts(cache)] == ["c-up", "c-down", "c-gone"]
+    cache._apply(False, NODES + b"up", b"", 12)  # node rm
+    assert cache.drained == set()
+    assert [v.container.id for v, node, _ in _cached_on_hosts(cache)] == ["c-up", "c-down", "c-gone"]
