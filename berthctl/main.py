@@ -302,6 +302,14 @@ def cmd_run(args: argparse.Namespace, conn: Connection) -> int:
                     print(f"berthctl: warning: {message}", file=sys.stderr)
                 else:
                     raise CLIError(f"cannot attach: {message}")
+            elif _state(c) == "created":  # session 6: stopped (berthctl stop) before its host started it
+                name = c.spec.name
+                message = (f"container {name} was stopped before it started, and removed (--rm)" if c.spec.auto_remove
+                           else f"container {name} was stopped before it started: start it with berthctl start {name}")
+                if args.detach:
+                    print(f"berthctl: warning: {message}", file=sys.stderr)
+                else:
+                    raise CLIError(f"cannot attach: {message}")
         elif kind == "log":
             _write_log(event.log)
         elif kind == "exit_code":

@@ -225,7 +225,9 @@ class _Refuse:
 _REFUSE: Ctx = cast(Ctx, _Refuse())
 RUN_STREAM_IN_FLIGHT = 1024  # requests of one RunStream served at once; it reads no more until one is answered
 RUN_STREAM_REPLIES = 256  # replies of one RunStream sent in one message at most
-RUN_BEGUN = (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED)  # a Run is answered once its container is in one
+# A Run is answered once its container is in one; created: its agent says the run was stopped before it started
+# it, and Run answers it so (as a pending one; session 6: it waited RUN_WAIT_S for a run that would never begin)
+RUN_BEGUN = (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED, t.STATE_CREATED)
 RUN_WAIT_S = 3600  # how long a Run waits for its container to begin
 
 
@@ -695,6 +697,9 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             except (StoreError, TimeoutError) as exc:
                 raise RunRefused(grpc.StatusCode.ABORTED, f"container {c.id[:12]}: {exc}") from None
             await self._finish(placed, status, out)
+            if status.state == t.STATE_CREATED:  # stopped before it started: nothing to attach to
+                self._count(method, grpc.StatusCode.OK)
+                return None
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("run %s: placed on %s in %.1f ms, %s %.1f ms later", c.id[:12], placed.node_id,
                           (placed_at - began) * 1000, t.ContainerState.Name(status.state),

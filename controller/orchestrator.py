@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TERMINAL = (t.STATE_EXITED, t.STATE_FAILED)
+# The reported states on which a --rm container is removed: its end, or created (its agent says it was stopped
+# before it started that run; session 6: it stayed created)
+RM_ON = (*TERMINAL, t.STATE_CREATED)
 W = TypeVar("W")
 
 
@@ -468,7 +471,7 @@ class Orchestrator:
                 break
         else:
             raise Conflict(f"container {cid[:12]} kept changing while its status was recorded; report it again")
-        if c.spec.auto_remove and status.state in TERMINAL:
+        if c.spec.auto_remove and status.state in RM_ON:
             await self.remove(cid)
         return True
 
@@ -683,7 +686,7 @@ class Orchestrator:
             if self.cache is not None:
                 self.cache.put_status(cid, status, revision)
                 v = self.cache.container(cid)
-                if v is not None and v.container.spec.auto_remove and status.state in TERMINAL:
+                if v is not None and v.container.spec.auto_remove and status.state in RM_ON:
                     self._background(self._remove_quietly(cid))
         for *_, future in batch:
             if not future.done():
