@@ -340,6 +340,15 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
 
     # ---- helpers ----------------------------------------------------------------------------------
 
+    async def _before_changes(self, cid: str, context: Ctx) -> StatusTracker | StatusWaiter:
+        """Start's and Stop's status watch, opened before they write: etcd failing there is UNAVAILABLE, nothing
+        changed (session 6: it was not caught, and the call ended UNKNOWN)."""
+        try:
+            return await StatusTracker.before_changes(self.store, cid)
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"nothing was changed, etcd failed ({exc}); try again")
+            raise AssertionError from None  # abort always raises
+
     async def _resolve(self, ref: str, context: Ctx) -> str:
         try:
             return await self.store.resolve(ref)
@@ -737,7 +746,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
 
     async def Start(self, request: control_pb2.ContainerRef, context: Ctx) -> t.Container:
         cid = await self._resolve(request.ref, context)
-        tracker = await StatusTracker.before_changes(self.store, cid)
+        tracker = await self._before_changes(cid, context)
         try:
             c = await self.orchestrator.set_desired(cid, t.DESIRED_RUNNING)
             if c.node_id:
@@ -759,7 +768,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
     async def Stop(self, request: control_pb2.StopRequest, context: Ctx) -> t.Container:
         cid = await self._resolve(request.ref, context)
         timeout = request.timeout_s if request.timeout_s >= 0 else DEFAULT_STOP_TIMEOUT_S
-        tracker = await StatusTracker.before_changes(self.store, cid)
+        tracker = await self._before_changes(cid, context)
         try:
             c = await self.orchestrator.set_desired(cid, t.DESIRED_STOPPED, stop_timeout_s=timeout)
             status, _ = await self.store.get_status(cid)

@@ -119,7 +119,7 @@ async def _rm_removed(url: str, cached: bool) -> None:
 
             async def record(cid: str, status: t.ContainerStatus) -> object:
                 return await orchestrator.on_statuses([(cid, status)])
-        c = t.Container(id="%064x" % (cached + 7), node_id="n1", desired_state=t.DESIRED_STOPPED, generation=1,
+        c = t.Container(id=f"{cached + 7:064x}", node_id="n1", desired_state=t.DESIRED_STOPPED, generation=1,
                         spec=t.ContainerSpec(name=f"rm-stopped-first-{int(cached)}", image="busybox", auto_remove=True))
         assert await store.create_placed([c])  # run --rm, then stop: its agent never started it
         await until(lambda: cache.container(c.id) is not None, "the container in the cache")
