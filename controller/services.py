@@ -36,7 +36,7 @@ from berth.api import control_pb2
 from berth.api import types_pb2 as t
 from controller import scheduler
 from controller.orchestrator import TERMINAL, Orchestrator
-from controller.store import Conflict, NotFound, Store, StoreError, Versioned
+from controller.store import Conflict, NetworkClosed, NotFound, Store, StoreError, Versioned
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +210,23 @@ class ServiceReconciler:
                 message += ("; start-first needs a host whose port is free while the old container still runs: "
                             "use --update-order stop-first")
         if action == "rollback" and svc.update_state == "updating" and svc.HasField("previous_spec"):
+            before = t.Service()
+            before.CopyFrom(svc)
             _rollback(svc)
             svc.update_state = "rolling_back"
             svc.update_message = message
+            try:  # session 6: as `service update` does, not back onto a network `network rm` closed or removed
+                await self.store.put_service(svc, rev, network_open=True)
+            except NetworkClosed as exc:
+                svc = before
+                svc.update_state = "paused"
+                svc.update_message = (f"{message}; not rolled back: network {exc.name!r} does not exist or is being "
+                                      "removed")
+                await self.store.put_service(svc, rev)
         else:
             svc.update_state = "paused"
             svc.update_message = message
-        await self.store.put_service(svc, rev)
+            await self.store.put_service(svc, rev)
         log.warning("service %s: %s", svc.spec.name, svc.update_message)
 
     async def _create(self, svc: t.Service, slot: str, replaces_unplaced: bool = False) -> None:
