@@ -32,12 +32,19 @@ from berth.api import types_pb2 as t
 log = logging.getLogger(__name__)
 
 
-def image_check(config: ImageConfig) -> t.HealthCheck:
+def image_check(config: ImageConfig, given: t.HealthCheck | None = None) -> t.HealthCheck:
     """An image's HEALTHCHECK as a container's check (none: an empty one); one berth cannot run (a Test that
-    is not CMD, CMD-SHELL or NONE) is left out, with a warning, as if the image had none."""
+    is not CMD, CMD-SHELL or NONE) is left out, with a warning, as if the image had none. `given`: the
+    container's check with no command, whose interval, timeout, retries and start period (each one set) replace
+    the image's, as Docker merges them (session 6: `--health-interval` without `--health-cmd`)."""
     check = t.HealthCheck(test=config.health_test, interval_s=config.health_interval_s,
                           timeout_s=config.health_timeout_s, retries=config.health_retries,
                           start_period_s=config.health_start_period_s)
+    if given is not None:
+        check.interval_s = given.interval_s or check.interval_s
+        check.timeout_s = given.timeout_s or check.timeout_s
+        check.retries = given.retries or check.retries
+        check.start_period_s = given.start_period_s or check.start_period_s
     problem = healthcheck.validate(check) if check.test else None
     if problem is not None:
         log.warning("the image's HEALTHCHECK %s is not run: %s", list(config.health_test), problem)
@@ -87,7 +94,7 @@ class HealthReporter(Reporter):
         if not check.test and self.images is not None:
             image = self.images.get(a.spec.image)
             if image is not None:
-                check = image_check(image.config)
+                check = image_check(image.config, check)
         return check if healthcheck.enabled(check) else None
 
     def _stop(self, cid: str) -> None:

@@ -74,11 +74,7 @@ def effective(hc: t.HealthCheck) -> Effective:
 
 def validate(hc: t.HealthCheck) -> str | None:
     """Why a check cannot be used, or None."""
-    if not hc.test:
-        if hc.interval_s or hc.timeout_s or hc.retries or hc.start_period_s:
-            return "--health-interval, --health-timeout, --health-retries and --health-start-period need --health-cmd"
-        return None
-    kind = hc.test[0]
+    kind = hc.test[0] if hc.test else ""  # none: the timings given apply to the image's HEALTHCHECK (Docker)
     if kind == "NONE":
         return None
     if kind == "CMD-SHELL" and (len(hc.test) != 2 or not hc.test[1].strip()):
@@ -86,7 +82,7 @@ def validate(hc: t.HealthCheck) -> str | None:
                 "e.g. --health-cmd 'wget -q -O- localhost'")
     if kind == "CMD" and len(hc.test) < 2:
         return "a CMD health check needs a command"
-    if kind not in ("CMD", "CMD-SHELL"):
+    if kind not in ("", "CMD", "CMD-SHELL"):
         return f"invalid health check test {kind!r}: CMD, CMD-SHELL or NONE"
     for name, value in (("--health-interval", hc.interval_s), ("--health-timeout", hc.timeout_s)):
         if value < 0 or 0 < value < 0.001:

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def fill_spec(args: argparse.Namespace, spec: types_pb2.ContainerSpec) -> None:
-    """Apply the flags given to spec.healthcheck (the others are left as they are)."""
+    """Apply the flags given to spec.healthcheck (the others are left as they are). Timings without
+    --health-cmd apply to the image's HEALTHCHECK, as Docker's (the agent merges them)."""
     hc = spec.healthcheck
     given = [f for f in ("health_cmd", "health_interval", "health_timeout", "health_retries", "health_start_period")
              if getattr(args, f, None) is not None]
@@ -53,6 +54,3 @@ def fill_spec(args: argparse.Namespace, spec: types_pb2.ContainerSpec) -> None:
         if args.health_retries < 0:
             raise CLIError(f"invalid --health-retries {args.health_retries}: it must not be negative")
         hc.retries = args.health_retries
-    if given and not spec.healthcheck.test:
-        raise CLIError("--health-interval, --health-timeout, --health-retries and --health-start-period need "
-                       "--health-cmd")

@@ -29,7 +29,7 @@ def test_defaults_and_command_lines() -> None:
 
 
 @pytest.mark.parametrize(("hc", "message"), [
-    (t.HealthCheck(interval_s=1), "need --health-cmd"),
+    (t.HealthCheck(retries=-1), "--health-retries must not be negative"),  # for the image's check (Docker)
     (t.HealthCheck(test=["CMD-SHELL", " "]), "--health-cmd is empty"),
     (t.HealthCheck(test=["CMD-SHELL", "true"], retries=-1), "--health-retries must not be negative"),
     (t.HealthCheck(test=["CMD-SHELL", "true"], timeout_s=0.0001), "--health-timeout must be at least 1ms"),
@@ -39,3 +39,4 @@ def test_refused(hc: t.HealthCheck, message: str) -> None:
     problem = validate(hc)
     assert problem is not None and message in problem
     assert validate(t.HealthCheck(test=["NONE"])) is None and validate(t.HealthCheck()) is None
+    assert validate(t.HealthCheck(interval_s=1, retries=2)) is None  # timings for the image's HEALTHCHECK

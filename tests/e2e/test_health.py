@@ -89,8 +89,8 @@ def test_bad_health_flags_fail_in_one_line(berthctl: RunBerthctl) -> None:
     assert out.returncode == 125
     assert out.stderr == ("berthctl: invalid --health-interval '5x': write a duration such as 30s, 1m30s or "
                           "500ms\n")
-    out = berthctl("run", "-d", "--health-retries", "2", "busybox", "true")
-    assert out.returncode == 125 and "need --health-cmd" in out.stderr and out.stderr.count("\n") == 1
+    out = berthctl("run", "-d", "--health-retries", "-2", "busybox", "true")
+    assert out.returncode == 125 and "must not be negative" in out.stderr and out.stderr.count("\n") == 1
 
 
 def test_rolling_update_to_a_failing_health_check_is_rolled_back(
@@ -123,12 +123,13 @@ def test_rolling_update_to_a_failing_health_check_is_rolled_back(
         berthctl("service", "rm", "hsvc")
 
 
-def push_image_with_check(cluster: ClusterInfo, tmp_path: Path, tag: str, shell_check: str) -> str:
+def push_image_with_check(cluster: ClusterInfo, tmp_path: Path, tag: str, shell_check: str,
+                          interval_ns: int = 500_000_000, retries: int = 2) -> str:
     """busybox with a HEALTHCHECK CMD <shell_check> every 500ms, 2 retries, pushed to the cluster's registry."""
     layout = tmp_path / f"hcimage-{tag}"
     write_image(layout, tag, [tar_layer(busybox_entries())], {
         "Cmd": ["sh"], "Env": [PATH_ENV],
-        "Healthcheck": {"Test": ["CMD-SHELL", shell_check], "Interval": 500_000_000, "Retries": 2}})
+        "Healthcheck": {"Test": ["CMD-SHELL", shell_check], "Interval": interval_ns, "Retries": retries}})
     push_layout(layout, tag, cluster.registry, "library/hcimage")
     return f"hcimage:{tag}"
 
@@ -172,3 +173,16 @@ def test_a_rolling_update_to_an_image_whose_healthcheck_fails_is_rolled_back(
         assert svc["update_state"] == "rolled_back" and svc["spec"]["template"]["image"] == good
     finally:
         berthctl("service", "rm", "himg")
+
+
+def test_health_timings_without_a_command_apply_to_the_images_check(
+        cluster: ClusterInfo, berthctl: RunBerthctl, names: Callable[[str], str], tmp_path: Path) -> None:
+    """Docker applies --health-interval/--health-retries given without --health-cmd to the image's HEALTHCHECK
+    (session 6: they were refused). The image checks every hour and needs 100 failures in a row: a check within
+    the test's wait is the container's interval, unhealthy before 100 failures its retries."""
+    image = push_image_with_check(cluster, tmp_path, "slow", "exit 3", interval_ns=3600 * 10**9, retries=100)
+    c = names("img-timed")
+    ok(berthctl, "run", "-d", "--name", c, "--health-interval", "500ms", "--health-retries", "1", image, "sleep",
+       "3600")
+    h = wait_for(lambda: (h := health(berthctl, c))["status"] == "unhealthy" and h, 60, "unhealthy by its own timings")
+    assert h["failing_streak"] < 100 and h["log"][-1]["exit_code"] == 3, h
