@@ -10,7 +10,9 @@ down within one TTL.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +26,7 @@ from berth.api import types_pb2 as t
 from controller.assigned import fill
 from controller.cache import CACHE_WAIT_S, ClusterCache, RawAssignment
 from controller.dns import NamesHub
+from controller.feed import Feed
 from controller.metrics import ControllerMetrics
 from controller.network import SubnetAllocator
 from controller.orchestrator import Orchestrator
@@ -144,7 +147,7 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             self.metrics.agent_sessions.dec()
 
     async def _from_cache(self, cache: ClusterCache, node_id: str, after: int, current: int,
-                          queue: asyncio.Queue[RawAssignment | BaseException]) -> AsyncIterator[d.AssignmentsMessage]:
+                          queue: Feed[RawAssignment | BaseException]) -> AsyncIterator[d.AssignmentsMessage]:
         """The Assignments stream from the cache's watch: the changes after `current` come through `queue`;
         an agent that resumes from before it (or starts) gets the complete set as of `current` first (the
         containers naming the node, from the cache's index: no etcd read, issue 6). The
@@ -194,13 +197,13 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
 
     async def Reports(self, request_iterator: AsyncIterator[d.ReportsRequest], context: grpc.aio.ServicerContext[d.ReportsRequest, d.ReportsAck]) -> AsyncIterator[d.ReportsAck]:  # noqa: E501
         """issue 6 (throughput): an agent session's status reports and heartbeats on one stream. A heartbeat is
-        answered in turn (one that fails ends the stream: NOT_FOUND or UNAVAILABLE). A batch is committed in a
-        task of its own (with the other reports in flight, Orchestrator.on_statuses), so a slow commit holds up
-        no heartbeat: one sent for an ack of its own is acknowledged when done, with the error if it failed; the
-        lazy_ack batches (issue 6, streams) are committed one after the other in the order sent and acknowledged
-        together by the committed_through of the next ack this stream sends (a heartbeat's answer, or one sent
-        for them alone when none went for ACK_DELAY heartbeat periods), one that fails ends the stream."""
-        acks: asyncio.Queue[d.ReportsAck | tuple[grpc.StatusCode, str] | None] = asyncio.Queue()
+        answered in turn (one that fails ends the stream: NOT_FOUND or UNAVAILABLE). A batch is recorded with
+        the other reports in flight (Orchestrator.record_statuses), so a slow commit holds up no heartbeat: one
+        sent for an ack of its own is acknowledged when done, with the error if it failed; the lazy_ack batches
+        (issue 6, streams) are committed one after the other in the order sent and acknowledged together by the
+        committed_through of the next ack this stream sends (a heartbeat's answer, or one sent for them alone
+        when none went for ACK_DELAY heartbeat periods), one that fails ends the stream."""
+        acks: Feed[_Answer] = Feed()
         lazy = _LazyAcks(acks, ACK_DELAY * self.heartbeat_period_s)
         reader = asyncio.create_task(self._read_reports(request_iterator, acks, lazy))
         try:
@@ -214,48 +217,37 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
             reader.cancel()
             lazy.close()
 
-    async def _read_reports(self, requests: AsyncIterator[d.ReportsRequest],
-                            acks: asyncio.Queue[d.ReportsAck | tuple[grpc.StatusCode, str] | None],
+    async def _read_reports(self, requests: AsyncIterator[d.ReportsRequest], acks: Feed[_Answer],
                             lazy: _LazyAcks) -> None:
         """Reports' side that reads: what to answer goes to `acks`, then None when the agent closed its side,
-        or the status code and message to end the stream with."""
-        commits: set[asyncio.Task[None]] = set()
-        in_order: asyncio.Queue[d.ReportsRequest | None] | None = None  # the lazy_ack batches, to commit in turn
-        committer: asyncio.Task[None] | None = None
+        or the status code and message to end the stream with. session 6: a batch's recording is a future
+        with a callback that answers it (no task, no queue); the lazy_ack batches are chained (_InOrder)."""
+        recording: set[asyncio.Future[None]] = set()  # batches that get an ack of their own
+        in_order: _InOrder | None = None
 
-        async def commit(request: d.ReportsRequest) -> None:
-            ack = d.ReportsAck(seq=request.seq)
-            try:
-                await self.orchestrator.on_statuses([(u.container_id, u.status) for u in request.updates])
-            except Exception as exc:  # noqa: BLE001 - any failure: the agent keeps the batch and sends it again
-                log.warning("status report of %s: %s", request.node_id, exc)
+        def answer(seq: int, node_id: str, future: asyncio.Future[None]) -> None:
+            recording.discard(future)
+            if future.cancelled():
+                return
+            ack = d.ReportsAck(seq=seq)
+            exc = future.exception()
+            if exc is not None:  # any failure: the agent keeps the batch and sends it again
+                log.warning("status report of %s: %s", node_id, exc)
                 ack.error = str(exc) or type(exc).__name__
             acks.put_nowait(ack)
-
-        async def commit_in_order(queue: asyncio.Queue[d.ReportsRequest | None]) -> None:
-            while (request := await queue.get()) is not None:
-                try:
-                    await self.orchestrator.on_statuses([(u.container_id, u.status) for u in request.updates])
-                except Exception as exc:  # noqa: BLE001 - nothing after it is committed: the agent sends it all again
-                    log.warning("status report of %s: %s", request.node_id, exc)
-                    acks.put_nowait(d.ReportsAck())  # what was committed before it
-                    acks.put_nowait((grpc.StatusCode.UNAVAILABLE,
-                                     f"the statuses were not recorded ({exc or type(exc).__name__}); send them again"))
-                    return
-                lazy.committed(request.seq)
 
         try:
             async for request in requests:
                 if request.updates:
                     if request.lazy_ack:
                         if in_order is None:
-                            in_order = asyncio.Queue()
-                            committer = asyncio.create_task(commit_in_order(in_order))
-                        in_order.put_nowait(request)
+                            in_order = _InOrder(self.orchestrator, acks, lazy)
+                        in_order.add(request)
                     else:
-                        task = asyncio.create_task(commit(request))
-                        commits.add(task)
-                        task.add_done_callback(commits.discard)
+                        future = self.orchestrator.record_statuses(
+                            [(u.container_id, u.status) for u in request.updates])
+                        recording.add(future)
+                        future.add_done_callback(functools.partial(answer, request.seq, request.node_id))
                 if request.heartbeat:
                     try:
                         ttl = await self._keep_alive(request.node_id)
@@ -269,19 +261,19 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
                 elif not request.updates:
                     acks.put_nowait(d.ReportsAck(seq=request.seq))
             # the agent closed its side: answer what it sent
-            if in_order is not None and committer is not None:
-                in_order.put_nowait(None)
-                await committer
+            if in_order is not None:
+                await in_order.drained()
                 acks.put_nowait(d.ReportsAck())
-            await asyncio.gather(*commits)
+            if recording:
+                await asyncio.wait(set(recording))  # each answered by its callback first (added before)
             acks.put_nowait(None)
         except Exception as exc:  # noqa: BLE001 - the stream broke under the reader: end it with the reason
             acks.put_nowait((grpc.StatusCode.INTERNAL, f"reading status reports: {exc}"))
         finally:
-            for task in commits:
-                task.cancel()
-            if committer is not None:
-                committer.cancel()
+            for future in list(recording):
+                future.cancel()
+            if in_order is not None:
+                in_order.close()
 
     async def Peers(self, request: d.PeersRequest, context: grpc.aio.ServicerContext[d.PeersRequest, d.PeersMessage]) -> AsyncIterator[d.PeersMessage]:  # noqa: E501
         """issue 5: the overlay's peers for an agent (controller.peer_feed, issue 6: from the cache)."""
@@ -315,12 +307,81 @@ class Dispatcher(dispatcher_pb2_grpc.DispatcherServicer):
         raise AssertionError
 
 
+# what a Reports stream answers: an ack, the status code and message to end the stream with, or None (done)
+_Answer = d.ReportsAck | tuple[grpc.StatusCode, str] | None
+
+
+class _InOrder:
+    """A Reports stream's lazy_ack batches (issue 6, streams), recorded one after the other in the order sent:
+    each starts when the one before it is recorded (a done-callback on its future, session 6: no queue and no
+    task). The first that fails ends the stream (what was committed before it is acknowledged) and nothing after
+    it is recorded: the agent sends them all again."""
+
+    def __init__(self, orchestrator: Orchestrator, acks: Feed[_Answer], lazy: _LazyAcks) -> None:
+        self._orchestrator = orchestrator
+        self._acks = acks
+        self._lazy = lazy
+        self._waiting: collections.deque[d.ReportsRequest] = collections.deque()
+        self._current: asyncio.Future[None] | None = None
+        self._request: d.ReportsRequest | None = None
+        self._failed = False
+        self._idle: asyncio.Future[None] | None = None
+
+    def add(self, request: d.ReportsRequest) -> None:
+        if self._failed:
+            return
+        if self._current is None:
+            self._start(request)
+        else:
+            self._waiting.append(request)
+
+    def _start(self, request: d.ReportsRequest) -> None:
+        self._request = request
+        self._current = self._orchestrator.record_statuses([(u.container_id, u.status) for u in request.updates])
+        self._current.add_done_callback(self._recorded)
+
+    def _recorded(self, future: asyncio.Future[None]) -> None:
+        if future is not self._current or future.cancelled():  # closed
+            return
+        request, self._current = self._request, None
+        assert request is not None
+        exc = future.exception()
+        if exc is not None:
+            log.warning("status report of %s: %s", request.node_id, exc)
+            self._failed = True
+            self._waiting.clear()
+            self._acks.put_nowait(d.ReportsAck())  # what was committed before it
+            self._acks.put_nowait((grpc.StatusCode.UNAVAILABLE,
+                                   f"the statuses were not recorded ({exc or type(exc).__name__}); send them again"))
+        else:
+            self._lazy.committed(request.seq)
+            if self._waiting:
+                self._start(self._waiting.popleft())
+                return
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def drained(self) -> None:
+        """Until every batch added is recorded (or one failed)."""
+        if self._current is not None:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
+
+    def close(self) -> None:
+        """The stream ended: what is recording is cancelled (not written unless in a transaction already)."""
+        self._failed = True
+        self._waiting.clear()
+        current, self._current = self._current, None
+        if current is not None:
+            current.cancel()
+
+
 class _LazyAcks:
     """issue 6 (streams): a Reports stream's acknowledgement of its lazy_ack batches: the highest seq committed
     in order goes in every ack the stream sends (`stamp`); committed and not sent for `delay_s`, it gets an ack
     of its own."""
 
-    def __init__(self, acks: asyncio.Queue[d.ReportsAck | tuple[grpc.StatusCode, str] | None], delay_s: float) -> None:
+    def __init__(self, acks: Feed[_Answer], delay_s: float) -> None:
         self._acks = acks
         self._delay_s = delay_s
         self._committed = 0  # every lazy batch with a seq up to this one is recorded

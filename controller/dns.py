@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 from berth.api import dispatcher_pb2 as d
 from berth.api import types_pb2 as t
 from controller.cache import CACHE_WAIT_S, ClusterCache, take_all
+from controller.feed import Feed
 from controller.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -47,10 +49,21 @@ def record_of(container: t.Container, status: t.ContainerStatus | None) -> d.Nam
                         address=status.ip_address, service=service)
 
 
+def _may_change(feed: _Feed, cache: ClusterCache, cid: str) -> bool:
+    """Whether a change of a container (applied to the cache) may change the records (session 6: the feed is
+    not woken for the others): the container has a record now, or a status that may give it one (running, with
+    an address). A change it is not woken for leaves the container with no record, as it had: the record the
+    feed computes from the cache for a later change (or one queued before) is the same as it would have been."""
+    if cid in feed.records:
+        return True
+    status = cache.status(cid)
+    return status is not None and status.state == t.STATE_RUNNING and bool(status.ip_address)
+
+
 class _Feed:
     def __init__(self) -> None:
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.subscribers: set[asyncio.Queue[d.NamesMessage | BaseException]] = set()
+        self.subscribers: set[Feed[d.NamesMessage | BaseException]] = set()  # session 6: not asyncio.Queue
         self.containers: dict[str, t.Container] = {}
         self.statuses: dict[str, t.ContainerStatus] = {}
         self.records: dict[str, d.NameRecord] = {}
@@ -69,7 +82,7 @@ class NamesHub:
         if feed is None or feed.task is None or feed.task.done():
             feed = self._feed = _Feed()
             feed.task = asyncio.create_task(self._run(feed))
-        queue: asyncio.Queue[d.NamesMessage | BaseException] = asyncio.Queue()
+        queue: Feed[d.NamesMessage | BaseException] = Feed()
         feed.subscribers.add(queue)
         try:
             await asyncio.shield(feed.ready)
@@ -94,14 +107,14 @@ class NamesHub:
         if cache is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cache.wait_ready(), CACHE_WAIT_S)
-            changes = cache.follow_containers()
+            changes = cache.follow_containers(functools.partial(_may_change, feed, cache))
             if changes is not None:
                 try:
                     await self._run_cached(feed, cache, changes)
                 finally:
                     cache.unfollow_containers(changes)
                 return
-        events: asyncio.Queue[tuple[str, str, Any] | BaseException] = asyncio.Queue()
+        events: Feed[tuple[str, str, Any] | BaseException] = Feed()
         pumps: list[asyncio.Task[None]] = []
         try:
             revision = await self.store.revision()
@@ -134,7 +147,7 @@ class NamesHub:
                 p.cancel()
 
     async def _run_cached(self, feed: _Feed, cache: ClusterCache,
-                          changes: asyncio.Queue[str | BaseException]) -> None:
+                          changes: Feed[str | BaseException]) -> None:
         """The feed from the cluster cache: its table now (no await since `changes` was opened), then the
         records of the containers it says changed."""
         try:
@@ -177,7 +190,7 @@ class NamesHub:
 
     @staticmethod
     async def _pump(kind: str, changes: AsyncIterator[tuple[str, Any]],
-                    events: asyncio.Queue[tuple[str, str, Any] | BaseException]) -> None:
+                    events: Feed[tuple[str, str, Any] | BaseException]) -> None:
         try:
             async with contextlib.aclosing(changes):  # type: ignore[type-var]
                 async for cid, value in changes:

@@ -81,9 +81,12 @@ class Orchestrator:
         self._admit_wake = asyncio.Event()
         self._admitter: asyncio.Task[None] | None = None
         # issue 6: reports queued for the group commit: (id, status, container's and status's mod_revision, caller)
-        self._reports: list[tuple[str, t.ContainerStatus, int, int, asyncio.Future[None]]] = []
-        self._report_wake = asyncio.Event()
-        self._reporter: asyncio.Task[None] | None = None
+        self._reports: list[_Queued] = []
+        # session 6: the group commit is started with call_soon on the loop looked up once (no task waiting on an
+        # Event), a few commits at once (each a task)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_soon = False
+        self._committing = 0
 
     def _cached(self) -> ClusterCache | None:
         return self.cache if self.cache is not None and self.cache.ready else None
@@ -594,64 +597,102 @@ class Orchestrator:
             future.set_result([outcome[c.id] if c.id in outcome else next(results) for c in cs])
 
     async def on_statuses(self, updates: list[tuple[str, t.ContainerStatus]]) -> None:
-        """Record a report's statuses (as on_status). With the cache loaded, the generation is checked on the
-        cached container and the statuses of every report in flight are written together, one transaction
-        comparing each container's revision with the one checked; one that changed meanwhile is redone
-        alone on a fresh read."""
+        """Record a report's statuses: record_statuses, waited for."""
+        await self.record_statuses(updates)
+
+    def record_statuses(self, updates: list[tuple[str, t.ContainerStatus]]) -> asyncio.Future[None]:
+        """Record a report's statuses (as on_status); the future is done once all are recorded, or with the
+        first failure. With the cache loaded, the generation is checked on the cached container and the
+        statuses of every report in flight are written together, one transaction comparing each container's
+        revision with the one checked; one that changed meanwhile is redone alone on a fresh read. Cancel the
+        future when its caller is gone: what it queued and is not in a transaction yet is not written.
+        session 6: one future per call (not one per status), and no task when every container is cached."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        call = _Recording(loop.create_future())
         cache = self._cached()
-        if cache is None:
-            for cid, status in updates:
-                await self.on_status(cid, status)
-            return
-        futures: list[asyncio.Future[None]] = []
+        if cache is None or any(cache.containers.get(cid) is None for cid, _ in updates):
+            task = loop.create_task(self._record_slowly(updates, call))  # some need a read of etcd, in turn
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            call.future.add_done_callback(lambda future: task.cancel() if future.cancelled() else None)
+            return call.future
+        queued = False
+        for cid, status in updates:
+            queued = self._queue_report(cache, cid, status, call) or queued
+        if queued:
+            self._flush_later(loop)
+        call.done_one()  # queuing is over: done once the last queued is recorded (now when none was)
+        return call.future
+
+    def _queue_report(self, cache: ClusterCache, cid: str, status: t.ContainerStatus, call: _Recording) -> bool:
+        """Queue a cached container's report for the group commit unless it is stale or superseded (dropped:
+        False)."""
+        v = cache.containers[cid]
+        # issue 6: no status held is a container created placed, before its first report: the write compares
+        # that it still has none (revision 0); a status the cache has not seen yet fails that compare, and the
+        # report is redone alone on a fresh read
+        held, held_revision = cache.statuses.get(cid) or (None, 0)
+        if _stale(status, v.container) or _superseded(status, held):
+            return False
+        call.left += 1
+        self._reports.append((cid, status, v.mod_revision, held_revision, call))
+        return True
+
+    async def _record_slowly(self, updates: list[tuple[str, t.ContainerStatus]], call: _Recording) -> None:
+        """record_statuses when some container is not cached (not seen yet, or gone; or no cache): those are
+        recorded alone on a read of etcd, in turn; the others join the group commit."""
+        queued = False
         try:
             for cid, status in updates:
-                v = cache.container(cid)
-                if v is None:
-                    await self.on_status(cid, status)  # not seen yet (or gone): read etcd
-                    continue
-                # issue 6: no status held is a container created placed, before its first report: the write
-                # compares that it still has none (revision 0); a status the cache has not seen yet fails that
-                # compare, and the report is redone alone on a fresh read
-                held, held_revision = cache.statuses.get(cid) or (None, 0)
-                if _stale(status, v.container) or _superseded(status, held):
-                    continue
-                future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._reports.append((cid, status, v.mod_revision, held_revision, future))
-                futures.append(future)
-        except BaseException:  # the caller gone (or a failure) while one was recorded alone: as in _report_loop,
-            for queued in futures:  # what it queued is not written
-                queued.cancel()
-            raise
-        if not futures:
+                cache = self._cached()
+                if cache is None or cache.containers.get(cid) is None:
+                    await self.on_status(cid, status)
+                else:
+                    queued = self._queue_report(cache, cid, status, call) or queued
+        except Exception as exc:  # noqa: BLE001 - handed to the caller; as when it is gone (below), what it queued
+            call.dropped = True     # is not written
+            call.fail(exc)
             return
-        if self._reporter is None or self._reporter.done():
-            self._reporter = asyncio.create_task(self._report_loop())
-        self._report_wake.set()
-        await asyncio.gather(*futures)
+        except BaseException:  # the caller gone while one was recorded alone
+            call.dropped = True
+            raise
+        if queued and self._loop is not None:
+            self._flush_later(self._loop)
+        call.done_one()
 
-    async def _report_loop(self) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
-        while True:
-            await self._report_wake.wait()
-            self._report_wake.clear()
-            while self._reports:
-                if len(in_flight) >= 4:  # a few commits at once: etcd folds them into one disk write
-                    _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                cut = _reports_that_fit(self._reports, self.max_txn_ops)
-                batch, self._reports = self._reports[:cut], self._reports[cut:]
-                # issue 6: a report whose caller is gone (its agent's Reports stream ended) is not written: the
-                # agent sends it again, maybe to another controller, and a late write here could undo a newer one
-                batch = [report for report in batch if not report[4].cancelled()]
-                if not batch:
-                    continue
-                task = asyncio.create_task(self._commit_reports(batch))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+    def _flush_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            loop.call_soon(self._flush_reports)
 
-    async def _commit_reports(self, batch: list[tuple[str, t.ContainerStatus, int, int, asyncio.Future[None]]]
-                              ) -> None:
+    def _flush_reports(self) -> None:
+        """Start group commits of the reports queued, a few at once (etcd folds them into one disk write); the
+        rest go when one of those is done."""
+        self._flush_soon = False
+        loop = self._loop
+        assert loop is not None
+        while self._reports and self._committing < 4:
+            cut = _reports_that_fit(self._reports, self.max_txn_ops)
+            batch, self._reports = self._reports[:cut], self._reports[cut:]
+            # issue 6: a report whose caller is gone (its agent's Reports stream ended) is not written: the agent
+            # sends it again, maybe to another controller, and a late write here could undo a newer one
+            batch = [report for report in batch if not report[4].gone]
+            if not batch:
+                continue
+            self._committing += 1
+            task = loop.create_task(self._commit_reports(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._committed)
+
+    def _committed(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._committing -= 1
+        if self._reports and not self._flush_soon:
+            self._flush_reports()
+
+    async def _commit_reports(self, batch: list[_Queued]) -> None:
         # one put per key in a transaction: a container's latest report (its newest by the agent's order, issue 6:
         # two sessions of one agent can queue them out of order), compared with what the first followed
         first: dict[str, int] = {}
@@ -665,22 +706,19 @@ class Orchestrator:
         try:
             revision = await self.store.put_statuses(items)
         except Exception as exc:  # noqa: BLE001 - every report of the batch gets it (none waits for ever)
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for *_, call in batch:
+                call.fail(exc)
             return
         if not revision:  # one changed since checked: each alone, on a fresh read
-            for cid, status, _, _, future in batch:
-                if future.cancelled():  # its caller is gone (as in _report_loop)
+            for cid, status, _, _, call in batch:
+                if call.gone:  # its caller is gone (as in _flush_reports)
                     continue
                 try:
                     await self.on_status(cid, status)
                 except Exception as exc:  # noqa: BLE001 - handed to that report's caller
-                    if not future.done():
-                        future.set_exception(exc)
+                    call.fail(exc)
                     continue
-                if not future.done():
-                    future.set_result(None)
+                call.done_one()
             return
         for cid, status, _, _ in items:
             if self.cache is not None:
@@ -688,9 +726,8 @@ class Orchestrator:
                 v = self.cache.container(cid)
                 if v is not None and v.container.spec.auto_remove and status.state in RM_ON:
                     self._background(self._remove_quietly(cid))
-        for *_, future in batch:
-            if not future.done():
-                future.set_result(None)
+        for *_, call in batch:
+            call.done_one()
 
     async def _remove_quietly(self, cid: str) -> None:
         try:
@@ -699,7 +736,37 @@ class Orchestrator:
             log.warning("removing %s (--rm): %s", cid[:12], exc)
 
 
-def _reports_that_fit(reports: list[tuple[str, t.ContainerStatus, int, int, asyncio.Future[None]]], most: int) -> int:
+class _Recording:
+    """One record_statuses call (session 6): the future its caller waits on, done once every report it queued
+    for the group commit is recorded (`left` counts them, and one more while it queues), or with the first
+    failure; `gone` once its caller is (the future cancelled) or it failed while queuing."""
+
+    __slots__ = ("dropped", "future", "left")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+        self.left = 1
+        self.dropped = False
+
+    @property
+    def gone(self) -> bool:
+        return self.dropped or self.future.cancelled()
+
+    def done_one(self) -> None:
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+# a report queued for the group commit: container id, status, container's and status's mod_revision, its call
+_Queued = tuple[str, t.ContainerStatus, int, int, _Recording]
+
+
+def _reports_that_fit(reports: list[_Queued], most: int) -> int:
     """How many of the queued reports go in the next group commit: at most `most` (etcd's --max-txn-ops), and
     not more bytes than one etcd request takes (REPORT_TXN_BYTES, under its --max-request-bytes): a status with
     a health check's log is up to ~20 KiB, and a transaction over the limit is refused whole (at least one goes,

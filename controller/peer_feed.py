@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 
 from berth.api import dispatcher_pb2 as d
 from controller.cache import CACHE_WAIT_S, ClusterCache, take_all
+from controller.feed import Feed
 from controller.network import peers
 from controller.store import Store, StoreError
 
@@ -119,7 +120,7 @@ class PeerFeed:
                     self._shared = None
 
     @staticmethod
-    async def _run(shared: _Shared, cache: ClusterCache, changes: asyncio.Queue[str | BaseException]) -> None:
+    async def _run(shared: _Shared, cache: ClusterCache, changes: Feed[str | BaseException]) -> None:
         try:
             while True:
                 await take_all(changes)  # everything already queued makes one set

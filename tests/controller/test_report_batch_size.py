@@ -42,9 +42,9 @@ async def _many_large_reports(url: str) -> None:
             # every agent's report at once, as their streams deliver them
             await asyncio.wait_for(asyncio.gather(*(orchestrator.on_statuses([r]) for r in reports)), 30)
         finally:
-            if orchestrator._reporter is not None:
-                orchestrator._reporter.cancel()
-                await asyncio.gather(orchestrator._reporter, return_exceptions=True)
+            for task in list(orchestrator._tasks):  # the group commits in flight
+                task.cancel()
+            await asyncio.gather(*orchestrator._tasks, return_exceptions=True)
         for cid in cids:
             status, _ = await store.get_status(cid)
             assert status.state == t.STATE_RUNNING and len(status.health.log) == healthcheck.LOG_ENTRIES, cid

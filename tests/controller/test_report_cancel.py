@@ -49,9 +49,9 @@ async def _mixed_batch_caller_gone(url: str, monkeypatch: pytest.MonkeyPatch) ->
             assert (await store.get_status(kept))[0].state == t.STATE_RUNNING
             assert (await store.get_status(queued))[0] == before, "a report whose caller was gone was written"
         finally:
-            if orchestrator._reporter is not None:
-                orchestrator._reporter.cancel()
-                await asyncio.gather(orchestrator._reporter, return_exceptions=True)
+            for task in list(orchestrator._tasks):  # the group commits in flight
+                task.cancel()
+            await asyncio.gather(*orchestrator._tasks, return_exceptions=True)
 
 
 def test_a_mixed_batch_whose_caller_is_gone_is_not_written(etcd_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,9 +92,9 @@ async def _late_report(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.undo()
             assert (await store.get_status(cid))[0] == exited, "a late report overwrote a newer status of its run"
         finally:
-            if orchestrator._reporter is not None:
-                orchestrator._reporter.cancel()
-                await asyncio.gather(orchestrator._reporter, return_exceptions=True)
+            for task in list(orchestrator._tasks):  # the group commits in flight
+                task.cancel()
+            await asyncio.gather(*orchestrator._tasks, return_exceptions=True)
 
 
 def test_a_report_delivered_late_never_overwrites_a_newer_status(etcd_url: str,

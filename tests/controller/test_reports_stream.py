@@ -155,15 +155,17 @@ async def _failover(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
                 received.append([(c, s.state) for c, s in updates])
                 await never.wait()
 
-            monkeypatch.setattr(first.orchestrator, "on_statuses", stuck)
+            monkeypatch.setattr(first.orchestrator, "record_statuses", lambda updates: asyncio.ensure_future(
+                stuck(updates)))
             committed: list[list[tuple[str, int]]] = []
-            on_statuses = second.orchestrator.on_statuses
+            record_statuses = second.orchestrator.record_statuses
 
             async def recorded(updates: list[tuple[str, t.ContainerStatus]]) -> None:
-                await on_statuses(updates)
+                await record_statuses(updates)
                 committed.append([(c, s.state) for c, s in updates])
 
-            monkeypatch.setattr(second.orchestrator, "on_statuses", recorded)
+            monkeypatch.setattr(second.orchestrator, "record_statuses", lambda updates: asyncio.ensure_future(
+                recorded(updates)))
             streams.append(ReportStream(first.stub, "n1"))
             reporter.report(cid, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))
             await until(lambda: received, "the first controller to get the RUNNING batch")
@@ -221,7 +223,7 @@ async def _stalled(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
             received.append(updates)
             await never.wait()
 
-        monkeypatch.setattr(ctl.orchestrator, "on_statuses", stuck)
+        monkeypatch.setattr(ctl.orchestrator, "record_statuses", lambda updates: asyncio.ensure_future(stuck(updates)))
         await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
         stream = ReportStream(ctl.stub, "n1")
         task = asyncio.create_task(reporter.run(stream.send, lambda: "n1"))
@@ -259,16 +261,15 @@ async def _caller_gone(url: str) -> None:
         gone, kept = await _container(ctl), await _container(ctl)
         before, _ = await ctl.store.get_status(gone)
         orchestrator = ctl.orchestrator
-        held = asyncio.Event()
-        orchestrator._reporter = asyncio.create_task(held.wait())  # type: ignore[assignment]  # commits wait
+        held: list[None] = []
+        orchestrator._flush_reports = lambda: held.append(None)  # type: ignore[method-assign]  # commits wait
         report = asyncio.create_task(orchestrator.on_statuses(
             [(gone, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))]))
         await until(lambda: orchestrator._reports, "the report queued for the group commit")
         report.cancel()  # its agent's stream ended: the agent will send it again, maybe elsewhere
         await asyncio.gather(report, return_exceptions=True)
-        held.set()
-        await orchestrator._reporter
-        orchestrator._reporter = None
+        del orchestrator._flush_reports
+        orchestrator._flush_reports()  # the group commit that was held
         await orchestrator.on_statuses([(kept, t.ContainerStatus(state=t.STATE_RUNNING, generation=1))])
         assert (await ctl.store.get_status(kept))[0].state == t.STATE_RUNNING
         assert (await ctl.store.get_status(gone))[0] == before  # not written late
@@ -335,15 +336,16 @@ async def _in_order(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         cid = await _container(ctl)
         started: list[int] = []
         release = asyncio.Event()
-        on_statuses = ctl.orchestrator.on_statuses
+        record_statuses = ctl.orchestrator.record_statuses
 
         async def slow_first(updates: list[tuple[str, t.ContainerStatus]]) -> None:
             started.append(updates[0][1].state)
             if len(started) == 1:
                 await release.wait()
-            await on_statuses(updates)
+            await record_statuses(updates)
 
-        monkeypatch.setattr(ctl.orchestrator, "on_statuses", slow_first)
+        monkeypatch.setattr(ctl.orchestrator, "record_statuses", lambda updates: asyncio.ensure_future(
+            slow_first(updates)))
         await ctl.stub.Join(d.JoinRequest(name="n1", address="127.0.0.1"), timeout=10)
         stream = ReportStream(ctl.stub, "n1")
         try:
@@ -421,13 +423,14 @@ async def _resend(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
                 await until(lambda cid=cid: second.orchestrator.cache is not None
                             and second.orchestrator.cache.container(cid), "the container in the second cache")
             received: list[list[tuple[str, int]]] = []
-            on_statuses = second.orchestrator.on_statuses
+            record_statuses = second.orchestrator.record_statuses
 
             async def recorded(updates: list[tuple[str, t.ContainerStatus]]) -> None:
                 received.append([(c, s.state) for c, s in updates])
-                await on_statuses(updates)
+                await record_statuses(updates)
 
-            monkeypatch.setattr(second.orchestrator, "on_statuses", recorded)
+            monkeypatch.setattr(second.orchestrator, "record_statuses", lambda updates: asyncio.ensure_future(
+                recorded(updates)))
             streams.append(ReportStream(first.stub, "n1"))
             reporter.report(running_only, t.ContainerStatus(state=t.STATE_RUNNING, generation=1, seq=1))
             reporter.report(exits, t.ContainerStatus(state=t.STATE_RUNNING, generation=1, seq=2))

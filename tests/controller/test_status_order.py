@@ -37,9 +37,9 @@ async def _create(store: Store, name: str) -> str:
 
 
 async def _stop(orchestrator: Orchestrator) -> None:
-    if orchestrator._reporter is not None:
-        orchestrator._reporter.cancel()
-        await asyncio.gather(orchestrator._reporter, return_exceptions=True)
+    for task in list(orchestrator._tasks):  # the group commits in flight
+        task.cancel()
+    await asyncio.gather(*orchestrator._tasks, return_exceptions=True)
 
 
 async def _redone_over_newer(url: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
