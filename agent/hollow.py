@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.executor import ContainerConfig, ContainerInfo, ContainerNotFound, ProcessState
+from berth import loop as event_loop
 
 JOIN_WAVE = 25  # agents of one process that join together
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="berth-hollow-"))
-    asyncio.run(run_many(args.controller.split(","), args.count, args.prefix, state_dir, args.registry, args.streams))
+    event_loop.run(run_many(args.controller.split(","), args.count, args.prefix, state_dir, args.registry,
+                            args.streams))
 
 
 if __name__ == "__main__":

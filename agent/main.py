@@ -14,6 +14,8 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from berth import loop as event_loop
+
 # issue 6 (throughput): the collector's thresholds, as the controller's (controller/main.py): young collections
 # every 10,000 allocations instead of 700 (an agent's garbage is short-lived messages, statuses and futures)
 # and full ones far rarer. bench/schedule.py's hollow agents spent ~7% of their CPU in collections.
@@ -209,4 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(args))
+    try:
+        event_loop.run(serve(args))  # issue 6 (throughput): uvloop unless BERTH_EVENT_LOOP says otherwise
+    except event_loop.LoopChoiceError as exc:
+        sys.exit(f"berth-agent: {exc}")

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 
+from berth import loop as event_loop
 from berth import rpc, serving
 from berth.api import control_pb2_grpc, dispatcher_pb2_grpc
 from controller.api import ControlAPI
@@ -126,4 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(args))
+    try:
+        event_loop.run(serve(args))  # issue 6 (throughput): uvloop unless BERTH_EVENT_LOOP says otherwise
+    except event_loop.LoopChoiceError as exc:
+        sys.exit(f"berth-controller: {exc}")

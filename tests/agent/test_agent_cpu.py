@@ -113,7 +113,7 @@ def test_agent_processes_set_the_collector_thresholds(monkeypatch: pytest.Monkey
         coro.close()  # the process's work is not what this test is about
 
     module: Any = agent_main if which == "agent" else hollow
-    monkeypatch.setattr(module.asyncio, "run", no_serving)
+    monkeypatch.setattr(module.event_loop, "run", no_serving)
     saved = gc.get_threshold()
     gc.set_threshold(700, 10, 10)
     try:
