@@ -776,8 +776,17 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 status = implied_status(c)
             if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
                 tracker.seed(status)  # its agent says created when it had not started this run (stopped first)
-                await tracker.wait(c.generation, (*TERMINAL, t.STATE_CREATED), timeout_s=timeout + 30)
-            return await self._view(cid)
+                status = await tracker.wait(c.generation, (*TERMINAL, t.STATE_CREATED), timeout_s=timeout + 30)
+            try:
+                return await self._view(cid)
+            except NotFound:
+                if not c.spec.auto_remove:
+                    raise
+                # --rm: removed as it ended (or was stopped before it started) while this answer was made (review,
+                # session 6: Stop answered NOT_FOUND for a stop that worked): the container as it ended
+                out = self._decorate(c, status, {})
+                out.node_name = c.node_id
+                return out
         except StoreError as exc:
             await _abort(context, exc)
         except TimeoutError:
