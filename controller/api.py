@@ -861,7 +861,9 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         cid = await self._resolve(request.ref, context)
         try:
             v = await self.store.get_container(cid)
-            status = await self._wait(cid, v.container.generation, TERMINAL, timeout_s=10**7)
+            # or created: its agent says it was stopped before it started this run (review, session 6: waited for
+            # an exit that never comes, or NOT_FOUND once an --rm one is removed), exit code 0 as docker wait
+            status = await self._wait(cid, v.container.generation, (*TERMINAL, t.STATE_CREATED), timeout_s=10**7)
         except StoreError as exc:
             await _abort(context, exc)
         return control_pb2.WaitResponse(exit_code=status.exit_code)
