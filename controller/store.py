@@ -404,12 +404,23 @@ class Store:
 
         removed = asyncio.ensure_future(removal())
         status: asyncio.Future[StatusEvent] | None = None
+        seen = after_revision  # the revision of the last status given
         try:
             while True:
                 status = asyncio.ensure_future(anext(statuses))
                 await asyncio.wait((status, removed), return_when=asyncio.FIRST_COMPLETED)
-                event = status.result() if status.done() else removed.result()
-                status = None if status.done() else status
+                if status.done():
+                    event, status = status.result(), None
+                else:
+                    event = removed.result()
+                    # the two watches are apart: the removal can come before the status put just before it (an
+                    # --rm container's last report, review session 6: that status was never given), so the
+                    # status as it was just before the removal is given first when it is newer
+                    last = await self._status_before(cid, event.revision)
+                    if last is not None and last.revision > seen:
+                        yield last
+                if event.status is not None:
+                    seen = event.revision
                 yield event
                 if event.status is None:
                     return
@@ -683,6 +694,21 @@ class Store:
                         [tx.delete(SERVICE_NAMES + svc.spec.name.encode())], [])
 
     # ---- issue 6: events ---------------------------------------------------------------------------
+
+    async def _status_before(self, cid: str, revision: int) -> StatusEvent | None:
+        """A container's status as it was just before a revision, with its own revision (None: it had none, or
+        that revision was compacted away)."""
+        request = self._client._build_get_range_request(status_key(cid))
+        request.revision = revision - 1
+        try:
+            reply = await self._client.kvstub.Range(request, timeout=10, metadata=self._client.metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable(f"etcd is unreachable: {exc.details()}") from exc
+            return None  # compacted
+        if not reply.kvs:
+            return None
+        return StatusEvent(int(reply.kvs[0].mod_revision), _parse(t.ContainerStatus, reply.kvs[0].value))
 
     async def container_at(self, cid: str, revision: int) -> t.Container | None:
         """A container as it was at a revision (None if it did not exist then or was compacted away)."""
