@@ -374,9 +374,15 @@ def _each(conn: Connection, refs: list[str], action: Callable[[str], object]) ->
 
 def cmd_stop(args: argparse.Namespace, conn: Connection) -> int:
     from berth.api import control_pb2
+    from berth.api import types_pb2 as t
 
-    return _each(conn, args.containers, lambda ref: conn.control.Stop(
-        control_pb2.StopRequest(ref=ref, timeout_s=args.time), timeout=max(args.time, 10) + 60))
+    def stop(ref: str) -> None:
+        c = conn.control.Stop(control_pb2.StopRequest(ref=ref, timeout_s=args.time), timeout=max(args.time, 10) + 60)
+        if c.status.state == t.STATE_LOST:  # its host is down: the stop is recorded, done when the host is back
+            print(f"berthctl: warning: {ref}: {c.status.message or 'its host is down'}; it is stopped when its host "
+                  "is back (or berthctl rm -f it)", file=sys.stderr)
+
+    return _each(conn, args.containers, stop)
 
 
 def cmd_start(args: argparse.Namespace, conn: Connection) -> int:

@@ -373,6 +373,17 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         node = await self.store.node_state(v.container.node_id) if v.container.node_id else None
         return self._decorate(v.container, status, {node.id: node} if node is not None else {}, complete=True)
 
+    async def _host_ready(self, node_id: str) -> bool:
+        """Whether a container's host is up (its lease key lives). A stop of a container whose host is down is
+        recorded and answered at once (the container shows lost; the host's agent stops it when it is back, as it
+        stops its duplicates): waiting for its agent's word gave DEADLINE_EXCEEDED after the stop timeout + 30 s
+        (session 5's known-left, fixed in session 6)."""
+        cache = self.orchestrator.cache
+        if cache is not None and await cache.consistent():
+            return node_id in cache.alive
+        node = await self.store.node_state(node_id)
+        return node is not None and node.state == t.NODE_READY
+
     @staticmethod
     def _decorate(c: t.Container, status: t.ContainerStatus | None, nodes: dict[str, t.Node],
                   out: t.Container | None = None, complete: bool = False) -> t.Container:
@@ -774,7 +785,8 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             status, _ = await self.store.get_status(cid)
             if not status.state:  # no status key before its first report (issue 6): its agent may be starting it
                 status = implied_status(c)
-            if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
+            if (c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING)
+                    and await self._host_ready(c.node_id)):  # a host down stops it when back: answer now
                 tracker.seed(status)  # its agent says created when it had not started this run (stopped first)
                 status = await tracker.wait(c.generation, (*TERMINAL, t.STATE_CREATED), timeout_s=timeout + 30)
             try:

@@ -117,6 +117,9 @@ def test_host_cut_off_its_restart_always_container_runs_elsewhere(ha: ClusterInf
     ok(ha, "run", "-d", "--name", "pet", "--constraint", f"node.name=={host}", "busybox", "sleep", "3600")
     pet = running_on(ha, "pet", host)
     assert pet is not None
+    ok(ha, "run", "-d", "--name", "halt", "--constraint", f"node.name=={host}", "busybox", "sleep", "3600")
+    halt = running_on(ha, "halt", host)
+    assert halt is not None
     marker = Path(next(h.state_dir for h in ha.hosts if h.name == host)) / "containers" / web["id"]
     assert marker.is_dir()
     set_link(ha, host, up=False)
@@ -125,6 +128,14 @@ def test_host_cut_off_its_restart_always_container_runs_elsewhere(ha: ClusterInf
         assert moved["id"] == web["id"]
         assert containers(ha)["pet"]["state"] == "lost"
         assert os.path.exists(f"/proc/{web['pid']}"), "cut off, the old copy still runs (a duplicate)"
+        # A stop of a container on the dead host is recorded and answered at once, with a warning (it waited
+        # for the agent's word: DEADLINE_EXCEEDED after the stop timeout + 30 s).
+        out = ctl(ha, "stop", "halt")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["halt"]
+        assert out.stderr.strip() == (f"berthctl: warning: halt: host {host} is down; it is stopped when its host "
+                                      "is back (or berthctl rm -f it)")
+        assert _alive(halt["pid"]), "cut off, nothing reaches its agent yet"
     finally:
         set_link(ha, host, up=True)
     # Back from the partition, the host stops its duplicate and keeps its files.
@@ -133,6 +144,10 @@ def test_host_cut_off_its_restart_always_container_runs_elsewhere(ha: ClusterInf
     assert running_on(ha, "web", moved["node"])
     # The agent notices the cut through gRPC keepalives, then rejoins with back-off: allow for a loaded machine.
     wait_for(lambda: running_on(ha, "pet", host), 90, "pet to show running again")
+    # ... and carries out the stop recorded while it was away.
+    wait_for(lambda: containers(ha)["halt"]["state"] == "exited", 60, "halt stopped by its agent once back")
+    assert not _alive(halt["pid"])
+    ok(ha, "rm", "halt")
 
 
 def test_drain_moves_what_can_move_and_waits(ha: ClusterInfo) -> None:
