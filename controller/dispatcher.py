@@ -387,11 +387,12 @@ class _LazyAcks:
         self._committed = 0  # every lazy batch with a seq up to this one is recorded
         self._sent = 0  # the committed_through sent last
         self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()  # session 6: looked up once, not at each batch committed
 
     def committed(self, seq: int) -> None:
         self._committed = seq
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._flush)
+            self._timer = self._loop.call_later(self._delay_s, self._flush)
 
     def _flush(self) -> None:
         self._timer = None
