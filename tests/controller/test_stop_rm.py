@@ -33,6 +33,9 @@ async def _stop_rm(url: str, monkeypatch: pytest.MonkeyPatch, started: bool) -> 
         name = f"rm-stopped-{int(started)}"
         c = t.Container(id=f"{int(started) + 11:064x}", node_id="n1", desired_state=t.DESIRED_RUNNING, generation=1,
                         spec=t.ContainerSpec(name=name, image="busybox", auto_remove=True))
+        lease = await store.grant_lease(60)  # its host n1, up (Stop answers at once for a host down: 7804f66)
+        await store.put_node(t.Node(id="n1", name="n1", lease_id=lease, capacity=t.Resources(memory_bytes=1 << 30)))
+        await until(lambda: "n1" in cache.alive and "n1" in cache.nodes, "the host in the cache")
         assert await store.create_placed([c])  # run --rm -d
         await until(lambda: cache.container(c.id) is not None, "the container in the cache")
         if started:
@@ -63,6 +66,7 @@ async def _stop_rm(url: str, monkeypatch: pytest.MonkeyPatch, started: bool) -> 
         assert stopped.status.state == (t.STATE_EXITED if started else t.STATE_CREATED), stopped.status
         with pytest.raises(Exception, match="no such"):
             await store.resolve(name)  # removed (--rm)
+        await store.revoke_lease(lease)
 
 
 def test_stop_of_an_rm_container_stopped_before_it_started_answers_it(etcd_url: str,
