@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="berth-hollow-"))
-    event_loop.run(run_many(args.controller.split(","), args.count, args.prefix, state_dir, args.registry,
-                            args.streams))
+    try:
+        event_loop.run(run_many(args.controller.split(","), args.count, args.prefix, state_dir, args.registry,
+                                args.streams))
+    except event_loop.LoopChoiceError as exc:
+        sys.exit(f"agent.hollow: {exc}")
 
 
 if __name__ == "__main__":

@@ -52,10 +52,11 @@ def test_run_picks_the_loop(monkeypatch: pytest.MonkeyPatch, value: str, module:
     assert event_loop.run(_loop_type()).split(".")[0] == module
 
 
-@pytest.mark.parametrize(("package", "prog"), [("controller", "berth-controller"), ("agent", "berth-agent")])
+@pytest.mark.parametrize(("package", "prog"), [("controller", "berth-controller"), ("agent", "berth-agent"),
+                                               ("agent.hollow", "agent.hollow")])
 def test_unknown_loop_refused_in_one_line(package: str, prog: str, tmp_path: Path) -> None:
     args = ["--etcd", "http://127.0.0.1:9"] if package == "controller" else ["--controller", "127.0.0.1:9"]
-    args += ["--state-dir", str(tmp_path / "state")] if package == "agent" else []
+    args += ["--state-dir", str(tmp_path / "state")] if package != "controller" else []
     proc = subprocess.run([sys.executable, "-m", package, *args], check=False, cwd=ROOT, capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "BERTH_EVENT_LOOP": "libev"}, timeout=60)
     assert proc.returncode != 0
