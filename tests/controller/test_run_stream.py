@@ -107,7 +107,8 @@ async def _decided_together(url: str) -> None:
         names = [f"t{i}-{secrets.token_hex(2)}" for i in range(5)]
         call = control_pb2_grpc.ControlStub(channel).RunStream()
         await call.write(batch(*(t.ContainerSpec(name=n, image="busybox") for n in names)))
-        await until(lambda: cache.waiters() == 5, "the five waiting for their host")
+        # a request's waiter opens before its container is written: wait for the five to be in etcd too
+        await until(lambda: cache.waiters() == 5 and len(cache.containers) == 5, "the five waiting for their host")
         items = []
         for n in names:
             got = await store.get_container(await store.resolve(n))
@@ -137,7 +138,9 @@ async def _waiting_when_things_change(url: str) -> None:
         try:
             call = control_pb2_grpc.ControlStub(channel).RunStream()
             await call.write(batch(*(t.ContainerSpec(name=n, image="busybox") for n in names)))
-            await until(lambda: cache.waiters() == 3, "the three waiting for their host")
+            # a request's waiter opens before its container is written (CI failed once resolving r0 here)
+            await until(lambda: cache.waiters() == 3 and len(cache.containers) == 3,
+                        "the three waiting for their host")
             cids = [await store.resolve(n) for n in names]
 
             await store.delete_container(await store.get_container(cids[0]))  # removed before its host reports it
