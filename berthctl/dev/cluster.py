@@ -282,6 +282,14 @@ def _all_pids() -> Iterator[int]:
             yield int(entry)
 
 
+def _is_agent(pid: int) -> bool:
+    """Whether the process is a berth agent (`python -m agent ...` or `berth-agent ...`), not its supervisor."""
+    argv = (_read(f"/proc/{pid}/cmdline") or b"").split(b"\0")
+    if b"-m" in argv:
+        return argv[argv.index(b"-m") + 1:][:1] == [b"agent"]
+    return any(os.path.basename(arg) == b"berth-agent" for arg in argv[:2])
+
+
 def find_processes(cdir: Path, namespaces: Iterable[str]) -> list[int]:
     """Live processes that belong to the cluster in `cdir`.
 
@@ -888,15 +896,18 @@ def down(
         except (OSError, DevError) as e:
             problems.append(f"{what}: {e}")
 
-    # 1. Agents first, so that none restarts a supervisor or a container behind our back.
+    # 1. Agents first, so that none restarts a supervisor or a container behind our back: the recorded ones,
+    # and any started again since (a test's respawn): stopped with the rest, one restarted its supervisor while
+    # dying and left it running (session 6, CI).
     recorded = [p for p in (info.processes if info else ()) if alive(p.pid, p.start_time)]
-    agents = [p.pid for p in recorded if p.role.startswith("agent-")]
+    namespaces = netns.cluster_namespaces(name)
+    agents = sorted({p.pid for p in recorded if p.role.startswith("agent-")}
+                    | {pid for pid in find_processes(cdir, namespaces) if _is_agent(pid)})
     if agents:
         say(f"stopping {len(agents)} agents")
         problems += [f"agent pid {pid} would not die" for pid in terminate(agents, timeout)]
 
     # 2. Supervisors, the controller, registry, etcd, and anything else marked as ours.
-    namespaces = netns.cluster_namespaces(name)
     others = {p.pid for p in recorded if not p.role.startswith("agent-")}
     for hdir in sorted(cdir.glob("hosts/*")):
         pid = _supervisor_pid(hdir)

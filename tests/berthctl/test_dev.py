@@ -27,6 +27,7 @@ from berthctl.dev import ClusterExistsError, DevError, StartError
 from berthctl.dev import cluster as dev_cluster
 from berthctl.dev import etcd as dev_etcd
 from tests.conftest import exclusive, slot_name, slot_subnet
+from tests.support import kill_9_keeping_command, respawn, wait_for
 
 STATE_DIR = Path(tempfile.gettempdir()) / "berth-test-dev"
 CLUSTER_NAMES = tuple(slot_name(n) for n in ("bdinf", "bdev", "bdsub", "bdsub2", "bdfail", "bdstray", "bnever", "bbad"))
@@ -237,12 +238,27 @@ def test_up_status_down(state_dir: Path, cleanup: list[str], tmp_path: Path) -> 
     for host in info.hosts:
         connect(host.agent_address)  # from the root namespace, through the bridge
     connect(info.controller)
+    # An agent started again, as tests do (not in cluster.json), is stopped first with the recorded one
+    # (stopped with the supervisors instead, one restarted its supervisor while dying: left running).
+    agent = info.process("agent-host1")
+    assert agent is not None
+    respawn(*kill_9_keeping_command(agent.pid), info.hosts[0].log)
+    wait_for(lambda: _listening(info.hosts[0].agent_address), what="the agent started again")
 
     res = dev_cli("down", *args, config_home=str(config_home))
     assert res.returncode == 0, res.stdout + res.stderr
+    assert "stopping 2 agents" in res.stdout, res.stdout
     assert res.stdout.endswith(f"dev cluster '{name}' removed\n")
     assert leftovers(name, state_dir) == []
     assert not config.exists(), "down leaves berthctl pointing at a cluster that is gone"
+
+
+def _listening(address: str) -> bool:
+    try:
+        connect(address, timeout=0.5)
+    except OSError:
+        return False
+    return True
 
 
 def test_down_of_unknown_cluster_is_quiet(state_dir: Path) -> None:
