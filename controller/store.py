@@ -695,24 +695,10 @@ class Store:
 
     # ---- issue 6: events ---------------------------------------------------------------------------
 
-    async def _status_before(self, cid: str, revision: int) -> StatusEvent | None:
-        """A container's status as it was just before a revision, with its own revision (None: it had none, or
-        that revision was compacted away)."""
-        request = self._client._build_get_range_request(status_key(cid))
-        request.revision = revision - 1
-        try:
-            reply = await self._client.kvstub.Range(request, timeout=10, metadata=self._client.metadata)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                raise Unavailable(f"etcd is unreachable: {exc.details()}") from exc
-            return None  # compacted
-        if not reply.kvs:
-            return None
-        return StatusEvent(int(reply.kvs[0].mod_revision), _parse(t.ContainerStatus, reply.kvs[0].value))
-
-    async def container_at(self, cid: str, revision: int) -> t.Container | None:
-        """A container as it was at a revision (None if it did not exist then or was compacted away)."""
-        request = self._client._build_get_range_request(container_key(cid))
+    async def _kv_at(self, key: bytes, revision: int) -> Any | None:
+        """A key's value as it was at a revision (None: it did not exist then, or that revision was compacted
+        away)."""
+        request = self._client._build_get_range_request(key)
         request.revision = revision
         try:
             reply = await self._client.kvstub.Range(request, timeout=10, metadata=self._client.metadata)
@@ -720,7 +706,18 @@ class Store:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise Unavailable(f"etcd is unreachable: {exc.details()}") from exc
             return None  # compacted
-        return _parse(t.Container, reply.kvs[0].value) if reply.kvs else None
+        return reply.kvs[0] if reply.kvs else None
+
+    async def _status_before(self, cid: str, revision: int) -> StatusEvent | None:
+        """A container's status as it was just before a revision, with its own revision (None: it had none, or
+        that revision was compacted away)."""
+        kv = await self._kv_at(status_key(cid), revision - 1)
+        return None if kv is None else StatusEvent(int(kv.mod_revision), _parse(t.ContainerStatus, kv.value))
+
+    async def container_at(self, cid: str, revision: int) -> t.Container | None:
+        """A container as it was at a revision (None if it did not exist then or was compacted away)."""
+        kv = await self._kv_at(container_key(cid), revision)
+        return None if kv is None else _parse(t.Container, kv.value)
 
     async def watch_changes(self, after_revision: int, prefix: bytes = PREFIX) -> AsyncIterator[Change]:
         """Every change under /berth/ (or a prefix of it) after a revision, with the value before it."""
