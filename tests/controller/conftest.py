@@ -203,3 +203,16 @@ def controller(etcd_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def etcd_at(host: str, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """An etcd of a test's own on `host` (its client URL and process; a fixture yields from it), stopped after."""
+    log = tmp_path / "etcd.log"
+    proc = etcd.start(host, tmp_path / "data", log, dict(os.environ))
+    try:
+        etcd.wait_healthy(etcd.client_url(host), proc, log)
+        yield etcd.client_url(host), proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)

@@ -24,7 +24,7 @@ from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import Store, StoreError
 from tests.conftest import SLOT
-from tests.controller.conftest import api_on, fail_cache_watch, served, until
+from tests.controller.conftest import api_on, etcd_at, fail_cache_watch, served, until
 
 HOST = f"127.0.{SLOT}.78"  # its own etcd, stopped by the test
 OTHER_HOST = f"127.0.{SLOT}.79"
@@ -32,26 +32,14 @@ OTHER_HOST = f"127.0.{SLOT}.79"
 
 @pytest.fixture
 def own_etcd(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    yield from _etcd_at(HOST, tmp_path)
-
-
-def _etcd_at(host: str, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    log = tmp_path / "etcd.log"
-    proc = etcd.start(host, tmp_path / "data", log, dict(os.environ))
-    try:
-        etcd.wait_healthy(etcd.client_url(host), proc, log)
-        yield etcd.client_url(host), proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=10)
+    yield from etcd_at(HOST, tmp_path)
 
 
 @pytest.fixture
 def other_etcd(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """As own_etcd, on an address of its own: gRPC shares a connection to one address across clients, and one
     to an etcd stopped by an earlier test refuses at once until its reconnection back-off ends."""
-    yield from _etcd_at(OTHER_HOST, tmp_path)
+    yield from etcd_at(OTHER_HOST, tmp_path)
 
 
 def _refused(code: int, message: str) -> None:

@@ -7,7 +7,6 @@ is resolved, and the Control API over real gRPC."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,13 +16,12 @@ import pytest
 
 from berth.api import control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
-from berthctl.dev import etcd
 from controller.api import ControlAPI
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import Store
 from tests.conftest import SLOT
-from tests.controller.conftest import served
+from tests.controller.conftest import etcd_at, served
 
 # each test's own etcd, stopped by the test, on an address of its own (gRPC shares a connection to one address
 # across clients, and one to an etcd stopped by an earlier test refuses at once until its back-off ends)
@@ -32,16 +30,7 @@ HOSTS = {"start": f"127.0.{SLOT}.134", "stop": f"127.0.{SLOT}.135"}
 
 @pytest.fixture
 def own_etcd(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    host = HOSTS[request.node.name.split("_")[1]]
-    log = tmp_path / "etcd.log"
-    proc = etcd.start(host, tmp_path / "data", log, dict(os.environ))
-    try:
-        etcd.wait_healthy(etcd.client_url(host), proc, log)
-        yield etcd.client_url(host), proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=10)
+    yield from etcd_at(HOSTS[request.node.name.split("_")[1]], tmp_path)
 
 
 async def _refused_when_etcd_fails(url: str, proc: subprocess.Popen[bytes], stop: bool) -> None:
