@@ -32,6 +32,7 @@ from controller.network_api import NetworksAPI
 from controller.orchestrator import TERMINAL, Orchestrator
 from controller.scheduler import STRATEGIES, Constraint
 from controller.services import ServicesAPI
+from controller.stop_wait import StopEnds
 from controller.store import NameInUse, NotFound, StatusEvent, Store, StoreError, Unavailable, implied_status
 
 log = logging.getLogger(__name__)
@@ -780,15 +781,19 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         cid = await self._resolve(request.ref, context)
         timeout = request.timeout_s if request.timeout_s >= 0 else DEFAULT_STOP_TIMEOUT_S
         tracker = await self._before_changes(cid, context)
+        ends = StopEnds(self.store)
         try:
             c = await self.orchestrator.set_desired(cid, t.DESIRED_STOPPED, stop_timeout_s=timeout)
             status, _ = await self.store.get_status(cid)
             if not status.state:  # no status key before its first report (issue 6): its agent may be starting it
                 status = implied_status(c)
-            if (c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING)
-                    and await self._host_ready(c.node_id)):  # a host down stops it when back: answer now
-                tracker.seed(status)  # its agent says created when it had not started this run (stopped first)
-                status = await tracker.wait(c.generation, (*TERMINAL, t.STATE_CREATED), timeout_s=timeout + 30)
+            if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
+                await ends.follow_host(c.node_id)  # before it is read: the host going down after ends the wait
+                if await self._host_ready(c.node_id):  # a host down stops it when back: answer now
+                    tracker.seed(status)  # its agent says created when it had not started this run (stopped first)
+                    ended = await ends.wait(tracker.wait(c.generation, (*TERMINAL, t.STATE_CREATED),
+                                                         timeout_s=timeout + 30))
+                    status = ended if ended is not None else status  # None: its host went down meanwhile
             try:
                 return await self._view(cid)
             except NotFound:
@@ -805,6 +810,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the container did not stop in time")
         finally:
             tracker.close()
+            await ends.close()
         raise AssertionError
 
     async def Remove(self, request: control_pb2.RemoveRequest, context: Ctx) -> control_pb2.RemoveResponse:

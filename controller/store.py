@@ -903,6 +903,29 @@ class Store:
 
     # ---- issue 6 (throughput): the cluster cache's reads, shared lease keep-alives, big transactions ----
 
+    # ---- session 7: what ends a Stop's wait besides its container's status (controller.stop_wait) ---------
+
+    def watch_host_down(self, node_id: str) -> AsyncGenerator[int, None]:
+        """0 once a watch on the node's lease key is in place (from the next revision: read whether the node is
+        up after that), then the revision at which the key is deleted (its lease expired or was revoked)."""
+        return self._deletions(alive_key(node_id))
+
+    async def _deletions(self, key: bytes) -> AsyncGenerator[int, None]:
+        """0 once a watch on one key is in place (from the next revision), then the revision of each deletion of
+        it. aclose() it when done: that cancels the watch (also when nothing was read after the 0)."""
+        watch = await self._call(self._client.watch, key)
+        try:
+            yield 0
+            async for event in watch:
+                if str(event.kind) != "PUT":
+                    yield int(event.kv.mod_revision)
+            raise Unavailable("etcd ended a watch")
+        except aetcd.exceptions.ClientError as exc:
+            raise _translate(exc) from exc
+        finally:
+            with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
+                await watch.cancel()
+
     async def read_prefixes(self, prefixes: tuple[bytes, ...]) -> tuple[int, dict[bytes, list[tuple[bytes, bytes, int]]]]:  # noqa: E501
         """(key, value, mod_revision) of every key under each prefix, all read at one revision, and that
         revision (watch from the next one to follow them without a gap)."""
