@@ -341,11 +341,19 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
 
     # ---- helpers ----------------------------------------------------------------------------------
 
-    async def _before_changes(self, cid: str, context: Ctx) -> StatusTracker | StatusWaiter:
-        """Start's and Stop's status watch, opened before they write: etcd failing there is UNAVAILABLE, nothing
-        changed (session 6: it was not caught, and the call ended UNKNOWN)."""
+    async def _before_changes(self, cid: str, context: Ctx, ends: StopEnds | None = None
+                              ) -> StatusTracker | StatusWaiter:
+        """Start's and Stop's status watch (and Stop's removal watch, in `ends`), opened before they write: etcd
+        failing there is UNAVAILABLE, nothing changed (session 6: it was not caught, and the call ended UNKNOWN)."""
         try:
-            return await StatusTracker.before_changes(self.store, cid)
+            tracker = await StatusTracker.before_changes(self.store, cid)
+            if ends is not None:
+                try:
+                    await ends.follow_removal(cid)
+                except BaseException:
+                    tracker.close()
+                    raise
+            return tracker
         except StoreError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"nothing was changed, etcd failed ({exc}); try again")
             raise AssertionError from None  # abort always raises
@@ -369,8 +377,10 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 nodes[entry[0].id] = t.Node(id=entry[0].id, name=entry[0].name, state=t.NODE_READY
                                             if entry[0].id in cache.alive else t.NODE_DOWN)
             return self._decorate(held.container, cache.status(cid), nodes, complete=True)
-        v = await self.store.get_container(cid)
+        # the status first: read after its container, it could be gone with it (an --rm container removed between
+        # the two reads), and the container was shown assigned (session 7); the container read after it is gone too
         status, _ = await self.store.get_status(cid)
+        v = await self.store.get_container(cid)
         node = await self.store.node_state(v.container.node_id) if v.container.node_id else None
         return self._decorate(v.container, status, {node.id: node} if node is not None else {}, complete=True)
 
@@ -780,8 +790,8 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
     async def Stop(self, request: control_pb2.StopRequest, context: Ctx) -> t.Container:
         cid = await self._resolve(request.ref, context)
         timeout = request.timeout_s if request.timeout_s >= 0 else DEFAULT_STOP_TIMEOUT_S
-        tracker = await self._before_changes(cid, context)
-        ends = StopEnds(self.store)
+        ends = StopEnds(self.store)  # a removal while it waits ends it, also without a status key (session 7)
+        tracker = await self._before_changes(cid, context, ends)
         try:
             c = await self.orchestrator.set_desired(cid, t.DESIRED_STOPPED, stop_timeout_s=timeout)
             status, _ = await self.store.get_status(cid)

@@ -1,9 +1,12 @@
-"""What ends a Stop's wait for its container's agent besides the status it waits for (session 7): the container's
-host going down meanwhile. Its lease expired (the lease key deleted), no word comes from its agent until the host
-is back, so Stop answers at once, as it does for a host already down (controller.api Stop: the container shows
-lost, and the host's agent carries the stop out when it is back); it waited the stop timeout + 30 s and failed
-DEADLINE_EXCEEDED. The host is followed by an etcd watch on its lease key, in place before Stop reads whether the
-host is up, so an expiry after that read is seen at once.
+"""What ends a Stop's wait for its container's agent besides the status it waits for (session 7); it waited the stop
+timeout + 30 s and failed DEADLINE_EXCEEDED:
+- the container's host going down meanwhile. Its lease expired (the lease key deleted), no word comes from its
+  agent until the host is back, so Stop answers at once, as it does for a host already down (controller.api Stop:
+  the container shows lost, and the host's agent carries the stop out when it is back);
+- the container's removal meanwhile (rm -f), when it has no status key (created placed, no report yet: issue 6),
+  which the status watch (on status keys) does not see: Stop ends NOT_FOUND, as for one with a status key.
+Each is followed by an etcd watch on one key, in place before Stop reads the state it guards (whether the host is
+up; the container, which Stop changes), so a change after that read is seen at once.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
-from controller.store import Store
+from controller.store import NotFound, Store
 
 T = TypeVar("T")
 
@@ -23,35 +26,52 @@ class StopEnds:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._host: AsyncGenerator[int, None] | None = None
+        self._removal: AsyncGenerator[int, None] | None = None
+        self._cid = ""
+
+    async def follow_removal(self, cid: str) -> None:
+        """Watch the container's removal from now on: call it before Stop changes the container."""
+        self._removal, self._cid = await _opened(self._store.watch_removal(cid)), cid
 
     async def follow_host(self, node_id: str) -> None:
         """Watch the host's lease key from now on: call it before reading whether the host is up."""
-        watch = self._store.watch_host_down(node_id)
-        try:
-            await anext(watch)  # in place
-        except BaseException:
-            await watch.aclose()
-            raise
-        self._host = watch
+        self._host = await _opened(self._store.watch_host_down(node_id))
 
     async def wait(self, awaited: Awaitable[T]) -> T | None:
-        """What `awaited` gives, or None when the host went down first. Raises the watch's StoreError (etcd
-        failed) as `awaited` raises its own."""
+        """What `awaited` gives, or None when the host went down first. Raises NotFound when the container was
+        removed first, the watches' StoreError (etcd failed) as `awaited` raises its own."""
         waiting = asyncio.ensure_future(awaited)
         down = asyncio.ensure_future(anext(self._host)) if self._host is not None else None
+        removed = asyncio.ensure_future(anext(self._removal)) if self._removal is not None else None
         try:
-            await asyncio.wait([f for f in (waiting, down) if f is not None], return_when=asyncio.FIRST_COMPLETED)
-            if waiting.done() or down is None:
+            await asyncio.wait([f for f in (waiting, down, removed) if f is not None],
+                               return_when=asyncio.FIRST_COMPLETED)
+            if waiting.done():
                 return await waiting
+            if removed is not None and removed.done():
+                removed.result()  # the revision of its removal, or the watch's error
+                raise NotFound(f"container {self._cid[:12]} was removed while it was being stopped")
+            assert down is not None
             down.result()  # the revision of the lease key's deletion, or the watch's error
             return None
         finally:
-            for future in (waiting, down):
+            for future in (waiting, down, removed):
                 if future is not None and not future.done():
                     future.cancel()
                     await asyncio.gather(future, return_exceptions=True)
 
     async def close(self) -> None:
-        if self._host is not None:
-            await self._host.aclose()
-            self._host = None
+        for watch in (self._host, self._removal):
+            if watch is not None:
+                await watch.aclose()
+        self._host = self._removal = None
+
+
+async def _opened(watch: AsyncGenerator[int, None]) -> AsyncGenerator[int, None]:
+    """The watch, once it is in place (its first value); closed if that fails."""
+    try:
+        await anext(watch)
+    except BaseException:
+        await watch.aclose()
+        raise
+    return watch

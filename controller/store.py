@@ -910,6 +910,18 @@ class Store:
         up after that), then the revision at which the key is deleted (its lease expired or was revoked)."""
         return self._deletions(alive_key(node_id))
 
+    async def watch_removal(self, cid: str) -> AsyncGenerator[int, None]:
+        """0 once a watch on the container's key is in place (from the next revision), then the revision at which
+        the container is removed if it had no status key then (created placed, no report yet: issue 6). One with
+        a status key shows its removal on a status watch (open_status_watch), after its last status."""
+        deletions = self._deletions(container_key(cid))
+        try:
+            async for revision in deletions:
+                if not revision or await self._status_before(cid, revision) is None:
+                    yield revision
+        finally:
+            await deletions.aclose()
+
     async def _deletions(self, key: bytes) -> AsyncGenerator[int, None]:
         """0 once a watch on one key is in place (from the next revision), then the revision of each deletion of
         it. aclose() it when done: that cancels the watch (also when nothing was read after the 0)."""
