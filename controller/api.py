@@ -308,6 +308,15 @@ class _StreamServing:
             waiter.close()
 
 
+def _stopped(placed: t.Container) -> t.Container:
+    """A Run's container as placed, stopped: its run was stopped before it started (its agent says created), and
+    it is no longer stored (--rm) or not read."""
+    c = t.Container()
+    c.CopyFrom(placed)
+    c.desired_state = t.DESIRED_STOPPED
+    return c
+
+
 class _Attached(NamedTuple):
     """What an attached Run keeps open once its container started: its status tracker and its output's pump."""
 
@@ -609,6 +618,9 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         if isinstance(outcome, t.ContainerStatus) and outcome.state != t.STATE_FAILED:
             reply = control_pb2.RunStreamEvent(index=index)
             self._count("RunStream", grpc.StatusCode.OK)
+            if outcome.state == t.STATE_CREATED:  # stopped before it started: as it is (the cache has the stop)
+                now = self.orchestrator.cache.container(placed.id) if self.orchestrator.cache is not None else None
+                placed = now.container if now is not None else _stopped(placed)
             self._decorate(placed, outcome, {}, out=reply.started).node_name = placed.node_id
             serving.answer(reply)
         elif isinstance(outcome, (NotFound, TimeoutError)):
@@ -666,6 +678,13 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             except StoreError as exc:
                 raise refusal(exc) from None
             raise RunRefused(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
+        if status.state == t.STATE_CREATED:  # stopped before it started: as it is (session 7: as placed, running)
+            try:
+                placed = (await self.store.get_container(placed.id)).container
+            except NotFound:  # --rm: removed as it was stopped
+                placed = _stopped(placed)
+            except StoreError as exc:
+                raise refusal(exc) from None
         self._decorate(placed, status, {}, out=out).node_name = placed.node_id
 
     async def _start(self, spec: t.ContainerSpec, out: t.Container, method: str, attach: bool = False

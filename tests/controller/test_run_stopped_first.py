@@ -1,10 +1,10 @@
 """A Run whose container is stopped (berthctl stop) before its agent started it ends when the agent says so
 (created, "stopped before it started": agent.worker, tests/agent/test_stop_unstarted.py), answered with the
-container as it is (created, that message), as `stop` does since b9b2b22; it waited RUN_WAIT_S (an hour) for a
-run that would never begin. Run, and RunStream's batch path, on a real gRPC server over a real etcd and cluster
-cache (api_on); the agent's report written as its agent's would be. And a --rm container stopped so is removed
-like any --rm container that ends (it stayed created), on both ways a report is recorded (Orchestrator.on_status
-alone, and on_statuses' group commit on the cache)."""
+container as it is (created, that message, desired stopped: session 7, it was answered desired running), as `stop`
+does since b9b2b22; it waited RUN_WAIT_S (an hour) for a run that would never begin. Run, and RunStream's batch
+path, on a real gRPC server over a real etcd and cluster cache (api_on); the agent's report written as its agent's
+would be. And a --rm container stopped so is removed like any --rm container that ends (it stayed created), on both
+ways a report is recorded (Orchestrator.on_status alone, and on_statuses' group commit on the cache)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ async def _run_ends(url: str) -> None:
             assert [e.WhichOneof("event") for e in got] == ["started"], got
             assert (got[0].started.spec.name, got[0].started.status.state, got[0].started.status.message) == (
                 name, t.STATE_CREATED, "stopped before it started")
+            assert got[0].started.desired_state == t.DESIRED_STOPPED  # as it is (session 7: it said running)
 
 
 async def _run_stream_ends(url: str) -> None:
@@ -100,6 +101,7 @@ async def _run_stream_ends(url: str) -> None:
         assert [(e.index, e.WhichOneof("result")) for e in got] == [(0, "started")], got
         assert (got[0].started.status.state, got[0].started.status.message) == (
             t.STATE_CREATED, "stopped before it started")
+        assert got[0].started.desired_state == t.DESIRED_STOPPED  # as it is (session 7: it said running)
 
 
 def test_a_run_stopped_before_it_started_is_answered(etcd_url: str) -> None:
