@@ -57,7 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-txn-ops", type=int, default=128,
                    help="operations per etcd transaction: etcd's --max-txn-ops (default %(default)s, etcd's own)")
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.sample < 0:  # session 7: -1 was taken, and meant every host
+        p.exit(2, f"berth-controller: invalid --sample {args.sample}: give how many fitting hosts a placement "
+                  "looks at, or 0 for all of them\n")
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
