@@ -29,6 +29,14 @@ from berthctl.dev import cluster as dev_cluster
 # BERTH_TEST_SLOT=N (0-9) gives a test session its own cluster names, subnets (10.77+N.x.0/24) and loopback
 # addresses, so that sessions in separate checkouts on one machine run side by side instead of in turns.
 SLOT = int(os.environ.get("BERTH_TEST_SLOT", "0"))
+# The loopback addresses 127.0.<slot>.N that tests (and benchmarks) use, each listed here with who uses it, so that
+# a new one does not take one in use (tests/test_loopback_addresses.py checks that every one used is listed):
+#   .53-.57, .60-.64  tests/agent/test_dns.py: a DNS server (.53, .57), its client, upstream, a silent address;
+#                     records' addresses (.60-.64)
+#   .77               tests/controller/conftest.py HOST: the module's etcd and controller, the servers tests start
+#   .78, .79          tests/controller/test_run_etcd_down.py: its own etcd (stopped by the test), another address;
+#                     .78 also bench/reports.py's etcd (a bench and that test in one slot at once would clash)
+#   .134, .135        tests/controller/test_start_stop_etcd_down.py: start's and stop's own etcd (stopped by the test)
 
 
 def slot_name(base: str) -> str:
