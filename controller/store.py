@@ -901,8 +901,6 @@ class Store:
         return await hub.subscribe(cid)
 
 
-    # ---- issue 6 (throughput): the cluster cache's reads, shared lease keep-alives, big transactions ----
-
     # ---- session 7: what ends a Stop's wait besides its container's status (controller.stop_wait) ---------
 
     def watch_host_down(self, node_id: str) -> AsyncGenerator[int, None]:
@@ -937,6 +935,8 @@ class Store:
         finally:
             with contextlib.suppress(Exception):  # the channel may already be gone; nothing to undo
                 await watch.cancel()
+
+    # ---- issue 6 (throughput): the cluster cache's reads, shared lease keep-alives, big transactions ----
 
     async def read_prefixes(self, prefixes: tuple[bytes, ...]) -> tuple[int, dict[bytes, list[tuple[bytes, bytes, int]]]]:  # noqa: E501
         """(key, value, mod_revision) of every key under each prefix, all read at one revision, and that
