@@ -11,3 +11,7 @@ host, and serves their logs.
     metrics.py     Prometheus metrics
     main.py        the berth-agent command
 """
+
+from berth import grpc_engine
+
+grpc_engine.choose()  # issue 6 (throughput): before anything of this package imports grpc

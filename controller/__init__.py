@@ -9,3 +9,7 @@ all cluster state in etcd.
     metrics.py       Prometheus metrics
     main.py          the berth-controller command
 """
+
+from berth import grpc_engine
+
+grpc_engine.choose()  # issue 6 (throughput): before anything of this package imports grpc
