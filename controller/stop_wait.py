@@ -55,10 +55,12 @@ class StopEnds:
             down.result()  # the revision of the lease key's deletion, or the watch's error
             return None
         finally:
-            for future in (waiting, down, removed):
-                if future is not None and not future.done():
-                    future.cancel()
-                    await asyncio.gather(future, return_exceptions=True)
+            futures = [f for f in (waiting, down, removed) if f is not None]
+            for future in futures:
+                future.cancel()  # nothing to a finished one
+            # each one read, finished ones too: a watch that failed alongside the one that ended the wait (etcd
+            # failing fails them all) was reported "Task exception was never retrieved" (review, session 7)
+            await asyncio.gather(*futures, return_exceptions=True)
 
     async def close(self) -> None:
         for watch in (self._host, self._removal):

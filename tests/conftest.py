@@ -37,6 +37,7 @@ SLOT = int(os.environ.get("BERTH_TEST_SLOT", "0"))
 #   .78, .79          tests/controller/test_run_etcd_down.py: its own etcd (stopped by the test), another address;
 #                     .78 also bench/reports.py's etcd (a bench and that test in one slot at once would clash)
 #   .134, .135        tests/controller/test_start_stop_etcd_down.py: start's and stop's own etcd (stopped by the test)
+#   .136              tests/controller/test_stop_etcd_fails.py: its own etcd (stopped by the test while Stop waits)
 
 
 def slot_name(base: str) -> str:
