@@ -818,11 +818,17 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 status = implied_status(c)
             if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
                 await ends.follow_host(c.node_id)  # before it is read: the host going down after ends the wait
-                if await self._host_ready(c.node_id):  # a host down stops it when back: answer now
-                    tracker.seed(status)  # its agent says created when it had not started this run (stopped first)
+                tracker.seed(status)  # its agent says created when it had not started this run (stopped first)
+                deadline = asyncio.get_running_loop().time() + timeout + 30
+                # a host down stops it when back: answer now; one that lost its lease while Stop waited is looked
+                # at again, and waited for again when it has a new one already (review, session 7: a blip ended
+                # the wait, answered running with no wait and no warning, or lost while up)
+                while await self._host_ready(c.node_id):
                     ended = await ends.wait(tracker.wait(c.generation, (*TERMINAL, t.STATE_CREATED),
-                                                         timeout_s=timeout + 30))
-                    status = ended if ended is not None else status  # None: its host went down meanwhile
+                                                         timeout_s=deadline - asyncio.get_running_loop().time()))
+                    if ended is not None:  # None: its host went down meanwhile
+                        status = ended
+                        break
             try:
                 return await self._view(cid)
             except NotFound:

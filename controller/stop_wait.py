@@ -28,6 +28,10 @@ class StopEnds:
         self._host: AsyncGenerator[int, None] | None = None
         self._removal: AsyncGenerator[int, None] | None = None
         self._cid = ""
+        # each watch's next value, read across waits (review, session 7: a host back at once is waited on again,
+        # and a read cancelled at the end of one wait ended its watch for the next); cancelled by close()
+        self._down: asyncio.Future[int] | None = None
+        self._removed: asyncio.Future[int] | None = None
 
     async def follow_removal(self, cid: str) -> None:
         """Watch the container's removal from now on: call it before Stop changes the container."""
@@ -38,11 +42,15 @@ class StopEnds:
         self._host = await _opened(self._store.watch_host_down(node_id))
 
     async def wait(self, awaited: Awaitable[T]) -> T | None:
-        """What `awaited` gives, or None when the host went down first. Raises NotFound when the container was
-        removed first, the watches' StoreError (etcd failed) as `awaited` raises its own."""
+        """What `awaited` gives, or None when the host went down first (read whether it is up again: a later
+        wait ends on its next loss). Raises NotFound when the container was removed first, the watches'
+        StoreError (etcd failed) as `awaited` raises its own."""
         waiting = asyncio.ensure_future(awaited)
-        down = asyncio.ensure_future(anext(self._host)) if self._host is not None else None
-        removed = asyncio.ensure_future(anext(self._removal)) if self._removal is not None else None
+        if self._host is not None and self._down is None:
+            self._down = asyncio.ensure_future(anext(self._host))
+        if self._removal is not None and self._removed is None:
+            self._removed = asyncio.ensure_future(anext(self._removal))
+        down, removed = self._down, self._removed
         try:
             await asyncio.wait([f for f in (waiting, down, removed) if f is not None],
                                return_when=asyncio.FIRST_COMPLETED)
@@ -52,17 +60,21 @@ class StopEnds:
                 removed.result()  # the revision of its removal, or the watch's error
                 raise NotFound(f"container {self._cid[:12]} was removed while it was being stopped")
             assert down is not None
+            self._down = None  # read: the next wait follows the next deletion
             down.result()  # the revision of the lease key's deletion, or the watch's error
             return None
         finally:
-            futures = [f for f in (waiting, down, removed) if f is not None]
-            for future in futures:
-                future.cancel()  # nothing to a finished one
-            # each one read, finished ones too: a watch that failed alongside the one that ended the wait (etcd
-            # failing fails them all) was reported "Task exception was never retrieved" (review, session 7)
-            await asyncio.gather(*futures, return_exceptions=True)
+            waiting.cancel()  # nothing to a finished one
+            await asyncio.gather(waiting, return_exceptions=True)
 
     async def close(self) -> None:
+        futures = [f for f in (self._down, self._removed) if f is not None]
+        for future in futures:
+            future.cancel()  # nothing to a finished one
+        # each one read, finished ones too: a watch that failed alongside the one that ended the wait (etcd
+        # failing fails them all) was reported "Task exception was never retrieved" (review, session 7)
+        await asyncio.gather(*futures, return_exceptions=True)
+        self._down = self._removed = None
         for watch in (self._host, self._removal):
             if watch is not None:
                 await watch.aclose()
