@@ -797,7 +797,16 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 )
                 if status.state == t.STATE_FAILED:
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
-            return await self._view(cid)
+            try:
+                return await self._view(cid)
+            except NotFound:
+                if not (c.node_id and c.spec.auto_remove):
+                    raise
+                # --rm: it ran, ended and was removed before this answer was made (review, session 7: NOT_FOUND for
+                # a start that worked, as Stop until eef6e84): as it ended, its last status on its status watch
+                out = self._decorate(c, await tracker.wait(c.generation, TERMINAL, timeout_s=30), {})
+                out.node_name = c.node_id
+                return out
         except StoreError as exc:
             await _abort(context, exc)
         except TimeoutError:
