@@ -2,7 +2,8 @@
 timeout + 30 s and failed DEADLINE_EXCEEDED:
 - the container's host going down meanwhile. Its lease expired (the lease key deleted), no word comes from its
   agent until the host is back, so Stop answers at once, as it does for a host already down (controller.api Stop:
-  the container shows lost, and the host's agent carries the stop out when it is back);
+  the container shows lost, and the host's agent carries the stop out when it is back); once it has read that the
+  host is still down: one with a new lease already (a blip) is waited for again, on the same watches (review);
 - the container's removal meanwhile (rm -f), when it has no status key (created placed, no report yet: issue 6),
   which the status watch (on status keys) does not see: Stop ends NOT_FOUND, as for one with a status key.
 Each is followed by an etcd watch on one key, in place before Stop reads the state it guards (whether the host is
