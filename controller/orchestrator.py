@@ -674,7 +674,9 @@ class Orchestrator:
         loop = self._loop
         assert loop is not None
         while self._reports and self._committing < 4:
-            cut = _reports_that_fit(self._reports, self.max_txn_ops)
+            # up to 2 compares a report (its container's and its status's revisions): etcd bounds them by
+            # --max-txn-ops as it does the puts
+            cut = _reports_that_fit(self._reports, max(1, self.max_txn_ops // 2))
             batch, self._reports = self._reports[:cut], self._reports[cut:]
             # issue 6: a report whose caller is gone (its agent's Reports stream ended) is not written: the agent
             # sends it again, maybe to another controller, and a late write here could undo a newer one
@@ -767,10 +769,10 @@ _Queued = tuple[str, t.ContainerStatus, int, int, _Recording]
 
 
 def _reports_that_fit(reports: list[_Queued], most: int) -> int:
-    """How many of the queued reports go in the next group commit: at most `most` (etcd's --max-txn-ops), and
-    not more bytes than one etcd request takes (REPORT_TXN_BYTES, under its --max-request-bytes): a status with
-    a health check's log is up to ~20 KiB, and a transaction over the limit is refused whole (at least one goes,
-    whatever its size)."""
+    """How many of the queued reports go in the next group commit: at most `most` (etcd's --max-txn-ops over the
+    compares per report), and not more bytes than one etcd request takes (REPORT_TXN_BYTES, under its
+    --max-request-bytes): a status with a health check's log is up to ~20 KiB, and a transaction over the limit
+    is refused whole (at least one goes, whatever its size)."""
     size = 0
     for i, (cid, status, *_) in enumerate(reports[:most]):
         size += status.ByteSize() + len(cid) + REPORT_OVERHEAD_BYTES
