@@ -93,6 +93,8 @@ NETWORK_ATTACHMENTS = PREFIX + b"network-attachments/"
 NETWORK_OPEN = PREFIX + b"network-open/"  # issue 5 (order, session 4): network rm vs run --network
 OPEN, CLOSED = b"open", b"closed"
 NOT_USER_NETWORKS = ("", "bridge", "host", "none")  # a ContainerSpec.network that names no user network
+READ_PAGE_KEYS = 2_000  # keys per Range reply of read_prefixes (session 7)
+ETCD_RECEIVE_BYTES = 64 * 1024 * 1024  # the largest etcd reply the controller takes (grpc's default: 4 MiB)
 
 M = TypeVar("M", bound=Message)
 
@@ -235,7 +237,10 @@ class Store:
         url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
         self.endpoint = endpoint
         self._client: Any = aetcd.Client(
-            host=url.hostname or "127.0.0.1", port=url.port or 2379, timeout=10
+            host=url.hostname or "127.0.0.1", port=url.port or 2379, timeout=10,
+            # as berth's own channels (berth/rpc.py): grpc's default of 4 MiB is less than a prefix read or a
+            # watch reply of a big cluster (read_prefixes also reads in pages)
+            options={"grpc.max_receive_message_length": ETCD_RECEIVE_BYTES},
         )
         self._tx: Any = self._client.transactions
 
@@ -945,11 +950,17 @@ class Store:
         revision = 0
         for prefix in prefixes:
             request = self._client._build_get_range_request(prefix, range_end=_prefix_end(prefix))
-            if revision:
-                request.revision = revision
-            reply = await self._rpc(self._client.kvstub.Range, request)
-            revision = revision or int(reply.header.revision)
-            out[prefix] = [(bytes(kv.key), bytes(kv.value), int(kv.mod_revision)) for kv in reply.kvs]
+            request.limit = READ_PAGE_KEYS  # in pages: one reply of every container outgrew what grpc receives
+            kvs = out[prefix] = []
+            while True:
+                if revision:
+                    request.revision = revision
+                reply = await self._rpc(self._client.kvstub.Range, request)
+                revision = revision or int(reply.header.revision)
+                kvs += [(bytes(kv.key), bytes(kv.value), int(kv.mod_revision)) for kv in reply.kvs]
+                if not reply.more or not reply.kvs:
+                    break
+                request.key = bytes(reply.kvs[-1].key) + b"\0"  # the next page starts after the last key
         return revision, out
 
     async def watch_prefix(self, prefix: bytes, after_revision: int) -> AsyncIterator[tuple[bool, bytes, bytes, int]]:
