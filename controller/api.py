@@ -37,6 +37,7 @@ from controller.store import NameInUse, NotFound, StatusEvent, Store, StoreError
 
 log = logging.getLogger(__name__)
 
+MAX_SPEC_BYTES = 1 << 20  # one container's settings as stored; etcd refuses a request over 1.5 MiB (session 7)
 RESTART_POLICY_RE = re.compile(r"^(|no|always|unless-stopped|on-failure(:\d+)?)$")  # issue 3a
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 MIN_MEMORY = 6 << 20  # Docker's minimum
@@ -142,6 +143,10 @@ def validate(spec: t.ContainerSpec) -> str | None:
     """Why a spec cannot run, or None."""
     if not spec.image:
         return "no image given: berthctl run IMAGE [COMMAND...]"
+    if (size := spec.ByteSize()) > MAX_SPEC_BYTES:
+        return (f"the container's settings take {size / (1 << 20):.1f} MiB, more than the {MAX_SPEC_BYTES >> 20} MiB "
+                "berth stores for one container: put big values (environment, labels, command) in a volume or the "
+                "image instead")
     if spec.name and not NAME_RE.match(spec.name):
         return f"invalid name {spec.name!r}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
     if spec.memory_bytes < 0 or 0 < spec.memory_bytes < MIN_MEMORY:
