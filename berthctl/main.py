@@ -387,8 +387,15 @@ def cmd_stop(args: argparse.Namespace, conn: Connection) -> int:
 
 def cmd_start(args: argparse.Namespace, conn: Connection) -> int:
     from berth.api import control_pb2
+    from berth.api import types_pb2 as t
 
-    return _each(conn, args.containers, lambda ref: conn.control.Start(control_pb2.ContainerRef(ref=ref)))
+    def start(ref: str) -> None:
+        c = conn.control.Start(control_pb2.ContainerRef(ref=ref))
+        if c.status.state == t.STATE_LOST:  # its host is down: the start is recorded, done when the host is back
+            print(f"berthctl: warning: {ref}: {c.status.message or 'its host is down'}; it is started when its host "
+                  "is back (or berthctl rm -f it)", file=sys.stderr)
+
+    return _each(conn, args.containers, start)
 
 
 def cmd_rm(args: argparse.Namespace, conn: Connection) -> int:

@@ -220,6 +220,15 @@ async def _abort(context: Ctx, exc: StoreError) -> NoReturn:
     raise AssertionError  # abort always raises
 
 
+def _lost_if(down: bool, out: t.Container) -> t.Container:
+    """Start's and Stop's answer when its host was down: a container its agent has not ended (assigned, preparing,
+    running) shows lost, "host X is down" (review, session 7: one not started yet showed assigned, no warning)."""
+    if down and out.status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
+        out.status.state = t.STATE_LOST
+        out.status.message = f"host {out.node_name or out.node_id} is down"
+    return out
+
+
 class _Refuse:
     """The context Run's checks that abort a call (pin_to_volumes, check_network) are given by `_start`: their
     abort raises RunRefused instead, so that RunStream refuses that one request and serves the others."""
@@ -793,17 +802,27 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
     async def Start(self, request: control_pb2.ContainerRef, context: Ctx) -> t.Container:
         cid = await self._resolve(request.ref, context)
         tracker = await self._before_changes(cid, context)
+        ends = StopEnds(self.store)  # its host going down while it waits ends it (review, session 7)
         try:
             c = await self.orchestrator.set_desired(cid, t.DESIRED_RUNNING)
+            down = False
             if c.node_id:
+                # a host down, or going down while Start waits, starts it when back: answered at once, lost, as Stop
+                # (review, session 7: Start waited 3,600 s and berthctl for ever); a blip is waited for again
+                await ends.follow_host(c.node_id)  # before it is read: the host going down after ends the wait
                 tracker.seed((await self.store.get_status(cid))[0])
-                status = await tracker.wait(
-                    c.generation, (t.STATE_RUNNING, t.STATE_EXITED, t.STATE_FAILED), timeout_s=3600
-                )
-                if status.state == t.STATE_FAILED:
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
+                deadline = asyncio.get_running_loop().time() + 3600
+                down = True
+                while await self._host_ready(c.node_id):
+                    status = await ends.wait(tracker.wait(c.generation, (t.STATE_RUNNING, t.STATE_EXITED,
+                                             t.STATE_FAILED), timeout_s=deadline - asyncio.get_running_loop().time()))
+                    if status is not None:  # None: its host went down meanwhile
+                        down = False
+                        if status.state == t.STATE_FAILED:
+                            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
+                        break
             try:
-                return await self._view(cid)
+                return _lost_if(down, await self._view(cid))
             except NotFound:
                 if not (c.node_id and c.spec.auto_remove):
                     raise
@@ -818,6 +837,7 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the container did not start in time")
         finally:
             tracker.close()
+            await ends.close()
         raise AssertionError
 
     async def Stop(self, request: control_pb2.StopRequest, context: Ctx) -> t.Container:
