@@ -850,10 +850,12 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             status, _ = await self.store.get_status(cid)
             if not status.state:  # no status key before its first report (issue 6): its agent may be starting it
                 status = implied_status(c)
+            down = False
             if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
                 await ends.follow_host(c.node_id)  # before it is read: the host going down after ends the wait
                 tracker.seed(status)  # its agent says created when it had not started this run (stopped first)
                 deadline = asyncio.get_running_loop().time() + timeout + 30
+                down = True  # one not started yet shows lost too, and berthctl warns (review, session 7)
                 # a host down stops it when back: answer now; one that lost its lease while Stop waited is looked
                 # at again, and waited for again when it has a new one already (review, session 7: a blip ended
                 # the wait, answered running with no wait and no warning, or lost while up)
@@ -861,10 +863,10 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                     ended = await ends.wait(tracker.wait(c.generation, (*TERMINAL, t.STATE_CREATED),
                                                          timeout_s=deadline - asyncio.get_running_loop().time()))
                     if ended is not None:  # None: its host went down meanwhile
-                        status = ended
+                        status, down = ended, False
                         break
             try:
-                return await self._view(cid)
+                return _lost_if(down, await self._view(cid))
             except NotFound:
                 if not c.spec.auto_remove:
                     raise
