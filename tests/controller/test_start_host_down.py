@@ -6,17 +6,22 @@ host's lease expires for real in etcd. Real gRPC server, etcd and cluster cache,
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
+import grpc.aio
 import pytest
 
+from berth import rpc
 from berth.api import control_pb2, control_pb2_grpc
 from berth.api import types_pb2 as t
+from berthctl.client import Connection
+from berthctl.main import cmd_start
 from controller.api import ControlAPI
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
 from controller.store import Store
-from tests.controller.conftest import cache_on, served, until
+from tests.controller.conftest import HOST, cache_on, served, until
 
 EXITED = t.ContainerStatus(state=t.STATE_EXITED, generation=1, seq=1 << 32 | 2, exit_code=0)
 LEASE_TTL_S = 2
@@ -29,7 +34,8 @@ async def _heartbeats(store: Store, lease: int) -> None:
         await asyncio.sleep(LEASE_TTL_S / 4)
 
 
-async def _start_on_down_host(url: str, monkeypatch: pytest.MonkeyPatch, cached: bool, already: bool) -> None:
+async def _start_on_down_host(url: str, monkeypatch: pytest.MonkeyPatch, cached: bool, already: bool,
+                              capsys: pytest.CaptureFixture[str] | None = None) -> None:
     async with cache_on(url) as (store, cache, _):
         metrics = ControllerMetrics()
         orchestrator = Orchestrator(store, metrics)
@@ -62,20 +68,37 @@ async def _start_on_down_host(url: str, monkeypatch: pytest.MonkeyPatch, cached:
                 return ready
 
             monkeypatch.setattr(api, "_host_ready", then_the_host_dies)
-            async with served(lambda server: control_pb2_grpc.add_ControlServicer_to_server(api, server)) as (_, ch):
+            ports: list[int] = []
+
+            def add(server: grpc.aio.Server) -> None:
+                control_pb2_grpc.add_ControlServicer_to_server(api, server)
+                ports.append(rpc.bind(server, f"{HOST}:0"))  # for berthctl's own (sync) channel
+
+            async with served(add) as (_, ch):
                 stub = control_pb2_grpc.ControlStub(ch)
 
                 async def start_it() -> t.Container:
                     return await stub.Start(control_pb2.ContainerRef(ref=name))
+
+                if capsys is not None:  # berthctl start itself, through its Connection, warns in one line
+                    conn = Connection(f"{HOST}:{ports[0]}")
+
+                    async def start_it() -> t.Container:
+                        assert await asyncio.to_thread(cmd_start, argparse.Namespace(containers=[name]), conn) == 0
+                        return await api.Inspect(control_pb2.ContainerRef(ref=name), None)  # type: ignore[arg-type]
 
                 start = asyncio.create_task(start_it())
                 done, _ = await asyncio.wait([start], timeout=60)  # before the fix: waited 3,600 s
                 assert done, "Start still waits for the agent of a host that is down"
                 started = start.result()
             assert (started.id, started.desired_state, started.generation) == (c.id, t.DESIRED_RUNNING, 2)
-            assert (started.status.state, started.status.message) == (t.STATE_LOST, "host n1 is down"), started.status
+            if capsys is None:  # (berthctl's answer is its warning, below)
+                assert (started.status.state, started.status.message) == (t.STATE_LOST, "host n1 is down")
             assert (await store.get_container(c.id)).container.desired_state == t.DESIRED_RUNNING  # recorded
             assert looks == ([False] if already else [True, False])
+            if capsys is not None:
+                warning = f"berthctl: warning: {name}: host n1 is down; it is started when its host is back"
+                assert capsys.readouterr().err == f"{warning} (or berthctl rm -f it)\n"
         finally:
             for task in (beating, start):
                 if task is not None:
@@ -93,3 +116,8 @@ def test_start_ends_when_the_host_goes_down_while_it_waits(etcd_url: str, monkey
 def test_start_of_a_container_whose_host_is_down_is_answered_at_once(etcd_url: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(_start_on_down_host(etcd_url, monkeypatch, cached=True, already=True))
+
+
+def test_berthctl_start_warns_when_the_host_is_down(etcd_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    asyncio.run(_start_on_down_host(etcd_url, monkeypatch, cached=False, already=True, capsys=capsys))
