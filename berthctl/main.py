@@ -372,28 +372,31 @@ def _each(conn: Connection, refs: list[str], action: Callable[[str], object]) ->
     return 1 if failed else 0
 
 
-def cmd_stop(args: argparse.Namespace, conn: Connection) -> int:
-    from berth.api import control_pb2
+def _warn_if_lost(ref: str, done: str, c: types_pb2.Container) -> None:
+    """Start's and Stop's answer for a container whose host is down (lost): the change is recorded and carried out
+    by the host's agent when it is back; say so."""
     from berth.api import types_pb2 as t
 
+    if c.status.state == t.STATE_LOST:
+        print(f"berthctl: warning: {ref}: {c.status.message or 'its host is down'}; it is {done} when its host is "
+              "back (or berthctl rm -f it)", file=sys.stderr)
+
+
+def cmd_stop(args: argparse.Namespace, conn: Connection) -> int:
+    from berth.api import control_pb2
+
     def stop(ref: str) -> None:
-        c = conn.control.Stop(control_pb2.StopRequest(ref=ref, timeout_s=args.time), timeout=max(args.time, 10) + 60)
-        if c.status.state == t.STATE_LOST:  # its host is down: the stop is recorded, done when the host is back
-            print(f"berthctl: warning: {ref}: {c.status.message or 'its host is down'}; it is stopped when its host "
-                  "is back (or berthctl rm -f it)", file=sys.stderr)
+        _warn_if_lost(ref, "stopped", conn.control.Stop(control_pb2.StopRequest(ref=ref, timeout_s=args.time),
+                                                        timeout=max(args.time, 10) + 60))
 
     return _each(conn, args.containers, stop)
 
 
 def cmd_start(args: argparse.Namespace, conn: Connection) -> int:
     from berth.api import control_pb2
-    from berth.api import types_pb2 as t
 
     def start(ref: str) -> None:
-        c = conn.control.Start(control_pb2.ContainerRef(ref=ref))
-        if c.status.state == t.STATE_LOST:  # its host is down: the start is recorded, done when the host is back
-            print(f"berthctl: warning: {ref}: {c.status.message or 'its host is down'}; it is started when its host "
-                  "is back (or berthctl rm -f it)", file=sys.stderr)
+        _warn_if_lost(ref, "started", conn.control.Start(control_pb2.ContainerRef(ref=ref)))
 
     return _each(conn, args.containers, start)
 

@@ -418,6 +418,21 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
         node = await self.store.node_state(node_id)
         return node is not None and node.state == t.NODE_READY
 
+    async def _wait_unless_host_down(self, ends: StopEnds, tracker: StatusTracker | StatusWaiter, c: t.Container,
+                                     states: tuple[int, ...], timeout_s: float) -> t.ContainerStatus | None:
+        """Start's and Stop's wait for the container's agent to report one of `states` for its run, within
+        `timeout_s` (TimeoutError); None when its host is down, or goes down meanwhile (`ends` follows its
+        lease key). A host that lost its lease while they waited is looked at again, and waited for again
+        when it has a new one already (review, session 7: a blip ended the wait, answered running with no
+        wait and no warning, or lost while up)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while await self._host_ready(c.node_id):
+            status = await ends.wait(tracker.wait(c.generation, states, timeout_s=deadline - loop.time()))
+            if status is not None:  # None: its host went down meanwhile
+                return status
+        return None
+
     @staticmethod
     def _decorate(c: t.Container, status: t.ContainerStatus | None, nodes: dict[str, t.Node],
                   out: t.Container | None = None, complete: bool = False) -> t.Container:
@@ -811,16 +826,11 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
                 # (review, session 7: Start waited 3,600 s and berthctl for ever); a blip is waited for again
                 await ends.follow_host(c.node_id)  # before it is read: the host going down after ends the wait
                 tracker.seed((await self.store.get_status(cid))[0])
-                deadline = asyncio.get_running_loop().time() + 3600
-                down = True
-                while await self._host_ready(c.node_id):
-                    status = await ends.wait(tracker.wait(c.generation, (t.STATE_RUNNING, t.STATE_EXITED,
-                                             t.STATE_FAILED), timeout_s=deadline - asyncio.get_running_loop().time()))
-                    if status is not None:  # None: its host went down meanwhile
-                        down = False
-                        if status.state == t.STATE_FAILED:
-                            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
-                        break
+                status = await self._wait_unless_host_down(ends, tracker, c, (t.STATE_RUNNING, t.STATE_EXITED,
+                                                                                t.STATE_FAILED), 3600)
+                down = status is None
+                if status is not None and status.state == t.STATE_FAILED:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, status.message or "start failed")
             try:
                 return _lost_if(down, await self._view(cid))
             except NotFound:
@@ -854,17 +864,11 @@ class ControlAPI(  # 3b: ExecVolumesMixin (exec, volumes); 3a: LifecycleMixin (c
             if c.node_id and status.state in (t.STATE_ASSIGNED, t.STATE_PREPARING, t.STATE_RUNNING):
                 await ends.follow_host(c.node_id)  # before it is read: the host going down after ends the wait
                 tracker.seed(status)  # its agent says created when it had not started this run (stopped first)
-                deadline = asyncio.get_running_loop().time() + timeout + 30
-                down = True  # one not started yet shows lost too, and berthctl warns (review, session 7)
-                # a host down stops it when back: answer now; one that lost its lease while Stop waited is looked
-                # at again, and waited for again when it has a new one already (review, session 7: a blip ended
-                # the wait, answered running with no wait and no warning, or lost while up)
-                while await self._host_ready(c.node_id):
-                    ended = await ends.wait(tracker.wait(c.generation, (*TERMINAL, t.STATE_CREATED),
-                                                         timeout_s=deadline - asyncio.get_running_loop().time()))
-                    if ended is not None:  # None: its host went down meanwhile
-                        status, down = ended, False
-                        break
+                # a host down stops it when back: answer now (one not started yet shows lost too, and berthctl
+                # warns: review, session 7)
+                ended = await self._wait_unless_host_down(ends, tracker, c, (*TERMINAL, t.STATE_CREATED), timeout + 30)
+                down = ended is None
+                status = status if ended is None else ended
             try:
                 return _lost_if(down, await self._view(cid))
             except NotFound:
