@@ -30,8 +30,8 @@ from tests.conftest import SLOT
 from tests.support import etcd_keys, wait_for
 
 __all__ = [
-    "HOST", "Controller", "api_on", "cache_on", "dispatcher_on", "etcd_keys", "fail_cache_watch", "served", "store_on",
-    "until", "wait_for", "wipe_etcd",
+    "HOST", "Controller", "api_on", "cache_on", "dispatcher_on", "etcd_keys", "fail_cache_watch", "heartbeats",
+    "served", "store_on", "until", "wait_for", "wipe_etcd",
 ]
 
 HOST = f"127.0.{SLOT}.77"
@@ -46,6 +46,14 @@ async def wipe_etcd(url: str) -> None:
         await client.delete_prefix(PREFIX)
     finally:
         await client.close()
+
+
+async def heartbeats(store: Store, lease: int, ttl_s: float) -> None:
+    """A host's agent keeping its lease (of `ttl_s`) alive, as its heartbeats through the Dispatcher do; cancel it
+    to let the lease expire."""
+    while True:
+        await store.refresh_lease(lease)
+        await asyncio.sleep(ttl_s / 4)
 
 
 async def until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:

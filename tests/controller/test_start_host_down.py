@@ -20,18 +20,10 @@ from berthctl.main import cmd_start
 from controller.api import ControlAPI
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import Store
-from tests.controller.conftest import HOST, cache_on, served, until
+from tests.controller.conftest import HOST, cache_on, heartbeats, served, until
 
 EXITED = t.ContainerStatus(state=t.STATE_EXITED, generation=1, seq=1 << 32 | 2, exit_code=0)
 LEASE_TTL_S = 2
-
-
-async def _heartbeats(store: Store, lease: int) -> None:
-    """The host's agent keeping its lease alive, as its heartbeats through the Dispatcher do."""
-    while True:
-        await store.refresh_lease(lease)
-        await asyncio.sleep(LEASE_TTL_S / 4)
 
 
 async def _start_on_down_host(url: str, monkeypatch: pytest.MonkeyPatch, cached: bool, already: bool,
@@ -46,7 +38,7 @@ async def _start_on_down_host(url: str, monkeypatch: pytest.MonkeyPatch, cached:
         c = t.Container(id=f"{int(cached) * 2 + int(already) + 41:064x}", node_id="n1",
                         desired_state=t.DESIRED_RUNNING, generation=1, spec=t.ContainerSpec(name=name, image="busybox"))
         lease = await store.grant_lease(LEASE_TTL_S)
-        beating = asyncio.create_task(_heartbeats(store, lease))
+        beating = asyncio.create_task(heartbeats(store, lease, LEASE_TTL_S))
         start: asyncio.Task[t.Container] | None = None
         try:
             await store.put_node(t.Node(id="n1", name="n1", lease_id=lease, capacity=t.Resources(memory_bytes=1 << 30)))

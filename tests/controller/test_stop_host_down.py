@@ -16,18 +16,10 @@ from berth.api import types_pb2 as t
 from controller.api import ControlAPI
 from controller.metrics import ControllerMetrics
 from controller.orchestrator import Orchestrator
-from controller.store import Store
-from tests.controller.conftest import cache_on, served, until
+from tests.controller.conftest import cache_on, heartbeats, served, until
 
 RUNNING = t.ContainerStatus(state=t.STATE_RUNNING, generation=1, seq=1 << 32 | 1)
 LEASE_TTL_S = 2
-
-
-async def _heartbeats(store: Store, lease: int) -> None:
-    """The host's agent keeping its lease alive, as its heartbeats through the Dispatcher do."""
-    while True:
-        await store.refresh_lease(lease)
-        await asyncio.sleep(LEASE_TTL_S / 4)
 
 
 async def _host_dies(url: str, monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
@@ -41,7 +33,7 @@ async def _host_dies(url: str, monkeypatch: pytest.MonkeyPatch, cached: bool) ->
         c = t.Container(id=f"{int(cached) + 21:064x}", node_id="n1", desired_state=t.DESIRED_RUNNING, generation=1,
                         spec=t.ContainerSpec(name=name, image="busybox"))
         lease = await store.grant_lease(LEASE_TTL_S)
-        beating = asyncio.create_task(_heartbeats(store, lease))
+        beating = asyncio.create_task(heartbeats(store, lease, LEASE_TTL_S))
         stop: asyncio.Task[t.Container] | None = None
         try:
             await store.put_node(t.Node(id="n1", name="n1", lease_id=lease, capacity=t.Resources(memory_bytes=1 << 30)))
